@@ -1,0 +1,142 @@
+// Torch glue: argument checks, the split of each call across the library's threads, operator
+// registration, and a small Python module for thread count and instruction-set control.
+// Importing the Python module offload_ema._C runs the TORCH_LIBRARY registrations below.
+#include <torch/extension.h>
+
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+#include "thread_pool.h"
+
+namespace oe {
+namespace {
+
+// Below this many elements per thread, waking workers costs more than it saves.
+constexpr int64_t kGrain = int64_t{1} << 16;
+// Chunk boundaries on whole cache lines and whole vectors (64 floats).
+constexpr int64_t kAlign = 64;
+
+void check_cpu_contiguous(const at::Tensor& t, const std::string& name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor, got one on ", t.device());
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous (call .contiguous() first)");
+}
+
+void check_accumulator(const at::Tensor& t, const std::string& name) {
+  check_cpu_contiguous(t, name);
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, " must be float32, got ",
+                   t.scalar_type());
+}
+
+DType check_source(const at::Tensor& t, const std::string& name, const at::Tensor& like,
+                   const std::string& like_name) {
+  check_cpu_contiguous(t, name);
+  TORCH_CHECK_VALUE(t.sizes() == like.sizes(), name, " must have the shape of ", like_name, " ",
+                    like.sizes(), ", got ", t.sizes());
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, name, " must be float32, bfloat16 or float16, got ",
+                       t.scalar_type());
+  }
+  return DType::kFloat32;  // unreachable
+}
+
+void check_weight(double w, const std::string& name) {
+  // Written so that NaN fails too.
+  TORCH_CHECK_VALUE(w >= 0.0 && w <= 1.0, name, " must be in [0, 1], got ", w);
+}
+
+std::string item(const char* list, size_t i) {
+  return std::string(list) + "[" + std::to_string(i) + "]";
+}
+
+void ema_update_(at::Tensor& avg, const at::Tensor& src, double weight) {
+  check_accumulator(avg, "avg");
+  const DType dt = check_source(src, "src", avg, "avg");
+  check_weight(weight, "weight");
+  auto* kernel = active_kernels().ema[static_cast<int>(dt)];
+  float* a = avg.data_ptr<float>();
+  const void* s = src.data_ptr();
+  const float w = static_cast<float>(weight);
+  parallel_for(avg.numel(), kGrain, kAlign, [&](int64_t b, int64_t e) { kernel(a, s, b, e, w); });
+}
+
+void ema_update_multi_(at::TensorList avgs, const at::Tensor& src, at::ArrayRef<double> weights) {
+  TORCH_CHECK_VALUE(avgs.size() == weights.size(), "weights must have one entry per avgs tensor (",
+                    avgs.size(), "), got ", weights.size());
+  if (avgs.empty()) {
+    check_cpu_contiguous(src, "src");
+    return;
+  }
+  std::vector<float*> ptrs(avgs.size());
+  std::vector<float> ws(avgs.size());
+  DType dt = DType::kFloat32;
+  for (size_t j = 0; j < avgs.size(); ++j) {
+    check_accumulator(avgs[j], item("avgs", j));
+    check_weight(weights[j], item("weights", j));
+    if (j == 0) dt = check_source(src, "src", avgs[0], "avgs[0]");
+    TORCH_CHECK_VALUE(avgs[j].sizes() == src.sizes(), item("avgs", j), " must have the shape of src ",
+                      src.sizes(), ", got ", avgs[j].sizes());
+    ptrs[j] = avgs[j].data_ptr<float>();
+    ws[j] = static_cast<float>(weights[j]);
+  }
+  auto* kernel = active_kernels().ema_multi[static_cast<int>(dt)];
+  const void* s = src.data_ptr();
+  const int k = static_cast<int>(ptrs.size());
+  parallel_for(src.numel(), kGrain, kAlign,
+               [&](int64_t b, int64_t e) { kernel(ptrs.data(), ws.data(), k, s, b, e); });
+}
+
+void mean_(at::Tensor& out, at::TensorList srcs) {
+  check_accumulator(out, "out");
+  TORCH_CHECK_VALUE(!srcs.empty(), "srcs must hold at least one tensor");
+  std::vector<const void*> ptrs(srcs.size());
+  std::vector<DType> dts(srcs.size());
+  for (size_t j = 0; j < srcs.size(); ++j) {
+    dts[j] = check_source(srcs[j], item("srcs", j), out, "out");
+    ptrs[j] = srcs[j].data_ptr();
+  }
+  auto* kernel = active_kernels().mean;
+  float* o = out.data_ptr<float>();
+  const int m = static_cast<int>(ptrs.size());
+  parallel_for(out.numel(), kGrain, kAlign,
+               [&](int64_t b, int64_t e) { kernel(o, ptrs.data(), dts.data(), m, b, e); });
+}
+
+}  // namespace
+}  // namespace oe
+
+// Each op is declared once; (a!) marks the tensors it writes.
+TORCH_LIBRARY(offload_ema, m) {
+  m.def("ema_update_(Tensor(a!) avg, Tensor src, float weight) -> ()");
+  m.def("ema_update_multi_(Tensor(a!)[] avgs, Tensor src, float[] weights) -> ()");
+  m.def("mean_(Tensor(a!) out, Tensor[] srcs) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(offload_ema, CPU, m) {
+  m.impl("ema_update_", &oe::ema_update_);
+  m.impl("ema_update_multi_", &oe::ema_update_multi_);
+  m.impl("mean_", &oe::mean_);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "offload_ema C++ kernels; importing this module registers torch.ops.offload_ema.*";
+  m.def("get_num_threads", &oe::get_num_threads, "Threads a kernel call may use.");
+  m.def("set_num_threads", &oe::set_num_threads, "Sets the threads a kernel call may use (>= 1).");
+  m.def("isa", [] { return std::string(oe::isa_name(oe::active_isa())); },
+        "Instruction set the kernels use now.");
+  m.def("best_isa", [] { return std::string(oe::isa_name(oe::best_isa())); },
+        "Widest instruction set this host supports.");
+  m.def(
+      "set_isa",
+      [](const std::string& name) {
+        oe::Isa isa;
+        TORCH_CHECK_VALUE(oe::isa_from_name(name, &isa), "isa must be one of scalar, avx2, avx512, neon, got '", name, "'");
+        TORCH_CHECK_VALUE(oe::set_isa(isa), "isa '", name, "' is not supported on this host (best: ",
+                          oe::isa_name(oe::best_isa()), ")");
+      },
+      "Lowers the instruction set the kernels use (tests, benchmarks).");
+}

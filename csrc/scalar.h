@@ -1,0 +1,59 @@
+// Portable scalar pieces: 16-bit storage types, their exact widening to float, and the scalar
+// kernels. The scalar kernels are the whole implementation on CPUs without a vector path and
+// the tail (the last n % W elements) of every vector kernel, so they compute exactly what the
+// vector bodies compute: one fused multiply-add per element for the EMA, float64 sums for the
+// mean. Free of torch headers so the kernels can be built and tested on their own.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace oe {
+
+// Bit-compatible with c10::BFloat16 / c10::Half (a single uint16_t).
+struct bf16_t { uint16_t x; };
+struct fp16_t { uint16_t x; };
+
+inline float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline float to_float(float v) { return v; }
+inline float to_float(bf16_t v) { return bits_to_float(static_cast<uint32_t>(v.x) << 16); }
+inline float to_float(fp16_t v) {
+  // IEEE binary16 -> binary32, exact for every input (subnormals, infinities, NaN payloads).
+  const uint32_t sign = static_cast<uint32_t>(v.x & 0x8000u) << 16;
+  const uint32_t exp = (v.x >> 10) & 0x1fu;
+  const uint32_t mant = v.x & 0x3ffu;
+  if (exp == 0x1f) return bits_to_float(sign | 0x7f800000u | (mant << 13));
+  if (exp == 0) {
+    const float mag = static_cast<float>(mant) * 0x1p-24f;  // exact: mant < 2^10
+    return sign ? -mag : mag;
+  }
+  return bits_to_float(sign | ((exp + 112u) << 23) | (mant << 13));
+}
+
+namespace scalar {
+
+// avg[i] += w * (src[i] - avg[i]), with a single rounding of the multiply-add.
+template <class T>
+inline void ema(float* avg, const T* src, int64_t n, float w) {
+  for (int64_t i = 0; i < n; ++i) avg[i] = std::fma(w, to_float(src[i]) - avg[i], avg[i]);
+}
+
+// acc[i] += src[i] in float64.
+template <class T>
+inline void accumulate(double* acc, const T* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += static_cast<double>(to_float(src[i]));
+}
+
+// out[i] = float(acc[i] / count), rounded to nearest.
+inline void finish_mean(float* out, const double* acc, int64_t n, double count) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(acc[i] / count);
+}
+
+}  // namespace scalar
+}  // namespace oe

@@ -1,0 +1,6 @@
+"""offload_ema: weight averages (EMA, LAWA) of a model under training, kept in host memory and
+updated off the training step's critical path."""
+from offload_ema._version import __version__
+from offload_ema import ops
+
+__all__ = ["__version__", "ops"]

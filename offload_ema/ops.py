@@ -1,0 +1,205 @@
+"""Averaging kernels on host tensors.
+
+Each op updates float32 accumulators in place from a source tensor of float32, bfloat16 or
+float16. The C++ kernels (``csrc/``) widen 16-bit sources in registers, update in one pass over
+memory, run on the library's own threads (:func:`set_num_threads`) and release the GIL. Where the
+extension is missing, or ``OFFLOAD_EMA_DISABLE_CPP=1`` is set, a pure-torch fallback computes the
+same values (to float32 rounding), more slowly and on torch's own intra-op threads.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Optional, Sequence
+
+import torch
+
+__all__ = [
+    "ema_update_",
+    "ema_update_multi_",
+    "mean_",
+    "backend",
+    "set_num_threads",
+    "get_num_threads",
+    "isa",
+    "set_isa",
+]
+
+_DISABLE_ENV = "OFFLOAD_EMA_DISABLE_CPP"
+
+
+def _load_extension():
+    if os.environ.get(_DISABLE_ENV, "0") not in ("", "0"):
+        return None
+    try:
+        # Importing _C registers torch.ops.offload_ema.* (TORCH_LIBRARY in csrc/ops.cpp).
+        from offload_ema import _C
+    except ImportError as exc:
+        warnings.warn(
+            f"offload_ema: C++ kernels unavailable ({exc}); using the pure-torch fallback, which "
+            "is slower. Build them with `pip install --no-build-isolation -e .`.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    return _C
+
+
+_C = _load_extension()
+
+if _C is not None:
+    # The ops only mutate their inputs: under fake tensors (torch.compile, opcheck) they do nothing.
+    for _name in ("ema_update_", "ema_update_multi_", "mean_"):
+        torch.library.register_fake(f"offload_ema::{_name}")(lambda *args: None)
+    _ops = torch.ops.offload_ema
+
+
+def backend() -> str:
+    """Which implementation is active: ``"cpp"`` or ``"torch"`` (the fallback)."""
+    return "cpp" if _C is not None else "torch"
+
+
+def ema_update_(avg: torch.Tensor, src: torch.Tensor, weight: float) -> None:
+    """``avg += weight * (src - avg)`` in one pass; avg float32, src float32/bfloat16/float16."""
+    if _C is not None:
+        _ops.ema_update_(avg, src, float(weight))
+    else:
+        _torch_ema_multi([avg], src, [float(weight)])
+
+
+def ema_update_multi_(avgs: Sequence[torch.Tensor], src: torch.Tensor,
+                      weights: Sequence[float]) -> None:
+    """``avgs[j] += weights[j] * (src - avgs[j])`` for every j, reading src from memory once."""
+    avgs = list(avgs)
+    weights = [float(w) for w in weights]
+    if _C is not None:
+        _ops.ema_update_multi_(avgs, src, weights)
+    else:
+        _torch_ema_multi(avgs, src, weights)
+
+
+def mean_(out: torch.Tensor, srcs: Sequence[torch.Tensor]) -> None:
+    """``out = mean(srcs)`` elementwise, summed in float64 in list order, rounded to float32."""
+    srcs = list(srcs)
+    if _C is not None:
+        _ops.mean_(out, srcs)
+    else:
+        _torch_mean(out, srcs)
+
+
+_fallback_threads: Optional[int] = None
+
+
+def set_num_threads(n: int) -> None:
+    """Sets the threads one kernel call may use (the library's own, not torch's).
+
+    The fallback records the number but runs on torch's intra-op threads.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    global _fallback_threads
+    if _C is not None:
+        _C.set_num_threads(n)
+    else:
+        _fallback_threads = n
+
+
+def get_num_threads() -> int:
+    """Threads one kernel call may use: OFFLOAD_EMA_NUM_THREADS, else this process's CPUs (<= 16)."""
+    if _C is not None:
+        return _C.get_num_threads()
+    if _fallback_threads is not None:
+        return _fallback_threads
+    env = os.environ.get("OFFLOAD_EMA_NUM_THREADS", "")
+    if env.isdigit() and int(env) >= 1:
+        return int(env)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cpus or 1, 16))
+
+
+def isa() -> str:
+    """Instruction set the C++ kernels use now (``avx512``, ``avx2``, ``neon``, ``scalar``), or
+    ``"torch"`` for the fallback."""
+    return _C.isa() if _C is not None else "torch"
+
+
+def set_isa(name: str) -> None:
+    """Makes the C++ kernels use a narrower instruction set than the host's best (``"best"``
+    restores it). Meant for tests and benchmarks: results are equal on every set."""
+    if _C is None:
+        raise RuntimeError("set_isa needs the C++ kernels; the active backend is 'torch'")
+    _C.set_isa(_C.best_isa() if name == "best" else name)
+
+
+# ---- pure-torch fallback -------------------------------------------------------------------
+
+_SOURCE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Elements per step of the fallback: bounds its temporaries to a few MiB whatever the tensor size.
+_CHUNK = 1 << 20
+
+
+def _check_cpu_contiguous(t, name):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise ValueError(f"{name} must be a CPU tensor, got one on {t.device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (call .contiguous() first)")
+
+
+def _check_accumulator(t, name):
+    _check_cpu_contiguous(t, name)
+    if t.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32, got {t.dtype}")
+
+
+def _check_source(t, name, like, like_name):
+    _check_cpu_contiguous(t, name)
+    if t.shape != like.shape:
+        raise ValueError(f"{name} must have the shape of {like_name} {list(like.shape)}, "
+                         f"got {list(t.shape)}")
+    if t.dtype not in _SOURCE_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+
+
+def _check_weight(w, name):
+    if not 0.0 <= w <= 1.0:  # NaN fails too
+        raise ValueError(f"{name} must be in [0, 1], got {w}")
+
+
+@torch.no_grad()
+def _torch_ema_multi(avgs, src, weights):
+    single = len(avgs) == 1
+    if len(avgs) != len(weights):
+        raise ValueError(f"weights must have one entry per avgs tensor ({len(avgs)}), "
+                         f"got {len(weights)}")
+    for j, (a, w) in enumerate(zip(avgs, weights)):
+        _check_accumulator(a, "avg" if single else f"avgs[{j}]")
+        _check_weight(w, "weight" if single else f"weights[{j}]")
+        _check_source(src, "src", a, "avg" if single else f"avgs[{j}]")
+    if not avgs:
+        _check_cpu_contiguous(src, "src")
+        return
+    s = src.view(-1)
+    flats = [a.view(-1) for a in avgs]
+    for b in range(0, s.numel(), _CHUNK):
+        chunk = s[b:b + _CHUNK].float()
+        for a, w in zip(flats, weights):
+            part = a[b:b + _CHUNK]
+            part.add_(chunk - part, alpha=w)
+
+
+@torch.no_grad()
+def _torch_mean(out, srcs):
+    _check_accumulator(out, "out")
+    if not srcs:
+        raise ValueError("srcs must hold at least one tensor")
+    for j, s in enumerate(srcs):
+        _check_source(s, f"srcs[{j}]", out, "out")
+    o = out.view(-1)
+    flats = [s.view(-1) for s in srcs]
+    for b in range(0, o.numel(), _CHUNK):
+        acc = torch.zeros(min(_CHUNK, o.numel() - b), dtype=torch.float64)
+        for s in flats:
+            acc += s[b:b + _CHUNK]
+        o[b:b + _CHUNK].copy_(acc.div_(len(flats)))
