@@ -23,28 +23,13 @@ void ema_multi(float* const* avgs, const float* ws, int k, const void* src, int6
   for (int j = 0; j < k; ++j) ema<T>(avgs[j], src, begin, end, ws[j]);
 }
 
-void mean(float* out, const void* const* srcs, const DType* dtypes, int m, int64_t begin,
-          int64_t end) {
-  for (int64_t i = begin; i < end; ++i) {
-    double acc = 0.0;
-    for (int j = 0; j < m; ++j) {
-      switch (dtypes[j]) {
-        case DType::kFloat32: acc += to_float(static_cast<const float*>(srcs[j])[i]); break;
-        case DType::kBFloat16: acc += to_float(static_cast<const bf16_t*>(srcs[j])[i]); break;
-        case DType::kFloat16: acc += to_float(static_cast<const fp16_t*>(srcs[j])[i]); break;
-      }
-    }
-    out[i] = static_cast<float>(acc / static_cast<double>(m));
-  }
-}
-
 }  // namespace
 
 const Kernels& table() {
   static const Kernels k = {
       {&ema<float>, &ema<bf16_t>, &ema<fp16_t>},
       {&ema_multi<float>, &ema_multi<bf16_t>, &ema_multi<fp16_t>},
-      &mean,
+      &scalar::mean,
   };
   return k;
 }

@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "kernels.h"
+
 namespace oe {
 
 // Bit-compatible with c10::BFloat16 / c10::Half (a single uint16_t).
@@ -44,15 +46,20 @@ inline void ema(float* avg, const T* src, int64_t n, float w) {
   for (int64_t i = 0; i < n; ++i) avg[i] = std::fma(w, to_float(src[i]) - avg[i], avg[i]);
 }
 
-// acc[i] += src[i] in float64.
-template <class T>
-inline void accumulate(double* acc, const T* src, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) acc[i] += static_cast<double>(to_float(src[i]));
-}
-
-// out[i] = float(acc[i] / count), rounded to nearest.
-inline void finish_mean(float* out, const double* acc, int64_t n, double count) {
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(acc[i] / count);
+// out[i] = float(sum_j srcs[j][i] / m): summed in float64 in slot order, rounded once.
+inline void mean(float* out, const void* const* srcs, const DType* dtypes, int m, int64_t begin,
+                 int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    double acc = 0.0;
+    for (int j = 0; j < m; ++j) {
+      switch (dtypes[j]) {
+        case DType::kFloat32: acc += to_float(static_cast<const float*>(srcs[j])[i]); break;
+        case DType::kBFloat16: acc += to_float(static_cast<const bf16_t*>(srcs[j])[i]); break;
+        case DType::kFloat16: acc += to_float(static_cast<const fp16_t*>(srcs[j])[i]); break;
+      }
+    }
+    out[i] = static_cast<float>(acc / static_cast<double>(m));
+  }
 }
 
 }  // namespace scalar

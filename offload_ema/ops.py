@@ -174,9 +174,14 @@ def _torch_ema_multi(avgs, src, weights):
         raise ValueError(f"weights must have one entry per avgs tensor ({len(avgs)}), "
                          f"got {len(weights)}")
     for j, (a, w) in enumerate(zip(avgs, weights)):
-        _check_accumulator(a, "avg" if single else f"avgs[{j}]")
+        name = "avg" if single else f"avgs[{j}]"
+        _check_accumulator(a, name)
         _check_weight(w, "weight" if single else f"weights[{j}]")
-        _check_source(src, "src", a, "avg" if single else f"avgs[{j}]")
+        if j == 0:
+            _check_source(src, "src", a, name)
+        elif a.shape != src.shape:
+            raise ValueError(f"{name} must have the shape of src {list(src.shape)}, "
+                             f"got {list(a.shape)}")
     if not avgs:
         _check_cpu_contiguous(src, "src")
         return

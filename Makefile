@@ -1,0 +1,29 @@
+# Two commands do all set-up on a fresh machine:
+#   make bench   installs and builds what is missing, then runs the main job (kernel benchmark)
+#   make test    installs and builds what is missing, then runs the test suite
+PYTHON ?= python3
+# The CPU build of torch this project is developed against; a torch already installed (e.g. a CUDA
+# build on a GPU host, any version >= 2.4) is kept as it is.
+TORCH_SPEC ?= torch==2.13.0
+EXT_SUFFIX := $(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
+EXT := offload_ema/_C$(EXT_SUFFIX)
+
+.PHONY: setup deps bench test
+
+deps:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_SPEC)"
+	@$(PYTHON) -m pip install -q "setuptools>=64" wheel ninja pytest
+
+# Rebuilt only when a source changed; --no-build-isolation builds against the installed torch.
+$(EXT): setup.py pyproject.toml $(wildcard csrc/*)
+	$(MAKE) deps
+	$(PYTHON) -m pip install -q --no-build-isolation -e .
+	@touch $@
+
+setup: deps $(EXT)
+
+bench: setup
+	$(PYTHON) bench/kernels.py $(ARGS)
+
+test: setup
+	$(PYTHON) -m pytest -q tests $(ARGS)

@@ -1,0 +1,405 @@
+"""offload_ema.ops against float64 references, on every kernel path this host has."""
+import math
+import multiprocessing
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from offload_ema import ops
+
+SRC_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Empty, single, either side of the AVX2 and AVX-512 widths, a non-multiple of every width and
+# of the thread alignment, one that splits across threads with a ragged end, and a few million.
+SIZES = [0, 1, 15, 17, 1031, 2 * 65536 + 13, 3_000_017]
+WEIGHTS = [0.0, 1e-3, 0.37, 0.5, 1.0]
+EPS32 = 2.0 ** -24  # unit roundoff of float32
+
+
+def sample(n, dtype, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+def ref_ema(avg, src, w):
+    a, s = avg.double(), src.double()
+    return a + w * (s - a)
+
+
+def assert_ema_close(out, avg0, src, w):
+    """|out - exact| must stay within the rounding of the float32 operations (difference,
+    weight, fused multiply-add): a few units of float32 roundoff of the operands' magnitudes."""
+    exact = ref_ema(avg0, src, w)
+    bound = 4 * EPS32 * (exact.abs() + w * (src.double() - avg0.double()).abs()) + 2.0 ** -149
+    err = (out.double() - exact).abs()
+    assert out.dtype == torch.float32
+    worst = (err - bound).max().item() if err.numel() else -1.0
+    assert worst <= 0, f"error exceeds float32 rounding bound by {worst}"
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", SRC_DTYPES, ids=str)
+def test_ema_update_matches_float64(backend, n, dtype):
+    for w in WEIGHTS if n < 1_000_000 else [1e-3, 0.5]:
+        avg0 = sample(n, torch.float32, seed=1)
+        src = sample(n, dtype, seed=2, scale=3.0)
+        avg = avg0.clone()
+        ops.ema_update_(avg, src, w)
+        assert_ema_close(avg, avg0, src, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_every_16bit_pattern_widens_exactly(backend, dtype):
+    # All 65536 bit patterns (subnormals, infinities, NaNs) as src; with w = 1 and avg = 0 the
+    # update is 0 + (s - 0) = s exactly, so the result must be the exact widening of src.
+    src = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(dtype)
+    avg = torch.zeros(src.numel())
+    ops.ema_update_(avg, src, 1.0)
+    torch.testing.assert_close(avg, src.float(), rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(avg.isnan(), src.isnan())
+
+
+@pytest.mark.parametrize("dtype", SRC_DTYPES, ids=str)
+def test_nan_and_inf_propagate_as_float64(backend, dtype):
+    n = 67  # specials land in vector bodies and in the scalar tail
+    src = sample(n, dtype, seed=3)
+    avg0 = sample(n, torch.float32, seed=4)
+    for i, v in [(0, math.nan), (5, math.inf), (20, -math.inf), (33, math.nan), (66, math.inf)]:
+        src[i] = v
+    avg0[40] = math.inf
+    avg0[50] = math.nan
+    for w in [0.0, 0.25, 0.75, 1.0]:
+        avg = avg0.clone()
+        ops.ema_update_(avg, src, w)
+        expected = ref_ema(avg0, src, w).float()
+        assert torch.equal(avg.isnan(), expected.isnan()), f"NaN positions differ at w={w}"
+        finite_or_inf = ~expected.isnan()
+        assert torch.equal(avg[expected.isinf()], expected[expected.isinf()])
+        assert_ema_close(avg[finite_or_inf & expected.isfinite()],
+                         avg0[finite_or_inf & expected.isfinite()],
+                         src[finite_or_inf & expected.isfinite()], w)
+
+
+@pytest.mark.parametrize("n", [1, 17, 2048 * 2 + 5, 2 * 65536 + 13, 3_000_017])
+@pytest.mark.parametrize("dtype", SRC_DTYPES, ids=str)
+def test_multi_equals_repeated_single_updates(backend, n, dtype):
+    src = sample(n, dtype, seed=5)
+    weights = [1e-3, 0.1, 0.9]
+    avgs = [sample(n, torch.float32, seed=10 + j) for j in range(3)]
+    singles = [a.clone() for a in avgs]
+    ops.ema_update_multi_(avgs, src, weights)
+    for a, w in zip(singles, weights):
+        ops.ema_update_(a, src, w)
+    for j, (m, s) in enumerate(zip(avgs, singles)):
+        assert torch.equal(m, s), f"accumulator {j} differs from a single update"
+    # And each against float64 on its own, so a bug shared by both paths cannot hide.
+    for j, w in enumerate(weights):
+        assert_ema_close(avgs[j], sample(n, torch.float32, seed=10 + j), src, w)
+
+
+def test_multi_with_no_accumulators_is_a_no_op(backend):
+    ops.ema_update_multi_([], torch.ones(4), [])
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("slot_dtypes", [
+    [torch.float32],
+    [torch.bfloat16] * 10,
+    [torch.float16, torch.float32, torch.bfloat16],
+], ids=["f32x1", "bf16x10", "mixed3"])
+def test_mean_matches_float64(backend, n, slot_dtypes):
+    srcs = [sample(n, dt, seed=20 + j, scale=1 + j) for j, dt in enumerate(slot_dtypes)]
+    out = torch.full((n,), math.nan)
+    ops.mean_(out, srcs)
+    exact = torch.stack([s.double() for s in srcs]).mean(0) if n else torch.zeros(0, dtype=torch.float64)
+    # Sums in float64 of at most a few float32 values are exact to far below float32 precision:
+    # the result must be the float64 mean rounded once to float32 (within one float32 unit).
+    torch.testing.assert_close(out, exact.float(), rtol=2 * EPS32, atol=2.0 ** -149)
+
+
+def test_mean_propagates_nan_and_inf(backend):
+    a = torch.tensor([1.0, math.nan, math.inf, math.inf, 2.0] * 7)
+    b = torch.tensor([1.0, 0.0, 1.0, -math.inf, math.inf] * 7)
+    out = torch.empty_like(a)
+    ops.mean_(out, [a, b])
+    exact = ((a.double() + b.double()) / 2).float()
+    torch.testing.assert_close(out, exact, equal_nan=True, rtol=0, atol=0)
+
+
+# ---- bad input: a clear error naming the argument, and nothing written --------------------
+
+def _f32(*shape):
+    return torch.ones(*shape)
+
+
+BAD_EMA = [
+    ("avg must be float32", TypeError, lambda: (torch.ones(8, dtype=torch.float64), _f32(8), 0.1)),
+    ("avg must be float32", TypeError, lambda: (torch.ones(8, dtype=torch.bfloat16), _f32(8), 0.1)),
+    ("src must be float32, bfloat16 or float16", TypeError,
+     lambda: (_f32(8), torch.ones(8, dtype=torch.int32), 0.1)),
+    ("src must be float32, bfloat16 or float16", TypeError,
+     lambda: (_f32(8), torch.ones(8, dtype=torch.float64), 0.1)),
+    ("src must have the shape of avg", ValueError, lambda: (_f32(8), _f32(9), 0.1)),
+    ("src must have the shape of avg", ValueError, lambda: (_f32(2, 4), _f32(8), 0.1)),
+    ("avg must be contiguous", ValueError, lambda: (_f32(4, 4).t(), _f32(4, 4), 0.1)),
+    ("src must be contiguous", ValueError, lambda: (_f32(4, 4), _f32(4, 4).t(), 0.1)),
+    ("weight must be in [0, 1]", ValueError, lambda: (_f32(8), _f32(8), -0.1)),
+    ("weight must be in [0, 1]", ValueError, lambda: (_f32(8), _f32(8), 1.5)),
+    ("weight must be in [0, 1]", ValueError, lambda: (_f32(8), _f32(8), math.nan)),
+]
+
+
+@pytest.mark.parametrize("message,exc,make", BAD_EMA, ids=[f"{i}-{m}" for i, (m, _, _) in enumerate(BAD_EMA)])
+def test_ema_update_rejects_bad_input(backend, message, exc, make):
+    avg, src, w = make()
+    before = avg.clone()
+    with pytest.raises(exc, match=message.replace("[", r"\[").replace("]", r"\]")):
+        ops.ema_update_(avg, src, w)
+    assert torch.equal(avg, before)
+
+
+BAD_MULTI = [
+    ("weights must have one entry per avgs tensor", ValueError,
+     lambda: ([_f32(8), _f32(8)], _f32(8), [0.1])),
+    ("avgs\\[1\\] must be float32", TypeError,
+     lambda: ([_f32(8), torch.ones(8, dtype=torch.float16)], _f32(8), [0.1, 0.2])),
+    ("weights\\[1\\] must be in", ValueError, lambda: ([_f32(8), _f32(8)], _f32(8), [0.1, 2.0])),
+    ("avgs\\[1\\] must have the shape of src", ValueError,
+     lambda: ([_f32(8), _f32(7)], _f32(8), [0.1, 0.2])),
+    ("src must be float32, bfloat16 or float16", TypeError,
+     lambda: ([_f32(8), _f32(8)], torch.ones(8, dtype=torch.int64), [0.1, 0.2])),
+]
+
+
+@pytest.mark.parametrize("message,exc,make", BAD_MULTI, ids=[f"{i}" for i in range(len(BAD_MULTI))])
+def test_ema_update_multi_rejects_bad_input_and_writes_nothing(backend, message, exc, make):
+    avgs, src, ws = make()
+    before = [a.clone() for a in avgs]
+    with pytest.raises(exc, match=message):
+        ops.ema_update_multi_(avgs, src, ws)
+    for a, b in zip(avgs, before):
+        assert torch.equal(a, b), "an accumulator was written before the error"
+
+
+BAD_MEAN = [
+    ("srcs must hold at least one tensor", ValueError, lambda: (_f32(8), [])),
+    ("out must be float32", TypeError, lambda: (torch.ones(8, dtype=torch.bfloat16), [_f32(8)])),
+    ("srcs\\[1\\] must have the shape of out", ValueError, lambda: (_f32(8), [_f32(8), _f32(4)])),
+    ("srcs\\[0\\] must be float32, bfloat16 or float16", TypeError,
+     lambda: (_f32(8), [torch.ones(8, dtype=torch.int8)])),
+    ("srcs\\[0\\] must be contiguous", ValueError, lambda: (_f32(4, 4), [_f32(4, 4).t()])),
+]
+
+
+@pytest.mark.parametrize("message,exc,make", BAD_MEAN, ids=[f"{i}" for i in range(len(BAD_MEAN))])
+def test_mean_rejects_bad_input_and_writes_nothing(backend, message, exc, make):
+    out, srcs = make()
+    before = out.clone()
+    with pytest.raises(exc, match=message):
+        ops.mean_(out, srcs)
+    assert torch.equal(out, before)
+
+
+def test_fallback_rejects_tensors_off_the_cpu(monkeypatch):
+    # The C++ path raises the same error for CUDA tensors (tests/test_cuda.py, on a GPU host).
+    monkeypatch.setattr(ops, "_C", None)
+    with pytest.raises(ValueError, match="src must be a CPU tensor, got one on meta"):
+        ops.ema_update_(_f32(4), torch.ones(4, device="meta"), 0.5)
+    with pytest.raises(ValueError, match="avg must be a CPU tensor"):
+        ops.ema_update_(torch.ones(4, device="meta"), _f32(4), 0.5)
+
+
+# ---- torch.library integration -------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", SRC_DTYPES, ids=str)
+def test_opcheck(cpp_backend, dtype):
+    n = 37
+    torch.library.opcheck(torch.ops.offload_ema.ema_update_,
+                          (sample(n, torch.float32), sample(n, dtype, seed=1), 0.25))
+    torch.library.opcheck(torch.ops.offload_ema.ema_update_multi_,
+                          ([sample(n, torch.float32), sample(n, torch.float32, seed=3)],
+                           sample(n, dtype, seed=1), [0.25, 0.5]))
+    torch.library.opcheck(torch.ops.offload_ema.mean_,
+                          (sample(n, torch.float32), [sample(n, dtype, seed=1), sample(n, dtype, seed=2)]))
+
+
+# ---- threads, the GIL, fork ---------------------------------------------------------------
+
+def test_kernel_releases_the_gil(cpp_backend):
+    n = 32 * 1024 * 1024
+    avg = torch.zeros(n)
+    src = torch.ones(n, dtype=torch.bfloat16)
+    ops.ema_update_(avg, src, 0.5)  # warm the pages
+    ticks = [0]
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            ticks[0] += 1
+
+    t = threading.Thread(target=spin)
+    t.start()
+    time.sleep(0.02)
+    old = ops.get_num_threads()
+    ops.set_num_threads(1)
+    try:
+        before = ticks[0]
+        start = time.perf_counter()
+        for _ in range(3):
+            ops.ema_update_(avg, src, 0.5)
+        elapsed = time.perf_counter() - start
+        during = ticks[0] - before
+    finally:
+        ops.set_num_threads(old)
+        stop.set()
+        t.join()
+    # With the GIL held for the whole call the other thread would not tick at all.
+    assert during > 1000, f"other thread ticked {during} times in {elapsed:.3f}s of kernel time"
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 7])
+def test_results_do_not_depend_on_thread_count(cpp_backend, threads):
+    n = 5 * 65536 + 77
+    src = sample(n, torch.bfloat16, seed=1)
+    ref = sample(n, torch.float32)
+    ops.set_num_threads(1)
+    ops.ema_update_(ref, src, 0.3)
+    out = sample(n, torch.float32)
+    outs = [sample(n, torch.float32, seed=9), sample(n, torch.float32, seed=8)]
+    old = ops.get_num_threads()
+    try:
+        ops.set_num_threads(threads)
+        assert ops.get_num_threads() == threads
+        ops.ema_update_(out, src, 0.3)
+        ops.ema_update_multi_(outs, src, [0.3, 0.3])
+        mean = torch.empty(n)
+        ops.mean_(mean, [src, ref])
+    finally:
+        ops.set_num_threads(old)
+    assert torch.equal(out, ref)
+    ops.set_num_threads(1)
+    try:
+        expect = [sample(n, torch.float32, seed=9), sample(n, torch.float32, seed=8)]
+        ops.ema_update_multi_(expect, src, [0.3, 0.3])
+        expect_mean = torch.empty(n)
+        ops.mean_(expect_mean, [src, ref])
+    finally:
+        ops.set_num_threads(old)
+    assert all(torch.equal(a, b) for a, b in zip(outs, expect))
+    assert torch.equal(mean, expect_mean)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "4", True])
+def test_set_num_threads_rejects_bad_values(backend, bad):
+    with pytest.raises(ValueError, match="n must be an int >= 1"):
+        ops.set_num_threads(bad)
+
+
+def test_concurrent_callers_each_get_correct_results(cpp_backend):
+    n = 1_000_003
+    srcs = [sample(n, torch.float16, seed=s) for s in range(4)]
+    avgs = [sample(n, torch.float32, seed=10 + s) for s in range(4)]
+    starts = [a.clone() for a in avgs]
+    errors = []
+
+    def work(j):
+        try:
+            for _ in range(5):
+                ops.ema_update_(avgs[j], srcs[j], 0.125)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(j,)) for j in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for j in range(4):
+        expect = starts[j].clone()
+        for _ in range(5):
+            ops.ema_update_(expect, srcs[j], 0.125)
+        assert torch.equal(avgs[j], expect)
+
+
+def _child_update(q):
+    # torch's own OpenMP pool does not survive fork (libgomp hangs in the child), as for DataLoader
+    # workers: keep torch single-threaded here so that only offload_ema's pool is exercised.
+    torch.set_num_threads(1)
+    from offload_ema import ops as child_ops
+    n = 4 * 65536 + 5
+    a = torch.zeros(n)
+    child_ops.ema_update_(a, torch.ones(n, dtype=torch.bfloat16), 0.5)
+    q.put(float(a.sum()))
+
+
+def test_kernels_work_in_a_forked_child(cpp_backend):
+    # The parent's pool threads do not exist in a forked child; the pool must be rebuilt there.
+    old = ops.get_num_threads()
+    ops.set_num_threads(4)
+    try:
+        ops.ema_update_(torch.zeros(1 << 20), torch.ones(1 << 20), 0.5)  # pool started here
+        ctx = multiprocessing.get_context("fork")
+        q = ctx.Queue()
+        p = ctx.Process(target=_child_update, args=(q,))
+        p.start()
+        p.join(timeout=60)
+        if p.exitcode is None:
+            p.kill()
+    finally:
+        ops.set_num_threads(old)
+    assert p.exitcode == 0
+    assert q.get(timeout=5) == 0.5 * (4 * 65536 + 5)
+
+
+def test_set_isa_rejects_unknown_and_unsupported(cpp_backend):
+    with pytest.raises(ValueError, match="isa must be one of"):
+        ops.set_isa("sse9")
+    if ops._C.best_isa() != "avx512" and ops._C.best_isa() != "neon":
+        with pytest.raises(ValueError, match="not supported on this host"):
+            ops.set_isa("avx512")
+
+
+# ---- backend selection ----------------------------------------------------------------------
+
+def _run_python(code, **env):
+    full_env = dict(os.environ, **env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=full_env, timeout=120)
+
+
+def test_disable_env_selects_the_fallback_without_warning():
+    r = _run_python("import warnings; warnings.simplefilter('error');"
+                    "from offload_ema import ops; print(ops.backend(), ops.isa())",
+                    OFFLOAD_EMA_DISABLE_CPP="1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["torch", "torch"]
+
+
+def test_missing_extension_warns_and_falls_back():
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'offload_ema._C': raise ImportError('simulated missing build')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import warnings\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import offload_ema, torch\n"
+        "    from offload_ema import ops\n"
+        "print(ops.backend())\n"
+        "print([str(x.message) for x in w if 'C++ kernels unavailable' in str(x.message)])\n"
+        "a = torch.zeros(5); ops.ema_update_(a, torch.ones(5, dtype=torch.bfloat16), 0.5)\n"
+        "print(a.tolist())\n"
+    )
+    r = _run_python(code, OFFLOAD_EMA_DISABLE_CPP="0")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines[0] == "torch"
+    assert "simulated missing build" in lines[1]
+    assert lines[2] == str([0.5] * 5)
