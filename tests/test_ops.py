@@ -403,3 +403,30 @@ def test_missing_extension_warns_and_falls_back():
     assert lines[0] == "torch"
     assert "simulated missing build" in lines[1]
     assert lines[2] == str([0.5] * 5)
+
+
+def test_every_instruction_set_gives_identical_bits():
+    """One fused multiply-add per EMA element and float64 sums in slot order on every path: the
+    averages do not depend on which CPU computed them."""
+    if ops.backend() != "cpp":
+        pytest.skip("C++ kernels not built")
+    from conftest import CPP_BACKENDS
+    n = 3 * 65536 + 29
+    src = sample(n, torch.bfloat16, seed=1)
+    results = []
+    try:
+        for name in CPP_BACKENDS:
+            ops.set_isa(name.split("-", 1)[1])
+            a = sample(n, torch.float32)
+            ops.ema_update_(a, src, 0.01)
+            m = [sample(n, torch.float32, seed=2), sample(n, torch.float32, seed=3)]
+            ops.ema_update_multi_(m, src, [0.2, 0.7])
+            out = torch.empty(n)
+            ops.mean_(out, [src, a, m[0]])
+            results.append((name, [a, *m, out]))
+    finally:
+        ops.set_isa("best")
+    first_name, first = results[0]
+    for name, tensors in results[1:]:
+        for x, y in zip(first, tensors):
+            assert torch.equal(x, y), f"{name} differs from {first_name}"
