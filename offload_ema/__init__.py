@@ -2,5 +2,7 @@
 updated off the training step's critical path."""
 from offload_ema._version import __version__
 from offload_ema import ops
+from offload_ema.averages import EMA, LAWA
+from offload_ema.averager import Averager
 
-__all__ = ["__version__", "ops"]
+__all__ = ["__version__", "ops", "EMA", "LAWA", "Averager"]

@@ -1,0 +1,234 @@
+"""Which tensors of a model are averaged, under which names, and where each lives in the flat
+host buffers.
+
+Averaged tensors are grouped by staging dtype; each group is one flat index space, so a snapshot
+of a group lands in one contiguous piece of staging memory and is averaged by one kernel call per
+piece, whatever the number of tensors. A snapshot is cut into chunks that each fit one staging
+slot; when a slot holds the whole model there is exactly one chunk.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+# Kernel source dtypes are stored as they are; other float dtypes (float64, float8) are converted
+# to float32 on their way into staging.
+_STAGED_AS_IS = (torch.float32, torch.bfloat16, torch.float16)
+# Byte alignment of every piece inside a staging slot (one cache line, any vector width).
+ALIGN = 64
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module whose state_dict names the user means: torch.compile's ``_orig_mod`` and the
+    ``module`` of DistributedDataParallel / DataParallel are looked through."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            model = inner
+            continue
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+            continue
+        return model
+
+
+def normalise_name(name: str) -> str:
+    """Drops ``_orig_mod`` segments left by compiled submodules."""
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
+def staged_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype if dtype in _STAGED_AS_IS else torch.float32
+
+
+@dataclass
+class Entry:
+    """One averaged tensor (a parameter, or a float buffer with buffers="average")."""
+    name: str
+    aliases: List[str]
+    tensor: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    group: int
+    offset: int  # first element in its group
+
+    @property
+    def numel(self) -> int:
+        return self.shape.numel()
+
+
+@dataclass
+class Group:
+    dtype: torch.dtype  # staging / LAWA slot dtype
+    numel: int = 0
+    entries: List[Entry] = field(default_factory=list)
+
+
+@dataclass
+class Part:
+    """Elements [start, end) of one entry, at element ``dst`` of its piece."""
+    entry: Entry
+    start: int
+    end: int
+    dst: int
+
+    @property
+    def whole(self) -> bool:
+        return self.start == 0 and self.end == self.entry.numel
+
+
+@dataclass
+class Piece:
+    """Elements [start, end) of one group, stored at byte ``byte_offset`` of a staging slot."""
+    group: int
+    start: int
+    end: int
+    byte_offset: int
+    parts: List[Part]
+
+
+@dataclass
+class Chunk:
+    pieces: List[Piece]
+    nbytes: int
+
+
+class Layout:
+    """The averaged entries of a model, their groups, and the chunk plan for a slot size.
+
+    Args:
+        model: the model (compiled / DDP wrappers are looked through).
+        buffers: ``"copy"`` (buffers are reported with their current value) or ``"average"``
+            (floating-point buffers are averaged like parameters).
+    """
+
+    def __init__(self, model: nn.Module, buffers: str = "copy"):
+        if buffers not in ("copy", "average"):
+            raise ValueError(f"buffers must be 'copy' or 'average', got {buffers!r}")
+        self.model = unwrap_model(model)
+        state = self.model.state_dict(keep_vars=True)
+        param_ids = {id(p) for p in self.model.parameters()}
+        self.names: List[str] = []                         # every state_dict name, in order
+        self.entries: List[Entry] = []
+        self.passthrough: Dict[str, torch.Tensor] = {}     # name -> live tensor (not averaged)
+        self.frozen: List[str] = []
+        self.alias_of: Dict[str, str] = {}                 # any name -> canonical name
+        by_id: Dict[int, Entry] = {}
+        groups: Dict[torch.dtype, Group] = {}
+        for raw_name, t in state.items():
+            name = normalise_name(raw_name)
+            self.names.append(name)
+            is_param = id(t) in param_ids
+            averaged = t.is_floating_point() and (
+                (is_param and t.requires_grad) or (not is_param and buffers == "average"))
+            if is_param and t.is_floating_point() and not t.requires_grad:
+                self.frozen.append(name)
+            if not averaged:
+                self.passthrough[name] = t
+                continue
+            if id(t) in by_id:  # tied / shared: averaged once, reported under every name
+                by_id[id(t)].aliases.append(name)
+                self.alias_of[name] = by_id[id(t)].name
+                continue
+            sdt = staged_dtype(t.dtype)
+            g = groups.setdefault(sdt, Group(sdt))
+            e = Entry(name, [], t, t.shape, t.dtype, list(groups).index(sdt), g.numel)
+            g.numel += e.numel
+            g.entries.append(e)
+            by_id[id(t)] = e
+            self.entries.append(e)
+            self.alias_of[name] = name
+        self.groups: List[Group] = list(groups.values())
+        devices = sorted({str(e.tensor.device) for e in self.entries})
+        if len(devices) > 1:
+            raise ValueError(
+                f"model has averaged tensors on several devices ({', '.join(devices)}); an "
+                "Averager handles one device: build one per device, or under torch.distributed "
+                "one per rank")
+        self.device = torch.device(devices[0]) if devices else torch.device("cpu")
+        if self.device.type == "meta":
+            raise ValueError("model parameters are on the meta device; materialise them first")
+        self.shapes = [e.shape for e in self.entries]
+
+    @property
+    def nbytes(self) -> int:
+        """Staging bytes of one whole snapshot (pieces aligned as in a slot)."""
+        return sum(_aligned(g.numel * _itemsize(g.dtype)) for g in self.groups)
+
+    def signature(self) -> List[Tuple[str, Tuple[int, ...], str]]:
+        return [(e.name, tuple(e.shape), str(e.dtype)) for e in self.entries]
+
+    def plan(self, slot_bytes: int) -> List[Chunk]:
+        """Cuts one snapshot into chunks of at most ``slot_bytes`` staging bytes each."""
+        chunks: List[Chunk] = []
+        pieces: List[Piece] = []
+        used = filled = 0  # next aligned piece offset / end of the last piece, in bytes
+        for gi, g in enumerate(self.groups):
+            size = _itemsize(g.dtype)
+            start = 0
+            while start < g.numel:
+                room = (slot_bytes - used) // size if used <= slot_bytes else 0
+                if room < 1 or (used and room * size < ALIGN):
+                    chunks.append(Chunk(pieces, filled))
+                    pieces, used, filled = [], 0, 0
+                    continue
+                end = min(g.numel, start + room)
+                pieces.append(Piece(gi, start, end, used, _parts(g, start, end)))
+                filled = used + (end - start) * size
+                used = _aligned(filled)
+                start = end
+        if pieces:
+            chunks.append(Chunk(pieces, filled))
+        return chunks
+
+    def check_unchanged(self) -> None:
+        """Raises if averaged tensors changed shape, or the model now holds other tensors."""
+        for e in self.entries:
+            if e.tensor.shape != e.shape:
+                raise RuntimeError(
+                    f"parameter {e.name!r} changed shape from {list(e.shape)} to "
+                    f"{list(e.tensor.shape)} after the Averager was built; build a new Averager "
+                    "for the new model")
+        current = {id(t) for t in self.model.state_dict(keep_vars=True).values()}
+        for e in self.entries:
+            if id(e.tensor) not in current:
+                raise RuntimeError(
+                    f"parameter {e.name!r} was replaced by another tensor after the Averager "
+                    "was built; build a new Averager for the new model")
+
+    def resolve(self, model: nn.Module) -> List[torch.Tensor]:
+        """The live tensors of ``model`` (this model or a wrapper of it) for each entry."""
+        state = {normalise_name(k): v
+                 for k, v in unwrap_model(model).state_dict(keep_vars=True).items()}
+        missing = [e.name for e in self.entries if e.name not in state]
+        if missing:
+            raise ValueError(f"model has no tensors named {missing[:5]} (of {len(missing)} "
+                             "averaged); pass the model this Averager was built for")
+        out = []
+        for e in self.entries:
+            t = state[e.name]
+            if t.shape != e.shape:
+                raise ValueError(f"model tensor {e.name!r} has shape {list(t.shape)}, the "
+                                 f"average has {list(e.shape)}")
+            out.append(t)
+        return out
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def _parts(g: Group, start: int, end: int) -> List[Part]:
+    parts = []
+    for e in g.entries:
+        lo, hi = max(start, e.offset), min(end, e.offset + e.numel)
+        if lo < hi:
+            parts.append(Part(e, lo - e.offset, hi - e.offset, lo - start))
+    return parts
