@@ -201,7 +201,8 @@ class Averager:
             h.remove()
         self._hooks = []
         self._engine.close()
-        self._raise_worker_error()
+        if not self._engine.error_reported:
+            self._raise_worker_error()
 
     def __enter__(self) -> "Averager":
         return self

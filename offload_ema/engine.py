@@ -67,6 +67,8 @@ class Job:
         self.emas: List[Tuple[AverageState, Optional[float]]] = emas  # weight None: initialise
         self.lawas: List[Tuple[AverageState, int]] = lawas            # ring position to fill
         self.prepared = None        # [(chunk, slot, start event, done event)] issued by submit
+        self.eager = None           # eager (buffer) staging slot, filled by submit
+        self.eager_event = None     # CUDA event after the eager copy
         self.ready_event = None     # CUDA event after the optimizer step (chunked copies)
         self.copy_event = None      # CUDA event after the last copy: what the fence waits on
         self.issued = threading.Event()  # every copy issued (CUDA) / done (CPU)
@@ -98,8 +100,16 @@ class Engine:
         self.slot_bytes = slot_bytes
         self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=self.cuda)
                       for _ in range(n_slots)]
-        self._views = {(s, c): self._make_views(s, c)
+        self._views = {(s, c): self._make_views(self.slots[s], self.chunks[c])
                        for s in range(n_slots) for c in range(len(self.chunks))}
+        # Averaged buffers change in place during the next forward, long before the fence: they
+        # are copied at once, on the main thread / stream, into a small area of their own.
+        eager_bytes = layout.eager_nbytes
+        self.eager_slots = [torch.empty(eager_bytes, dtype=torch.uint8, pin_memory=self.cuda)
+                            for _ in range(self.capacity if eager_bytes else 0)]
+        eager_chunks = layout.plan(max(eager_bytes, 1), eager=True)
+        self._eager_views = [self._make_views(t, eager_chunks[0]) for t in self.eager_slots]
+        self._eager_free: Deque[int] = collections.deque(range(len(self.eager_slots)))
         self._free: Deque[int] = collections.deque(range(n_slots))
         self.side = torch.cuda.Stream(self.device) if self.cuda else None
 
@@ -115,13 +125,13 @@ class Engine:
         self._thread.start()
 
     # ---- staging views ------------------------------------------------------------------
-    def _make_views(self, slot: int, chunk: int):
+    def _make_views(self, buf: torch.Tensor, chunk):
+        """(piece, flat staging view, [(part, destination view)]) for one chunk in one buffer."""
         out = []
-        for piece in self.chunks[chunk].pieces:
+        for piece in chunk.pieces:
             g = self.layout.groups[piece.group]
             n = piece.end - piece.start
-            flat = self.slots[slot][piece.byte_offset:].view(g.dtype)[:n] if n else \
-                torch.empty(0, dtype=g.dtype)
+            flat = buf[piece.byte_offset:].view(g.dtype)[:n]
             parts = []
             for part in piece.parts:
                 dst = flat[part.dst:part.dst + part.end - part.start]
@@ -129,11 +139,11 @@ class Engine:
             out.append((piece, flat, parts))
         return out
 
-    def _copy_chunk(self, slot: int, chunk: int) -> None:
-        """Copies one chunk of the live parameters into a slot (async on the current stream when
-        the parameters are on a GPU)."""
+    def _copy(self, views) -> None:
+        """Copies the live tensors into staging views (async on the current stream when they
+        are on a GPU)."""
         dsts, srcs = [], []
-        for _, _, parts in self._views[(slot, chunk)]:
+        for _, _, parts in views:
             for part, dst in parts:
                 t = part.entry.tensor.detach()
                 dsts.append(dst)
@@ -156,6 +166,15 @@ class Engine:
             self.in_flight += 1
             if self.cuda and len(self.chunks) == 1:
                 job.held.append(self._free.popleft())
+            if self._eager_views:
+                job.eager = self._eager_free.popleft()
+        if job.eager is not None:
+            # On the current stream: ordered after the optimizer step and before the next forward
+            # that updates the buffers in place.
+            self._copy(self._eager_views[job.eager])
+            if self.cuda:
+                job.eager_event = torch.cuda.Event()
+                job.eager_event.record(torch.cuda.current_stream(self.device))
         if self.cuda:
             main = torch.cuda.current_stream(self.device)
             ready = torch.cuda.Event()
@@ -168,7 +187,7 @@ class Engine:
                     start = torch.cuda.Event(enable_timing=True)
                     done = torch.cuda.Event(enable_timing=True)
                     start.record(self.side)
-                    self._copy_chunk(slot, 0)
+                    self._copy(self._views[(slot, 0)])
                     done.record(self.side)
                 job.prepared = [(0, slot, start, done)]
                 job.copy_event = done
@@ -223,11 +242,17 @@ class Engine:
                 with self.cond:
                     self._free.extend(job.held)
                     job.held.clear()
+                    if job.eager is not None:
+                        self._eager_free.append(job.eager)
                     job.issued.set()  # nobody may wait on a copy that will never be issued
                     self.in_flight -= 1
                     self.cond.notify_all()
 
     def _process(self, job: Job) -> None:
+        if job.eager is not None:
+            if job.eager_event is not None:
+                job.eager_event.synchronize()  # the buffers' bytes have landed in staging
+            self._update(job, self._eager_views[job.eager])
         if job.prepared is not None:
             for chunk, slot, start, done in job.prepared:
                 self._apply(job, chunk, slot, start, done)
@@ -247,14 +272,14 @@ class Engine:
                         start = torch.cuda.Event(enable_timing=True)
                         done = torch.cuda.Event(enable_timing=True)
                         start.record(self.side)
-                        self._copy_chunk(slot, chunk)
+                        self._copy(self._views[(slot, chunk)])
                         done.record(self.side)
                     pending.append((chunk, slot, start, done))
                     if chunk == last:
                         job.copy_event = done
                 else:
                     t0 = time.perf_counter()
-                    self._copy_chunk(slot, chunk)
+                    self._copy(self._views[(slot, chunk)])
                     job.copy_s += time.perf_counter() - t0
                     pending.append((chunk, slot, None, None))
                 if chunk == last:
@@ -274,8 +299,12 @@ class Engine:
         if done is not None:
             done.synchronize()  # the slot's bytes are valid only once its copy has landed
             job.copy_s += start.elapsed_time(done) / 1e3
+        self._update(job, self._views[(slot, chunk)])
+        self._release(job, slot)
+
+    def _update(self, job: Job, views) -> None:
         t0 = time.perf_counter()
-        for piece, flat, _ in self._views[(slot, chunk)]:
+        for piece, flat, _ in views:
             g, lo, hi = piece.group, piece.start, piece.end
             accs, weights = [], []
             for state, w in job.emas:
@@ -290,7 +319,6 @@ class Engine:
             for state, pos in job.lawas:
                 state.slot(pos)[g][lo:hi].copy_(flat)
         job.update_s += time.perf_counter() - t0
-        self._release(job, slot)
 
     def _complete(self, job: Job) -> None:
         with self.cond:

@@ -63,6 +63,7 @@ class Entry:
 @dataclass
 class Group:
     dtype: torch.dtype  # staging / LAWA slot dtype
+    eager: bool = False  # buffers: copied at once, since the next forward changes them in place
     numel: int = 0
     entries: List[Entry] = field(default_factory=list)
 
@@ -117,7 +118,7 @@ class Layout:
         self.frozen: List[str] = []
         self.alias_of: Dict[str, str] = {}                 # any name -> canonical name
         by_id: Dict[int, Entry] = {}
-        groups: Dict[torch.dtype, Group] = {}
+        groups: Dict[Tuple[torch.dtype, bool], Group] = {}
         for raw_name, t in state.items():
             name = normalise_name(raw_name)
             self.names.append(name)
@@ -133,9 +134,9 @@ class Layout:
                 by_id[id(t)].aliases.append(name)
                 self.alias_of[name] = by_id[id(t)].name
                 continue
-            sdt = staged_dtype(t.dtype)
-            g = groups.setdefault(sdt, Group(sdt))
-            e = Entry(name, [], t, t.shape, t.dtype, list(groups).index(sdt), g.numel)
+            key = (staged_dtype(t.dtype), not is_param)
+            g = groups.setdefault(key, Group(*key))
+            e = Entry(name, [], t, t.shape, t.dtype, list(groups).index(key), g.numel)
             g.numel += e.numel
             g.entries.append(e)
             by_id[id(t)] = e
@@ -155,18 +156,26 @@ class Layout:
 
     @property
     def nbytes(self) -> int:
-        """Staging bytes of one whole snapshot (pieces aligned as in a slot)."""
-        return sum(_aligned(g.numel * _itemsize(g.dtype)) for g in self.groups)
+        """Staging bytes of one whole snapshot of the parameters (pieces aligned as in a slot)."""
+        return sum(_aligned(g.numel * _itemsize(g.dtype)) for g in self.groups if not g.eager)
+
+    @property
+    def eager_nbytes(self) -> int:
+        """Staging bytes of the averaged buffers of one snapshot."""
+        return sum(_aligned(g.numel * _itemsize(g.dtype)) for g in self.groups if g.eager)
 
     def signature(self) -> List[Tuple[str, Tuple[int, ...], str]]:
         return [(e.name, tuple(e.shape), str(e.dtype)) for e in self.entries]
 
-    def plan(self, slot_bytes: int) -> List[Chunk]:
-        """Cuts one snapshot into chunks of at most ``slot_bytes`` staging bytes each."""
+    def plan(self, slot_bytes: int, eager: bool = False) -> List[Chunk]:
+        """Cuts the parameter groups (or, with ``eager``, the buffer groups) of one snapshot into
+        chunks of at most ``slot_bytes`` staging bytes each."""
         chunks: List[Chunk] = []
         pieces: List[Piece] = []
         used = filled = 0  # next aligned piece offset / end of the last piece, in bytes
         for gi, g in enumerate(self.groups):
+            if g.eager != eager:
+                continue
             size = _itemsize(g.dtype)
             start = 0
             while start < g.numel:

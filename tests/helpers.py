@@ -1,0 +1,74 @@
+"""Small models, a deterministic training loop and float64 references for the Averager tests."""
+import collections
+
+import torch
+from torch import nn
+
+
+class TinyNet(nn.Module):
+    def __init__(self, dtype=torch.float32, width=16):
+        super().__init__()
+        self.fc1 = nn.Linear(8, width)
+        self.bn = nn.BatchNorm1d(width)
+        self.fc2 = nn.Linear(width, 4)
+        self.to(dtype)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.bn(self.fc1(x.to(self.fc1.weight.dtype)))))
+
+
+def make(seed=0, dtype=torch.float32, lr=0.05, model_cls=TinyNet, **kw):
+    torch.manual_seed(seed)
+    model = model_cls(dtype=dtype, **kw) if model_cls is TinyNet else model_cls(**kw)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=0.9)
+    return model, opt
+
+
+def train_step(model, opt, step, batch=4):
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(batch, 8, generator=g)
+    loss = model(x).float().pow(2).mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def snapshot(model, names=None):
+    """{name: float64 copy} of the trainable parameters (the reference's view of a snapshot)."""
+    return {n: p.detach().double().clone() for n, p in model.named_parameters()
+            if p.requires_grad and (names is None or n in names)}
+
+
+class RefEMA:
+    """float64 EMA with the library's semantics: first snapshot initialises, then
+    avg = beta * avg + (1 - beta) * theta per applied snapshot."""
+
+    def __init__(self, beta):
+        self.beta, self.avg = beta, None
+
+    def update(self, snap, periods=1):
+        if self.avg is None:
+            self.avg = {k: v.clone() for k, v in snap.items()}
+        else:
+            w = 1 - self.beta ** periods
+            for k, v in snap.items():
+                self.avg[k] = self.avg[k] + w * (v - self.avg[k])
+
+
+class RefLAWA:
+    """A plain deque of the last `window` snapshots and their float64 mean."""
+
+    def __init__(self, window):
+        self.q = collections.deque(maxlen=window)
+
+    def update(self, snap):
+        self.q.append(snap)
+
+    @property
+    def avg(self):
+        return {k: sum(s[k] for s in self.q) / len(self.q) for k in self.q[0]}
+
+
+def assert_matches(got, ref, rtol=2e-6, atol=1e-7):
+    for k, v in ref.items():
+        torch.testing.assert_close(got[k].double(), v, rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
