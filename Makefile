@@ -27,3 +27,7 @@ bench: setup
 
 test: setup
 	$(PYTHON) -m pytest -q tests $(ARGS)
+
+# Wheels the offline GPU machine needs for bench/gpu_check.sh (carried as .wheels/).
+gpu-wheels:
+	$(PYTHON) -m pip download -q -d .wheels pytest ninja

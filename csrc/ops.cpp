@@ -122,6 +122,15 @@ TORCH_LIBRARY_IMPL(offload_ema, CPU, m) {
   m.impl("mean_", &oe::mean_);
 }
 
+// The kernels work on host memory only. Registered for CUDA too, so that a CUDA tensor gets the
+// argument check's message ("src must be a CPU tensor, got one on cuda:0") instead of the
+// dispatcher's "could not run with arguments from the CUDA backend".
+TORCH_LIBRARY_IMPL(offload_ema, CUDA, m) {
+  m.impl("ema_update_", &oe::ema_update_);
+  m.impl("ema_update_multi_", &oe::ema_update_multi_);
+  m.impl("mean_", &oe::mean_);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "offload_ema C++ kernels; importing this module registers torch.ops.offload_ema.*";
   m.def("get_num_threads", &oe::get_num_threads, "Threads a kernel call may use.");

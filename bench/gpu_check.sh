@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The GPU check, run through the device tool on one H200 (< 5 minutes):
+#   builds the extension against the torch there, runs the CUDA tests (and the kernel and
+#   Averager tests, so the AVX-512 path is covered too), then a short overhead measurement.
+# Results go under $OUT (env.txt, build.log, tests.txt, junit.xml, overhead.txt/json).
+# The machine has no network: pytest and ninja come from wheels in .wheels/ (make gpu-wheels),
+# carried along with `carry: [".wheels"]`.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
+{ nvidia-smi; python -c "import torch, sys; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda)"; lscpu | grep -E 'Model name|^CPU\(s\)|Flags' | cut -c1-300; } > "$OUT/env.txt" 2>&1
+if [ -d .wheels ]; then
+  python -m pip install -q --no-index --find-links .wheels pytest ninja >>"$OUT/build.log" 2>&1 || true
+fi
+export MAX_JOBS=16
+t0=$(date +%s)
+if ! python -m pip install -q --no-build-isolation --no-deps -e . >>"$OUT/build.log" 2>&1; then
+  python setup.py build_ext --inplace >>"$OUT/build.log" 2>&1 || { echo "build failed"; tail -40 "$OUT/build.log"; exit 1; }
+fi
+echo "build: $(( $(date +%s) - t0 )) s"
+python -c "from offload_ema import ops; print('kernels:', ops.backend(), ops.isa(), 'threads', ops.get_num_threads())"
+timeout 200 python -m pytest -q -x tests/test_cuda.py tests/test_ops.py tests/test_averager.py \
+  --junitxml="$OUT/junit.xml" > "$OUT/tests.txt" 2>&1
+echo "tests rc=$?"; tail -5 "$OUT/tests.txt"
+timeout 90 python bench/quick_overhead.py --json "$OUT/overhead.json" 2>&1 | tee "$OUT/overhead.txt"

@@ -1,0 +1,167 @@
+"""The asynchronous engine on a GPU: races, staging bounds, GPU memory. Skipped without CUDA."""
+import pytest
+import torch
+from torch import nn
+
+import offload_ema as oe
+from offload_ema import ops
+
+pytestmark = pytest.mark.cuda
+
+
+class Slab(nn.Module):
+    """Very low arithmetic density: big parameters, a trivial 'training step' (SGD on fixed
+    gradients), so that a snapshot copy still running when the next optimizer step starts would
+    read half-updated weights and show up as a wrong average."""
+
+    def __init__(self, n=8, size=1 << 22, dtype=torch.bfloat16):
+        super().__init__()
+        self.ps = nn.ParameterList(
+            [nn.Parameter(torch.randn(size, device="cuda").to(dtype)) for _ in range(n)])
+        g = torch.Generator(device="cuda").manual_seed(0)
+        self.grads = [[torch.randn(size, device="cuda", generator=g).to(dtype) for _ in self.ps]
+                      for _ in range(3)]
+
+    def fake_backward(self, step):
+        for p, g in zip(self.ps, self.grads[step % 3]):
+            p.grad = g
+
+
+def _make(dtype=torch.bfloat16, **kw):
+    torch.manual_seed(0)
+    model = Slab(dtype=dtype, **kw)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    return model, opt
+
+
+def _reference_ema(beta, steps, dtype):
+    """Synchronous reference: the same training, each snapshot copied after a full device sync,
+    averaged on the CPU with the same per-element kernel."""
+    model, opt = _make(dtype)
+    acc = None
+    for s in range(1, steps + 1):
+        model.fake_backward(s)
+        opt.step()
+        torch.cuda.synchronize()
+        snap = [p.detach().cpu() for p in model.ps]
+        if acc is None:
+            acc = [x.float() for x in snap]
+        else:
+            for a, x in zip(acc, snap):
+                ops.ema_update_(a, x, 1 - beta)
+    return acc
+
+
+@pytest.mark.parametrize("staging", ["default", "chunked"])
+def test_race_low_density_model_matches_synchronous_reference(staging):
+    steps, beta = 200, 0.95
+    ref = _reference_ema(beta, steps, torch.bfloat16)
+    model, opt = _make()
+    nbytes = sum(p.numel() * p.element_size() for p in model.ps)
+    with oe.Averager(model, {"ema": oe.EMA(beta)},
+                     staging_bytes=None if staging == "default" else nbytes // 5) as avg:
+        avg.attach(opt)
+        for s in range(1, steps + 1):
+            model.fake_backward(s)
+            opt.step()
+        sd = avg.averaged_state_dict("ema")
+        st = avg.stats()
+    assert st["snapshots_applied"] == steps and st["snapshots_skipped"] == 0
+    if staging == "chunked":
+        assert st["chunks_per_snapshot"] > 1
+    for i, a in enumerate(ref):
+        assert torch.equal(sd[f"ps.{i}"], a), f"ps.{i} differs from the synchronous reference"
+
+
+def test_pinned_staging_is_bounded_and_never_allocated_per_step(monkeypatch):
+    model, opt = _make()
+    nbytes = sum(p.numel() * p.element_size() for p in model.ps)
+    budget = nbytes // 3
+    with oe.Averager(model, {"ema": oe.EMA(0.9), "lawa": oe.LAWA(2, every=2)},
+                     staging_bytes=budget) as avg:
+        avg.attach(opt)
+        ptrs = [t.data_ptr() for t in avg._engine.slots]
+        pinned_calls = []
+        real_empty = torch.empty
+
+        def counting_empty(*a, **k):
+            if k.get("pin_memory"):
+                pinned_calls.append(a)
+            return real_empty(*a, **k)
+        monkeypatch.setattr(torch, "empty", counting_empty)
+        monkeypatch.setattr(torch.Tensor, "pin_memory",
+                            lambda self, *a: pinned_calls.append("pin_memory") or self)
+        for s in range(1, 21):
+            model.fake_backward(s)
+            opt.step()
+        avg.flush()
+        st = avg.stats()
+        assert [t.data_ptr() for t in avg._engine.slots] == ptrs
+    assert not pinned_calls, f"pinned allocations during training: {pinned_calls[:3]}"
+    assert 0 < st["pinned_bytes"] <= budget
+
+
+def test_no_extra_gpu_memory_after_warm_up():
+    model, opt = _make(n=4)
+    with oe.Averager(model, {"ema": oe.EMA(0.9), "ema2": oe.EMA(0.99)}) as avg:
+        avg.attach(opt)
+        for s in range(1, 4):
+            model.fake_backward(s)
+            opt.step()
+        avg.flush()
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        for s in range(4, 30):
+            model.fake_backward(s)
+            opt.step()
+        avg.flush()
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_allocated() == before
+
+
+def test_swapped_and_state_dict_on_cuda():
+    model, opt = _make(n=2, size=1 << 16, dtype=torch.float32)
+    with oe.Averager(model, {"lawa": oe.LAWA(3, every=1)}) as avg:
+        avg.attach(opt)
+        snaps = []
+        for s in range(1, 6):
+            model.fake_backward(s)
+            opt.step()
+            torch.cuda.synchronize()
+            snaps.append([p.detach().cpu().double() for p in model.ps])
+        sd = avg.averaged_state_dict("lawa")
+        for i in range(2):
+            expect = sum(x[i] for x in snaps[-3:]) / 3
+            torch.testing.assert_close(sd[f"ps.{i}"].double(), expect, rtol=1.2e-7, atol=0)
+            assert sd[f"ps.{i}"].device.type == "cpu" and sd[f"ps.{i}"].dtype == torch.float32
+        orig = [p.detach().clone() for p in model.ps]
+        with avg.swapped(model, "lawa"):
+            for i, p in enumerate(model.ps):
+                assert p.device.type == "cuda"
+                assert torch.equal(p.detach().cpu(), sd[f"ps.{i}"])
+        for p, o in zip(model.ps, orig):
+            assert torch.equal(p, o)
+
+
+def test_averaged_buffers_on_cuda_match_reference():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.BatchNorm1d(32)).cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    acc = None
+    with oe.Averager(model, {"ema": oe.EMA(0.5)}, buffers="average") as avg:
+        avg.attach(opt)
+        for s in range(10):
+            model(torch.randn(16, 8, device="cuda")).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            rm = model[1].running_mean.detach().cpu().double()
+            acc = rm if acc is None else acc + 0.5 * (rm - acc)
+        sd = avg.averaged_state_dict("ema")
+    torch.testing.assert_close(sd["1.running_mean"].double(), acc, rtol=1e-6, atol=1e-7)
+
+
+def test_kernels_reject_cuda_tensors_with_a_clear_error():
+    with pytest.raises(ValueError, match="src must be a CPU tensor, got one on cuda"):
+        ops.ema_update_(torch.zeros(4), torch.ones(4, device="cuda"), 0.5)
+    with pytest.raises(ValueError, match="avg must be a CPU tensor, got one on cuda"):
+        ops.ema_update_(torch.zeros(4, device="cuda"), torch.ones(4), 0.5)
