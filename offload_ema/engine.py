@@ -110,6 +110,9 @@ class Engine:
         eager_chunks = layout.plan(max(eager_bytes, 1), eager=True)
         self._eager_views = [self._make_views(t, eager_chunks[0]) for t in self.eager_slots]
         self._eager_free: Deque[int] = collections.deque(range(len(self.eager_slots)))
+        # Host staging in all (pinned on a GPU): the parameter slots within the budget, plus the
+        # averaged buffers' small area.
+        self.staging_nbytes = sum(t.numel() for t in self.slots + self.eager_slots)
         self._free: Deque[int] = collections.deque(range(n_slots))
         self.side = torch.cuda.Stream(self.device) if self.cuda else None
 
@@ -131,7 +134,8 @@ class Engine:
         for piece in chunk.pieces:
             g = self.layout.groups[piece.group]
             n = piece.end - piece.start
-            flat = buf[piece.byte_offset:].view(g.dtype)[:n]
+            size = torch.empty((), dtype=g.dtype).element_size()
+            flat = buf[piece.byte_offset:piece.byte_offset + n * size].view(g.dtype)
             parts = []
             for part in piece.parts:
                 dst = flat[part.dst:part.dst + part.end - part.start]

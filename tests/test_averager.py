@@ -129,7 +129,7 @@ def test_manual_step_equals_attach():
 
 def test_chunked_staging_gives_identical_averages_and_reports_fence_wait():
     outs = []
-    for staging in (None, 256):
+    for staging in (None, 1003):  # two odd-sized slots: no multiple of any dtype size
         model, opt = make(width=64)
         with oe.Averager(model, {"ema": oe.EMA(0.9), "lawa": oe.LAWA(3, every=2)},
                          staging_bytes=staging) as avg:
@@ -139,8 +139,8 @@ def test_chunked_staging_gives_identical_averages_and_reports_fence_wait():
             outs.append((avg.averaged_state_dict("ema"), avg.averaged_state_dict("lawa"), st))
     full, chunked = outs
     assert full[2]["chunks_per_snapshot"] == 1
-    assert chunked[2]["chunks_per_snapshot"] > 10
-    assert chunked[2]["staging_bytes"] <= 256
+    assert chunked[2]["chunks_per_snapshot"] > 3
+    assert chunked[2]["staging_bytes"] <= 1003
     assert chunked[2]["fence_wait_seconds"] > 0
     for a, b in zip(full[:2], chunked[:2]):
         for k in a:
