@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine:
-#   make bench   installs and builds what is missing, then runs the main job (kernel benchmark)
+#   make bench   installs and builds what is missing, then runs the main job (overhead benchmark)
 #   make test    installs and builds what is missing, then runs the test suite
 PYTHON ?= python3
 # The CPU build of torch this project is developed against; a torch already installed (e.g. a CUDA
@@ -8,11 +8,11 @@ TORCH_SPEC ?= torch==2.13.0
 EXT_SUFFIX := $(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
 EXT := offload_ema/_C$(EXT_SUFFIX)
 
-.PHONY: setup deps bench test
+.PHONY: setup deps bench bench-kernels test gpu-wheels
 
 deps:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_SPEC)"
-	@$(PYTHON) -m pip install -q "setuptools>=64" wheel ninja pytest
+	@$(PYTHON) -m pip install -q "setuptools>=64" wheel ninja pytest psutil matplotlib
 
 # Rebuilt only when a source changed; --no-build-isolation builds against the installed torch.
 $(EXT): setup.py pyproject.toml $(wildcard csrc/*)
@@ -23,6 +23,9 @@ $(EXT): setup.py pyproject.toml $(wildcard csrc/*)
 setup: deps $(EXT)
 
 bench: setup
+	offload-ema bench $(ARGS)
+
+bench-kernels: setup
 	$(PYTHON) bench/kernels.py $(ARGS)
 
 test: setup
@@ -30,4 +33,4 @@ test: setup
 
 # Wheels the offline GPU machine needs for bench/gpu_check.sh (carried as .wheels/).
 gpu-wheels:
-	$(PYTHON) -m pip download -q -d .wheels pytest ninja
+	$(PYTHON) -m pip download -q -d .wheels pytest ninja psutil

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check, run through the device tool on one H200 (< 5 minutes):
 #   builds the extension against the torch there, runs the CUDA tests (and the kernel and
-#   Averager tests, so the AVX-512 path is covered too), then a short overhead measurement.
-# Results go under $OUT (env.txt, build.log, tests.txt, junit.xml, overhead.txt/json).
+#   Averager tests, so the AVX-512 path is covered too), then a short run of the overhead
+#   benchmark on the 1b preset (bf16). Results go under $OUT (env.txt, build.log, tests.txt,
+#   junit.xml, overhead.txt/json/png).
 # The machine has no network: pytest and ninja come from wheels in .wheels/ (make gpu-wheels),
 # carried along with `carry: [".wheels"]`.
 set -uo pipefail
@@ -11,7 +12,7 @@ OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
 { nvidia-smi; python -c "import torch, sys; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda)"; lscpu | grep -E 'Model name|^CPU\(s\)|Flags' | cut -c1-300; } > "$OUT/env.txt" 2>&1
 if [ -d .wheels ]; then
-  python -m pip install -q --no-index --find-links .wheels pytest ninja >>"$OUT/build.log" 2>&1 || true
+  python -m pip install -q --no-index --find-links .wheels pytest ninja psutil >>"$OUT/build.log" 2>&1 || true
 fi
 export MAX_JOBS=16
 t0=$(date +%s)
@@ -23,4 +24,7 @@ python -c "from offload_ema import ops; print('kernels:', ops.backend(), ops.isa
 timeout 200 python -m pytest -q -x tests/test_cuda.py tests/test_ops.py tests/test_averager.py \
   --junitxml="$OUT/junit.xml" > "$OUT/tests.txt" 2>&1
 echo "tests rc=$?"; tail -5 "$OUT/tests.txt"
-timeout 90 python bench/quick_overhead.py --json "$OUT/overhead.json" 2>&1 | tee "$OUT/overhead.txt"
+# swa_utils is left out here: like naive it costs many seconds per 1b step; the full run has it.
+timeout 200 python -m offload_ema bench --preset 1b --dtype bf16 --rounds 2 --steps 4 --warmup 1 \
+  --modes none,gpu_foreach,offload,offload_multi,naive \
+  --json "$OUT/overhead.json" --plot "$OUT/overhead.png" 2>&1 | tee "$OUT/overhead.txt"

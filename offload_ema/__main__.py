@@ -1,0 +1,5 @@
+import sys
+
+from offload_ema.cli import main
+
+sys.exit(main())

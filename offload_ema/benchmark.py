@@ -1,0 +1,406 @@
+"""Step-overhead benchmark: what keeping weight averages costs a training step.
+
+Trains the built-in GPT-style model (offload_ema.gpt) on synthetic tokens with AdamW and times
+the step under each averaging mode, in one process, in interleaved rounds (so drift on a shared
+machine hits every mode alike):
+
+  none          no averaging: the reference step time
+  naive         after each step, p.detach().float().cpu() per parameter and a CPU EMA update on
+                the main thread (the synchronous baseline as usually written)
+  swa_utils     torch.optim.swa_utils.AveragedModel + get_ema_multi_avg_fn on a CPU copy
+  gpu_foreach   a float32 EMA kept on the GPU, torch._foreach_lerp_ each step (GPU only)
+  offload       offload_ema: EMA 0.999 every step
+  offload_multi offload_ema: EMA 0.999 + EMA 0.9999 + LAWA(window 10, every 10), one snapshot
+
+Run it as ``offload-ema bench`` (or ``python bench/overhead.py``).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+import offload_ema as oe
+from offload_ema.gpt import GPT, PRESETS, GPTConfig
+
+MODES = ["none", "naive", "swa_utils", "gpu_foreach", "offload", "offload_multi"]
+BETA = 0.999
+
+
+def _rss() -> int:
+    import psutil
+    return psutil.Process().memory_info().rss
+
+
+class Mode:
+    """One way of keeping an average, set up once and run in several rounds."""
+
+    name = "none"
+    fence_s = copy_s = update_s = 0.0
+
+    def __init__(self, model, opt, args):
+        self.model, self.opt, self.args = model, opt, args
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def begin(self):
+        pass
+
+    def after_step(self):
+        pass
+
+    def end(self):
+        pass
+
+    def close(self):
+        pass
+
+    def counters(self) -> dict:
+        return {"applied": 0, "skipped": 0, "coalesced": 0, "pinned_bytes": 0}
+
+
+class Naive(Mode):
+    name = "naive"
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.acc = None
+        self.applied = 0
+
+    def after_step(self):
+        t0 = time.perf_counter()
+        host = [p.detach().float().cpu() for p in self.params]
+        t1 = time.perf_counter()
+        if self.acc is None:
+            self.acc = host
+        else:
+            for a, h in zip(self.acc, host):
+                a.lerp_(h, 1 - BETA)
+        self.copy_s += t1 - t0
+        self.update_s += time.perf_counter() - t1
+        self.applied += 1
+
+    def counters(self):
+        return dict(super().counters(), applied=self.applied)
+
+
+class SwaUtils(Mode):
+    name = "swa_utils"
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        self.avg = AveragedModel(copy.deepcopy(self.model).cpu(),
+                                 multi_avg_fn=get_ema_multi_avg_fn(BETA), use_buffers=False)
+
+    def after_step(self):
+        t0 = time.perf_counter()
+        self.avg.update_parameters(self.model)
+        self.update_s += time.perf_counter() - t0
+
+    def counters(self):
+        return dict(super().counters(), applied=int(self.avg.n_averaged))
+
+
+class GpuForeach(Mode):
+    name = "gpu_foreach"
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.acc = [p.detach().float().clone() for p in self.params]
+        self.applied = 0
+
+    def after_step(self):
+        torch._foreach_lerp_(self.acc, [p.detach().float() for p in self.params], 1 - BETA)
+        self.applied += 1
+
+    def counters(self):
+        return dict(super().counters(), applied=self.applied)
+
+
+class Offload(Mode):
+    name = "offload"
+
+    def averages(self):
+        return {"ema": oe.EMA(BETA)}
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.avg = oe.Averager(self.model, self.averages(), on_busy=self.args.on_busy)
+
+    def begin(self):
+        self.avg.attach(self.opt)
+
+    def end(self):
+        self.avg.detach()
+        self.avg.flush()
+
+    def close(self):
+        self.avg.close()
+
+    def counters(self):
+        st = self.avg.stats()
+        self.fence_s, self.copy_s, self.update_s = (
+            st["fence_wait_seconds"], st["copy_seconds"], st["update_seconds"])
+        self.busy_s = st["busy_wait_seconds"]
+        return {"applied": st["snapshots_applied"], "skipped": st["snapshots_skipped"],
+                "coalesced": st["snapshots_coalesced"], "pinned_bytes": st["pinned_bytes"],
+                "snapshot_bytes": st["snapshot_bytes"]}
+
+
+class OffloadMulti(Offload):
+    name = "offload_multi"
+
+    def averages(self):
+        return {"ema": oe.EMA(BETA), "ema_slow": oe.EMA(0.9999), "lawa": oe.LAWA(10, every=10)}
+
+
+MODE_CLASSES = {"none": Mode, "naive": Naive, "swa_utils": SwaUtils, "gpu_foreach": GpuForeach,
+                "offload": Offload, "offload_multi": OffloadMulti}
+
+
+class Progress:
+    """One self-overwriting line on a terminal; silent otherwise."""
+
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
+        self.on = sys.stderr.isatty()
+
+    def tick(self, what: str):
+        self.done += 1
+        if self.on:
+            width = 30
+            filled = int(width * self.done / self.total)
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] "
+                             f"{self.done}/{self.total} {what:<40}")
+            sys.stderr.flush()
+
+    def close(self):
+        if self.on:
+            sys.stderr.write("\r" + " " * 90 + "\r")
+
+
+def _percentile(xs: List[float], q: float) -> float:
+    xs = sorted(xs)
+    k = (len(xs) - 1) * q
+    lo, hi = math.floor(k), math.ceil(k)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def run(args) -> List[dict]:
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    cfg = PRESETS[args.preset]
+    if args.layers or args.width:
+        width = args.width or cfg.width
+        cfg = GPTConfig(cfg.vocab, cfg.seq, width, args.layers or cfg.layers,
+                        max(1, width // 128) if args.width else cfg.heads, cfg.batch)
+    if args.batch:
+        cfg = GPTConfig(cfg.vocab, cfg.seq, cfg.width, cfg.layers, cfg.heads, args.batch)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    if args.threads:
+        oe.ops.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = GPT(cfg).to(device=device, dtype=dtype)
+    n_params = sum(p.numel() for p in model.parameters())
+    kw = {"fused": True} if args.optimizer == "fused" else {"foreach": True}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, **kw)
+    tokens = torch.randint(0, cfg.vocab, (cfg.batch, cfg.seq + 1), device=device,
+                           generator=torch.Generator(device=device).manual_seed(0))
+
+    def sync():
+        if cuda:
+            # Only the main stream: the averaging side stream runs on, as in training.
+            torch.cuda.current_stream(device).synchronize()
+
+    def train_step():
+        model.loss(tokens).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    modes = [m for m in args.modes if m != "gpu_foreach" or cuda]
+    print(f"offload_ema overhead benchmark: preset={args.preset} params={n_params / 1e6:.1f}M "
+          f"dtype={args.dtype} device={device} optimizer=AdamW({args.optimizer}) "
+          f"batch={cfg.batch}x{cfg.seq} tokens, {args.rounds} rounds x {args.steps} steps "
+          f"(+{args.warmup} warm-up) per mode, on_busy={args.on_busy}, kernels={oe.ops.backend()}"
+          f"/{oe.ops.isa()} x{oe.ops.get_num_threads()} threads, torch {torch.__version__}, "
+          f"{platform.node() or 'host'} {os.cpu_count()} CPUs")
+    for _ in range(args.warmup):  # compile kernels, fill the caching allocator, AdamW state
+        train_step()
+    sync()
+
+    objs: Dict[str, Mode] = {}
+    times: Dict[str, List[float]] = {m: [] for m in modes}
+    peak: Dict[str, int] = {m: 0 for m in modes}
+    rss_delta: Dict[str, int] = {}
+    progress = Progress(args.rounds * len(modes) * (args.steps + args.warmup))
+    for r in range(args.rounds):
+        for m in modes:
+            first = m not in objs
+            if first:
+                rss0 = _rss()
+                objs[m] = MODE_CLASSES[m](model, opt, args)
+            mode = objs[m]
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats(device)
+            mode.begin()
+            for i in range(args.warmup + args.steps):
+                t0 = time.perf_counter()
+                train_step()
+                mode.after_step()
+                sync()
+                if i >= args.warmup:  # the first steps of a round re-warm this mode's path
+                    times[m].append(time.perf_counter() - t0)
+                progress.tick(f"round {r + 1}/{args.rounds} {m}")
+            mode.end()
+            if cuda:
+                torch.cuda.synchronize()
+                peak[m] = max(peak[m], torch.cuda.max_memory_allocated(device))
+            if first:
+                rss_delta[m] = _rss() - rss0
+    progress.close()
+
+    base = statistics.median(times["none"]) if "none" in times else float("nan")
+    rows = []
+    for m in modes:
+        ts = times[m]
+        med = statistics.median(ts)
+        c = objs[m].counters()
+        o = objs[m]
+        snaps = max(c["applied"], 1)
+        rows.append({
+            "mode": m, "preset": args.preset, "device": str(device), "params": n_params,
+            "dtype": args.dtype, "step_ms_median": med * 1e3, "step_ms_p90": _percentile(ts, 0.9) * 1e3,
+            "overhead_pct": 100 * (med / base - 1),
+            "gpu_mem_delta_bytes": peak[m] - peak.get("none", 0) if cuda else 0,
+            "rss_delta_bytes": rss_delta[m], "pinned_bytes": c["pinned_bytes"],
+            "applied": c["applied"], "skipped": c["skipped"], "coalesced": c["coalesced"],
+            "fence_ms_per_snapshot": o.fence_s / snaps * 1e3,
+            "copy_ms_per_snapshot": o.copy_s / snaps * 1e3,
+            "update_ms_per_snapshot": o.update_s / snaps * 1e3,
+            "round_medians_ms": [statistics.median(ts[i:i + args.steps]) * 1e3
+                                 for i in range(0, len(ts), args.steps)],
+        })
+        if "snapshot_bytes" in c:
+            rows[-1]["snapshot_bytes"] = c["snapshot_bytes"]
+    for o in objs.values():
+        o.close()
+    return rows
+
+
+def report(rows: List[dict]) -> None:
+    hdr = (f"{'mode':<14}{'median ms':>10}{'p90 ms':>9}{'overhead':>10}{'GPU mem +':>11}"
+           f"{'host RSS +':>11}{'pinned':>9}{'applied':>8}{'skip':>6}{'coal':>6}"
+           f"{'fence ms':>9}{'copy ms':>9}{'update ms':>10}  rounds (median ms)")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        print(f"{r['mode']:<14}{r['step_ms_median']:>10.2f}{r['step_ms_p90']:>9.2f}"
+              f"{r['overhead_pct']:>+9.1f}%{_size(r['gpu_mem_delta_bytes']):>11}"
+              f"{_size(r['rss_delta_bytes']):>11}{_size(r['pinned_bytes']):>9}{r['applied']:>8}"
+              f"{r['skipped']:>6}{r['coalesced']:>6}{r['fence_ms_per_snapshot']:>9.2f}"
+              f"{r['copy_ms_per_snapshot']:>9.2f}{r['update_ms_per_snapshot']:>10.2f}  "
+              + " ".join(f"{x:.1f}" for x in r["round_medians_ms"]))
+    by = {r["mode"]: r for r in rows}
+    if "none" in by and "naive" in by:
+        print(f"\nnaive / none step time: {by['naive']['step_ms_median'] / by['none']['step_ms_median']:.2f}x")
+    for m in ("offload", "offload_multi"):
+        if m in by and "none" in by:
+            r = by[m]
+            step = by["none"]["step_ms_median"]
+            upd = r["update_ms_per_snapshot"]
+            nbytes = r.get("snapshot_bytes", 0)
+            copy_gbps = nbytes / (r["copy_ms_per_snapshot"] / 1e3) / 1e9 if r["copy_ms_per_snapshot"] else float("nan")
+            print(f"{m}: overhead {r['overhead_pct']:+.2f}% ; skipped+coalesced "
+                  f"{r['skipped'] + r['coalesced']} ; CPU update {upd:.1f} ms per snapshot vs "
+                  f"{step:.1f} ms per step ({'keeps up' if upd <= step else f'{upd / step:.2f}x slower than a step'})"
+                  f" ; copy {copy_gbps:.1f} GB/s")
+
+
+def plot(rows: List[dict], path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise SystemExit(f"--plot needs matplotlib ({exc}); pip install matplotlib") from exc
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    names = [r["mode"] for r in rows]
+    vals = [r["overhead_pct"] for r in rows]
+    bars = ax.bar(names, vals, color=["#999" if n == "none" else "#3a7" if n.startswith("offload")
+                                      else "#c55" for n in names])
+    ax.bar_label(bars, labels=[f"{v:+.1f}%" for v in vals], fontsize=8)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_ylabel("step-time overhead vs none (%)")
+    r0 = rows[0]
+    ax.set_title(f"{r0['preset']} ({r0['params'] / 1e6:.3g}M params, {r0['dtype']}) on {r0['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _size(n: int) -> str:
+    for unit, k in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if abs(n) >= k:
+            return f"{n / k:.1f}{unit}"
+    return str(n)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    cuda = torch.cuda.is_available()
+    p.add_argument("--device", default="cuda" if cuda else "cpu")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="model size (default: 1b on a GPU, tiny on the CPU)")
+    p.add_argument("--layers", type=int, help="override the preset's number of blocks")
+    p.add_argument("--width", type=int, help="override the preset's width (heads = width / 128)")
+    p.add_argument("--batch", type=int, help="override the preset's sequences per step")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
+                   help="parameter dtype (default: bf16 on a GPU, fp32 on the CPU)")
+    p.add_argument("--optimizer", choices=["foreach", "fused"], default="foreach")
+    p.add_argument("--modes", default=",".join(MODES),
+                   help=f"comma-separated subset of {','.join(MODES)}")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per mode per round")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per mode per round")
+    p.add_argument("--on-busy", dest="on_busy", choices=["block", "skip", "coalesce"],
+                   default="block")
+    p.add_argument("--threads", type=int, help="offload_ema kernel threads")
+    p.add_argument("--json", metavar="PATH", help="write one record per mode")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of the overheads")
+
+
+def main(args: argparse.Namespace) -> int:
+    on_gpu = torch.device(args.device).type == "cuda"
+    if on_gpu and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    args.preset = args.preset or ("1b" if on_gpu else "tiny")
+    args.dtype = args.dtype or ("bf16" if on_gpu else "fp32")
+    args.steps = args.steps or (10 if args.preset == "1b" else 15)
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in args.modes if m not in MODES]
+    if bad:
+        raise SystemExit(f"--modes: unknown {bad}; choose from {', '.join(MODES)}")
+    for name in ("rounds", "steps"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name} must be >= 1")
+    if args.warmup < 0:
+        raise SystemExit("--warmup must be >= 0")
+    rows = run(args)
+    report(rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+        print(f"wrote {len(rows)} records to {args.json}")
+    if args.plot:
+        plot(rows, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
