@@ -34,6 +34,12 @@ from offload_ema.layout import ALIGN, Layout
 _BUSY_POLICIES = ("block", "skip", "coalesce")
 
 
+def _per_thread_intraop() -> bool:
+    """Whether torch.set_num_threads in one thread leaves the others alone: true of the OpenMP
+    backend (a per-thread setting), not of torch's native pool (process-wide)."""
+    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
 class AverageState:
     """One average's host buffers and counters. Buffers are written only by the worker; the
     scheduling fields (``scheduled``, ``pending``, ``next_pos``) only by the main thread."""
@@ -231,6 +237,11 @@ class Engine:
     def _run(self) -> None:
         if self.cuda:
             torch.cuda.set_device(self.device)
+        if _per_thread_intraop():
+            # The worker's own torch ops (staging and slot copies) are small; run them on this
+            # thread instead of waking an OpenMP team that competes with training for the cores.
+            # The kernels use offload_ema's own threads.
+            torch.set_num_threads(1)
         while True:
             job = self._queue.get()
             if job is None:

@@ -560,3 +560,13 @@ def test_stats_report_counts_and_sizes():
     assert st["pinned_bytes"] == 0 and st["device"] == "cpu"
     for k in ("copy_seconds", "update_seconds", "fence_wait_seconds", "busy_wait_seconds"):
         assert st[k] >= 0
+
+
+def test_worker_leaves_torch_threads_of_the_training_thread_alone():
+    before = torch.get_num_threads()
+    model, opt = make()
+    with oe.Averager(model, {"ema": oe.EMA(0.9)}) as avg:
+        avg.attach(opt)
+        run(model, opt, avg, 3)
+        avg.flush()
+        assert torch.get_num_threads() == before
