@@ -77,7 +77,9 @@ class Naive(Mode):
 
     def after_step(self):
         t0 = time.perf_counter()
-        host = [p.detach().float().cpu() for p in self.params]
+        # .float().cpu() as usually written; copy=True so that on a CPU-only run the average is
+        # never the fp32 parameter itself.
+        host = [p.detach().to("cpu", torch.float32, copy=True) for p in self.params]
         t1 = time.perf_counter()
         if self.acc is None:
             self.acc = host
