@@ -43,7 +43,7 @@ setup(
     python_requires=">=3.9",
     # torch is not listed: pip would otherwise be free to fetch a (CUDA) build of its choosing.
     # Install torch first (README); the build uses whatever torch >= 2.4 is present.
-    install_requires=["psutil"],
+    install_requires=["psutil", "safetensors"],
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)},
     entry_points={"console_scripts": ["offload-ema = offload_ema.cli:main"]},

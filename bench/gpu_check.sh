@@ -12,7 +12,7 @@ OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
 { nvidia-smi; python -c "import torch, sys; print(sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda)"; lscpu | grep -E 'Model name|^CPU\(s\)|Flags' | cut -c1-300; } > "$OUT/env.txt" 2>&1
 if [ -d .wheels ]; then
-  python -m pip install -q --no-index --find-links .wheels pytest ninja psutil >>"$OUT/build.log" 2>&1 || true
+  python -m pip install -q --no-index --find-links .wheels pytest ninja psutil safetensors >>"$OUT/build.log" 2>&1 || true
 fi
 export MAX_JOBS=16
 t0=$(date +%s)

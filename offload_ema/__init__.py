@@ -4,5 +4,7 @@ from offload_ema._version import __version__
 from offload_ema import ops
 from offload_ema.averages import EMA, LAWA
 from offload_ema.averager import Averager
+from offload_ema.snapshots import SnapshotFuture, apply_snapshot, load_snapshot
 
-__all__ = ["__version__", "ops", "EMA", "LAWA", "Averager"]
+__all__ = ["__version__", "ops", "EMA", "LAWA", "Averager", "SnapshotFuture", "load_snapshot",
+           "apply_snapshot"]

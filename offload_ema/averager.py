@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import contextlib
-import copy
+import os
 import time
 import weakref
 from typing import Dict, Iterator, Mapping, Optional, Union
@@ -16,6 +17,7 @@ from offload_ema._version import __version__
 from offload_ema.averages import EMA, LAWA
 from offload_ema.engine import _BUSY_POLICIES, AverageState, Engine, Job
 from offload_ema.layout import Layout
+from offload_ema.snapshots import Retention, SnapshotFuture, metadata, write_atomic
 
 __all__ = ["Averager"]
 
@@ -103,6 +105,10 @@ class Averager:
         self._busy_wait = 0.0
         self._hooks = []
         self._closed = False
+        self._writer: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._saves: list = []          # futures not yet known to be fine
+        self._save_stats = {"saves_written": 0, "save_seconds": 0.0, "save_bytes": 0}
+        self._periodic = None           # (every, Retention, names, dtype)
         _open_averagers.add(self)
 
     # ---- taking snapshots -----------------------------------------------------------------
@@ -140,6 +146,7 @@ class Averager:
         """
         self._check_open()
         self._raise_worker_error()
+        self._raise_save_error()
         self._step += 1
         s = self._step
         due = [st for st in self._states.values() if st.spec.is_due(s)]
@@ -147,6 +154,12 @@ class Averager:
             self._take(s, due)
         if fence:
             self.fence()
+        if self._periodic is not None and s % self._periodic[0] == 0:
+            every, retention, names, dtype = self._periodic
+            for name in names:
+                if self._states[name].scheduled:
+                    self.save(retention.template.format(name=name, step=s), name, dtype=dtype,
+                              _retention=retention)
 
     def fence(self) -> None:
         """Orders the last snapshot's copy before any later change of the parameters."""
@@ -189,6 +202,7 @@ class Averager:
         self._check_open()
         self._engine.flush()
         self._raise_worker_error()
+        self._raise_save_error()
 
     def close(self) -> None:
         """Applies what is in flight, stops the worker and removes the hooks. Idempotent.
@@ -201,8 +215,11 @@ class Averager:
             h.remove()
         self._hooks = []
         self._engine.close()
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)  # pending snapshot files are completed
         if not self._engine.error_reported:
             self._raise_worker_error()
+        self._raise_save_error()
 
     def __enter__(self) -> "Averager":
         return self
@@ -227,6 +244,126 @@ class Averager:
             raise eng.error  # carries the worker's traceback
         raise RuntimeError("the Averager's worker failed earlier (see the first error); build a "
                            "new Averager") from eng.error
+
+    def _raise_save_error(self) -> None:
+        keep = []
+        error = None
+        for fut in self._saves:
+            if not fut.done():
+                keep.append(fut)
+            elif fut.cancelled() or fut._exception_unseen() is None:
+                continue
+            elif error is None:
+                fut.observed = True
+                error = fut._exception_unseen()
+        self._saves = keep
+        if error is not None:
+            raise error
+
+    # ---- snapshots on disk ----------------------------------------------------------------------
+    def save(self, path: str, name: str, *, dtype: torch.dtype = torch.float32,
+             _retention: Optional[Retention] = None) -> SnapshotFuture:
+        """Writes the average ``name`` to a safetensors file, in the background.
+
+        The worker takes a copy of the average once every snapshot taken so far is applied (the
+        training loop does not wait for it); a writer thread writes it to a temporary file in
+        the same directory, fsyncs it, renames it over ``path`` and fsyncs the directory.
+
+        Args:
+            path (str): the final file name.
+            name (str): which average.
+            dtype (torch.dtype, default float32): dtype of the averaged tensors in the file.
+
+        Returns:
+            SnapshotFuture: ``result()`` is ``path`` once written, or raises the write's error
+            (which the next ``step`` / ``flush`` also raises if nobody looked at it).
+        """
+        self._check_open()
+        if name not in self._states:
+            self._state(name)  # raises: unknown name
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        st = self._states[name]
+        if st.scheduled == 0:
+            raise RuntimeError(f"average {name!r} has no snapshot yet (first due after step "
+                               f"{st.spec.start + st.spec.every}, now at step {self._step})")
+        path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"directory of the snapshot path does not exist: {directory}")
+        fut = SnapshotFuture(path)
+        fut.set_running_or_notify_cancel()
+        self._saves.append(fut)
+        # Not averaged entries are taken now, on this thread: they may change at the next step.
+        others = {k: t.detach().to("cpu", copy=True) for k, t in self._layout.passthrough.items()}
+        step = self._step
+        if self._writer is None:
+            self._writer = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="offload_ema-writer")
+
+        def take_copy():  # on the worker: the averages are at `step` here
+            try:
+                tensors = self._copy_average(st, dtype, others)
+                meta = metadata(name, st.spec.config(), step, st.applied, dtype)
+                self._writer.submit(write, tensors, meta)
+            except BaseException as exc:
+                fut.set_exception(exc)
+
+        def write(tensors, meta):  # on the writer thread
+            t0 = time.perf_counter()
+            try:
+                nbytes = write_atomic(path, tensors, meta)
+                if _retention is not None:
+                    _retention.prune(name)
+            except BaseException as exc:
+                fut.set_exception(exc)
+                return
+            fut.seconds, fut.nbytes = time.perf_counter() - t0, nbytes
+            self._save_stats["saves_written"] += 1
+            self._save_stats["save_seconds"] += fut.seconds
+            self._save_stats["save_bytes"] += nbytes
+            fut.set_result(path)
+
+        self._engine.call_soon(take_copy)
+        return fut
+
+    def save_every(self, every: int, path_template: str, *, names=None,
+                   keep_last: Optional[int] = None, dtype: torch.dtype = torch.float32) -> None:
+        """Saves averages every ``every`` steps to ``path_template`` (with ``{name}`` and
+        ``{step}``), keeping the ``keep_last`` newest files per average (all when None).
+
+        Example:
+            >>> avg.save_every(1000, "ckpt/{name}-{step:08d}.safetensors", keep_last=3)
+        """
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be an int >= 1, got {every!r}")
+        if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int)
+                                      or keep_last < 1):
+            raise ValueError(f"keep_last must be None or an int >= 1, got {keep_last!r}")
+        names = list(self._states) if names is None else list(names)
+        for n in names:
+            if n not in self._states:
+                self._state(n)  # raises: unknown name
+        if len(names) > 1 and "{name}" not in path_template:
+            raise ValueError("path template must contain {name} when several averages are saved")
+        try:
+            path_template.format(name="x", step=0)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"path template {path_template!r} must use only {{name}} and "
+                             f"{{step}}: {exc}") from exc
+        self._periodic = (every, Retention(path_template, keep_last), names, dtype)
+
+    def _copy_average(self, st: AverageState, dtype: torch.dtype, others) -> Dict[str, torch.Tensor]:
+        out = {}
+        for e, value in self._entry_values(st):
+            t = value.to(dtype, copy=True) if (isinstance(st.spec, EMA) or dtype != torch.float32) \
+                else value
+            out[e.name] = t
+            for alias in e.aliases:
+                out[alias] = t.clone()  # safetensors refuses tensors that share memory
+        for k, t in others.items():
+            out[k] = t.to(dtype) if t.is_floating_point() else t
+        return {n: out[n].contiguous() for n in self._layout.names}
 
     # ---- reading the averages ---------------------------------------------------------------
     @property
@@ -324,6 +461,7 @@ class Averager:
             "pinned_bytes": eng.staging_nbytes if eng.cuda else 0,
             "staging_slots": len(eng.slots),
             "chunks_per_snapshot": len(eng.chunks),
+            **self._save_stats,
             "device": str(self._layout.device),
             "kernels": ops.backend(),
         }

@@ -13,10 +13,36 @@ def main(argv=None) -> int:
                        description=benchmark.__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     benchmark.add_arguments(b)
+    i = sub.add_parser("inspect", help="print a snapshot file's metadata and tensors")
+    i.add_argument("path")
     args = p.parse_args(argv)
     if args.command == "bench":
         return benchmark.main(args)
+    if args.command == "inspect":
+        return inspect(args.path)
     return 2
+
+
+def inspect(path: str) -> int:
+    from offload_ema.snapshots import load_snapshot
+
+    try:
+        tensors, meta = load_snapshot(path)
+    except (OSError, ValueError) as exc:
+        print(f"offload-ema inspect: {exc}", file=sys.stderr)
+        return 1
+    print(path)
+    for k in sorted(meta):
+        print(f"  {k}: {meta[k]}")
+    total = sum(t.numel() for t in tensors.values())
+    print(f"{len(tensors)} tensors, {total:,} elements")
+    width = max((len(k) for k in tensors), default=4)
+    print(f"  {'name':<{width}}  {'shape':<20} {'dtype':<9} {'norm':>12}")
+    for k, t in tensors.items():
+        norm = t.double().norm().item() if t.is_floating_point() else float("nan")
+        print(f"  {k:<{width}}  {str(list(t.shape)):<20} {str(t.dtype).replace('torch.', ''):<9} "
+              f"{norm:>12.6g}")
+    return 0
 
 
 if __name__ == "__main__":

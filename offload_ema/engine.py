@@ -124,11 +124,12 @@ class Engine:
 
         self.cond = threading.Condition()
         self.in_flight = 0
+        self.pending_calls = 0
         self.error: Optional[BaseException] = None
         self.error_reported = False
         self.stats: Dict[str, float] = collections.defaultdict(float)
         self._unfenced: Optional[Job] = None
-        self._queue: "queue.SimpleQueue[Optional[Job]]" = queue.SimpleQueue()
+        self._queue: "queue.SimpleQueue" = queue.SimpleQueue()  # Job, callable, None (stop)
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="offload_ema-worker", daemon=True)
         self._thread.start()
@@ -222,9 +223,16 @@ class Engine:
             torch.cuda.current_stream(self.device).wait_event(job.copy_event)
         self.stats["fence_wait_seconds"] += time.perf_counter() - t0
 
+    def call_soon(self, fn) -> None:
+        """Runs ``fn()`` on the worker after every snapshot submitted so far is applied (it sees
+        the averages at a consistent step). ``fn`` reports its own errors."""
+        with self.cond:
+            self.pending_calls += 1
+        self._queue.put(fn)
+
     def flush(self) -> None:
         with self.cond:
-            self.cond.wait_for(lambda: self.in_flight == 0)
+            self.cond.wait_for(lambda: self.in_flight == 0 and self.pending_calls == 0)
 
     def close(self) -> None:
         if self._closed:
@@ -246,6 +254,14 @@ class Engine:
             job = self._queue.get()
             if job is None:
                 return
+            if not isinstance(job, Job):
+                try:
+                    job()
+                finally:
+                    with self.cond:
+                        self.pending_calls -= 1
+                        self.cond.notify_all()
+                continue
             try:
                 if self.error is None:
                     self._process(job)

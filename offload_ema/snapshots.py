@@ -1,0 +1,261 @@
+"""Averaged weights on disk: safetensors files written atomically in the background, and loaded
+back into a model.
+
+A file holds one tensor per state_dict entry of the unwrapped model (averaged entries in float32
+by default, or the dtype asked for; integer buffers in their own dtype) and string metadata:
+``format`` ("offload_ema.snapshot"), ``version``, ``name``, ``average`` (JSON: kind, beta /
+window, every, start), ``step``, ``applied``, ``created`` (ISO 8601, UTC), ``dtype``.
+
+Writes go to a temporary file in the destination directory, are flushed and fsynced, then renamed
+over the final path, and the directory is fsynced: a process killed at any moment leaves the
+previous complete file or the new complete file under the final name, never a partial one.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import datetime
+import errno
+import glob
+import itertools
+import json
+import os
+import re
+import string
+import threading
+from typing import Dict, List, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+
+from offload_ema._version import __version__
+from offload_ema.layout import normalise_name, unwrap_model
+
+__all__ = ["load_snapshot", "apply_snapshot", "SnapshotFuture"]
+
+FORMAT = "offload_ema.snapshot"
+_TMP_INFIX = ".tmp-"
+_counter = itertools.count()
+_writing: set = set()  # this process's temporaries being written now
+_writing_lock = threading.Lock()
+
+
+class SnapshotFuture(concurrent.futures.Future):
+    """The future ``Averager.save`` returns. Its result is the final path. An error it carries is
+    also raised once by the Averager's next ``step`` / ``flush`` unless ``result()`` or
+    ``exception()`` has already shown it."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+        self.observed = False
+        self.seconds = 0.0  # time spent writing (serialise, fsync, rename)
+        self.nbytes = 0     # size of the file written
+
+    def result(self, timeout=None):
+        self.observed = True
+        return super().result(timeout)
+
+    def exception(self, timeout=None):
+        self.observed = True
+        return super().exception(timeout)
+
+    def _exception_unseen(self):
+        """The error, if it carries one nobody has looked at yet (does not mark it seen)."""
+        if self.observed:
+            return None
+        return super().exception(0)
+
+
+def metadata(name: str, config: dict, step: int, applied: int, dtype: torch.dtype) -> Dict[str, str]:
+    return {
+        "format": FORMAT,
+        "version": __version__,
+        "name": name,
+        "average": json.dumps(config, sort_keys=True),
+        "step": str(step),
+        "applied": str(applied),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "dtype": str(dtype).replace("torch.", ""),
+    }
+
+
+def write_atomic(path: str, tensors: Mapping[str, torch.Tensor], meta: Dict[str, str]) -> int:
+    """Writes a safetensors file so that ``path`` is never seen half-written; returns its size."""
+    import safetensors.torch
+
+    path = os.path.abspath(path)
+    directory, base = os.path.split(path)
+    tmp = os.path.join(directory, f".{base}{_TMP_INFIX}{os.getpid()}-{next(_counter)}")
+    with _writing_lock:
+        _writing.add(tmp)
+    try:
+        safetensors.torch.save_file(dict(tensors), tmp, metadata=meta)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    finally:
+        with _writing_lock:
+            _writing.discard(tmp)
+    _fsync_dir(directory)  # the rename itself survives a crash
+    _remove_stale_temporaries(directory, base)
+    return os.path.getsize(path)
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_temporaries(directory: str, base: str) -> None:
+    """Temporaries of this final name left by processes that no longer run (killed mid-write)."""
+    for tmp in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(base)}{_TMP_INFIX}*")):
+        m = re.search(re.escape(_TMP_INFIX) + r"(\d+)-\d+$", tmp)
+        if not m:
+            continue
+        pid = int(m.group(1))
+        if pid != os.getpid() and _alive(pid):
+            continue  # another live process is writing this name right now
+        if pid == os.getpid() and _own_in_flight(tmp):
+            continue
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
+def _own_in_flight(tmp: str) -> bool:
+    with _writing_lock:
+        return tmp in _writing
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Retention:
+    """Keeps the ``keep_last`` newest files of one path template (``{name}``, ``{step}`` with an
+    optional format spec such as ``{step:08d}``)."""
+
+    def __init__(self, template: str, keep_last: Optional[int]):
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        if "step" not in fields:
+            raise ValueError(f"path template must contain {{step}}, got {template!r}")
+        self.template, self.keep_last = template, keep_last
+
+    def _patterns(self, name: str) -> Tuple[str, "re.Pattern"]:
+        glob_pat, regex = "", ""
+        for literal, field, spec, _ in string.Formatter().parse(self.template):
+            glob_pat += glob.escape(literal)
+            regex += re.escape(literal)
+            if field == "name":
+                value = format(name, spec or "")
+                glob_pat += glob.escape(value)
+                regex += re.escape(value)
+            elif field == "step":
+                glob_pat += "*"
+                regex += r"(\d+)"
+        return glob_pat, re.compile(regex + "$")
+
+    def files(self, name: str) -> List[Tuple[int, str]]:
+        """(step, path) of the files this template names for ``name``, oldest first."""
+        glob_pat, regex = self._patterns(name)
+        found = []
+        for p in glob.glob(glob_pat):
+            m = regex.match(p)
+            if m:
+                found.append((int(m.group(1)), p))
+        return sorted(found)
+
+    def prune(self, name: str) -> None:
+        if self.keep_last is None:
+            return
+        files = self.files(name)
+        for _, p in files[:max(0, len(files) - self.keep_last)]:
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+
+
+# ---- reading -----------------------------------------------------------------------------------
+
+def load_snapshot(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, object]]:
+    """Reads a snapshot written by ``Averager.save``.
+
+    Returns:
+        ``(state_dict, metadata)``: CPU tensors by state_dict name, and the metadata with
+        ``average`` parsed from JSON and ``step`` / ``applied`` as ints.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is truncated or not safetensors, or not an offload_ema snapshot.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(errno.ENOENT, "no snapshot file", path)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            if meta.get("format") != FORMAT:
+                raise ValueError(
+                    f"{path} is a safetensors file but not an offload_ema snapshot (its metadata "
+                    f"has no format={FORMAT!r}); load it with safetensors.torch.load_file")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as exc:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): "
+                         f"{exc}") from exc
+    parsed: Dict[str, object] = dict(meta)
+    parsed["average"] = json.loads(meta["average"])
+    parsed["step"] = int(meta["step"])
+    parsed["applied"] = int(meta["applied"])
+    return tensors, parsed
+
+
+def apply_snapshot(model: nn.Module, path: str, *, strict: bool = True) -> Dict[str, object]:
+    """Copies a snapshot into ``model`` in place (compiled or wrapped models too).
+
+    Floating-point tensors are cast to the model's dtype; integer entries must match exactly.
+    With ``strict`` (default) every state_dict entry must be in the file and every file entry in
+    the model. Returns the snapshot's metadata. Nothing is written unless every check passes.
+    """
+    tensors, meta = load_snapshot(path)
+    state = {normalise_name(k): v for k, v in unwrap_model(model).state_dict(keep_vars=True).items()}
+    missing = [k for k in state if k not in tensors]
+    unexpected = [k for k in tensors if k not in state]
+    if strict and (missing or unexpected):
+        raise ValueError(f"snapshot {path} does not fit the model: missing keys {missing[:5]}"
+                         f"{' ...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
+                         f"{' ...' if len(unexpected) > 5 else ''}")
+    pairs = []
+    for k, t in state.items():
+        if k not in tensors:
+            continue
+        src = tensors[k]
+        if src.shape != t.shape:
+            raise ValueError(f"snapshot {path}: {k!r} has shape {list(src.shape)}, the model "
+                             f"has {list(t.shape)}")
+        if src.is_floating_point() != t.is_floating_point() or (
+                not t.is_floating_point() and src.dtype != t.dtype):
+            raise ValueError(f"snapshot {path}: {k!r} has dtype {src.dtype}, the model has "
+                             f"{t.dtype}")
+        pairs.append((t, src))
+    with torch.no_grad():
+        for t, src in pairs:
+            t.copy_(src)
+    return meta
