@@ -146,7 +146,6 @@ class Averager:
         """
         self._check_open()
         self._raise_worker_error()
-        self._raise_save_error()
         self._step += 1
         s = self._step
         due = [st for st in self._states.values() if st.spec.is_due(s)]
@@ -160,6 +159,8 @@ class Averager:
                 if self._states[name].scheduled:
                     self.save(retention.template.format(name=name, step=s), name, dtype=dtype,
                               _retention=retention)
+        # Last, so that the step is counted and snapshotted even when a write failed earlier.
+        self._raise_save_error()
 
     def fence(self) -> None:
         """Orders the last snapshot's copy before any later change of the parameters."""
@@ -254,8 +255,8 @@ class Averager:
             elif fut.cancelled() or fut._exception_unseen() is None:
                 continue
             elif error is None:
-                fut.observed = True
                 error = fut._exception_unseen()
+                fut.observed = True
         self._saves = keep
         if error is not None:
             raise error

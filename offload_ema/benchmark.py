@@ -24,6 +24,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from typing import Dict, List, Optional
 
@@ -137,6 +138,14 @@ class Offload(Mode):
     def __init__(self, *a):
         super().__init__(*a)
         self.avg = oe.Averager(self.model, self.averages(), on_busy=self.args.on_busy)
+        self.steps = 0
+        self.saves: List = []
+
+    def after_step(self):
+        self.steps += 1
+        if self.args.save_every and self.steps % self.args.save_every == 0:
+            path = os.path.join(self.args.save_dir, f"{self.name}.safetensors")
+            self.saves.append(self.avg.save(path, "ema"))
 
     def begin(self):
         self.avg.attach(self.opt)
@@ -153,9 +162,12 @@ class Offload(Mode):
         self.fence_s, self.copy_s, self.update_s = (
             st["fence_wait_seconds"], st["copy_seconds"], st["update_seconds"])
         self.busy_s = st["busy_wait_seconds"]
+        for f in self.saves:
+            f.result()  # a failed write fails the benchmark
         return {"applied": st["snapshots_applied"], "skipped": st["snapshots_skipped"],
                 "coalesced": st["snapshots_coalesced"], "pinned_bytes": st["pinned_bytes"],
-                "snapshot_bytes": st["snapshot_bytes"]}
+                "snapshot_bytes": st["snapshot_bytes"], "saves": st["saves_written"],
+                "save_seconds": st["save_seconds"], "save_bytes": st["save_bytes"]}
 
 
 class OffloadMulti(Offload):
@@ -292,11 +304,37 @@ def run(args) -> List[dict]:
             "round_medians_ms": [statistics.median(ts[i:i + args.steps]) * 1e3
                                  for i in range(0, len(ts), args.steps)],
         })
-        if "snapshot_bytes" in c:
-            rows[-1]["snapshot_bytes"] = c["snapshot_bytes"]
+        for k in ("snapshot_bytes", "saves", "save_seconds", "save_bytes"):
+            if k in c:
+                rows[-1][k] = c[k]
+        if c.get("saves"):
+            rows[-1]["save_gbps"] = c["save_bytes"] / c["save_seconds"] / 1e9
     for o in objs.values():
         o.close()
+    if args.save_every:
+        written = [r for r in rows if r.get("saves")]
+        if written:
+            disk = disk_write_gbps(args.save_dir, written[0]["save_bytes"] // written[0]["saves"])
+            for r in written:
+                r["disk_write_gbps"] = disk
     return rows
+
+
+def disk_write_gbps(directory: str, nbytes: int) -> float:
+    """Sequential write speed of ``directory``'s disk: ``nbytes`` in 64 MiB writes, fsynced."""
+    block = b"\0" * min(nbytes, 64 << 20)
+    path = os.path.join(directory, ".offload_ema_disk_probe")
+    t0 = time.perf_counter()
+    with open(path, "wb") as f:
+        left = nbytes
+        while left > 0:
+            f.write(block[:left])
+            left -= len(block)
+        f.flush()
+        os.fsync(f.fileno())
+    seconds = time.perf_counter() - t0
+    os.unlink(path)
+    return nbytes / seconds / 1e9
 
 
 def report(rows: List[dict]) -> None:
@@ -322,6 +360,11 @@ def report(rows: List[dict]) -> None:
             upd = r["update_ms_per_snapshot"]
             nbytes = r.get("snapshot_bytes", 0)
             copy_gbps = nbytes / (r["copy_ms_per_snapshot"] / 1e3) / 1e9 if r["copy_ms_per_snapshot"] else float("nan")
+            if r.get("saves"):
+                print(f"{m}: {r['saves']} snapshot files of {_size(r['save_bytes'] // r['saves'])} "
+                      f"written at {r['save_gbps']:.2f} GB/s = "
+                      f"{100 * r['save_gbps'] / r['disk_write_gbps']:.0f}% of the disk's "
+                      f"sequential write speed ({r['disk_write_gbps']:.2f} GB/s, same size, fsynced)")
             print(f"{m}: overhead {r['overhead_pct']:+.2f}% ; skipped+coalesced "
                   f"{r['skipped'] + r['coalesced']} ; CPU update {upd:.1f} ms per snapshot vs "
                   f"{step:.1f} ms per step ({'keeps up' if upd <= step else f'{upd / step:.2f}x slower than a step'})"
@@ -376,6 +419,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--on-busy", dest="on_busy", choices=["block", "skip", "coalesce"],
                    default="block")
     p.add_argument("--threads", type=int, help="offload_ema kernel threads")
+    p.add_argument("--save-every", dest="save_every", type=int, default=0,
+                   help="offload modes also save their EMA to a safetensors file every N steps")
+    p.add_argument("--save-dir", dest="save_dir", default=None,
+                   help="directory for --save-every files (default: a temporary directory)")
     p.add_argument("--json", metavar="PATH", help="write one record per mode")
     p.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of the overheads")
 
@@ -396,7 +443,12 @@ def main(args: argparse.Namespace) -> int:
             raise SystemExit(f"--{name} must be >= 1")
     if args.warmup < 0:
         raise SystemExit("--warmup must be >= 0")
-    rows = run(args)
+    if args.save_every < 0:
+        raise SystemExit("--save-every must be >= 0")
+    with tempfile.TemporaryDirectory(prefix="offload_ema_bench_") as tmp:
+        if args.save_every and args.save_dir is None:
+            args.save_dir = tmp
+        rows = run(args)
     report(rows)
     if args.json:
         with open(args.json, "w") as f:

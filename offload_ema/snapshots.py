@@ -89,9 +89,9 @@ def write_atomic(path: str, tensors: Mapping[str, torch.Tensor], meta: Dict[str,
     with _writing_lock:
         _writing.add(tmp)
     try:
-        safetensors.torch.save_file(dict(tensors), tmp, metadata=meta)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        # Serialised here and written by us (not save_file, which keeps temporaries of its own
+        # that a killed process would leave behind under names we could not recognise).
+        _write_file(tmp, safetensors.torch.save(dict(tensors), metadata=meta))
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -105,6 +105,13 @@ def write_atomic(path: str, tensors: Mapping[str, torch.Tensor], meta: Dict[str,
     _fsync_dir(directory)  # the rename itself survives a crash
     _remove_stale_temporaries(directory, base)
     return os.path.getsize(path)
+
+
+def _write_file(path: str, data: bytes) -> None:
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())  # the bytes are on disk before the final name points at them
 
 
 def _fsync_dir(directory: str) -> None:

@@ -1,0 +1,320 @@
+"""Snapshots on disk: round trip, metadata, retention, bad files, injected write errors, and
+SIGKILL during saves."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import safetensors.torch
+import torch
+from torch import nn
+
+import offload_ema as oe
+from offload_ema import cli, snapshots
+from helpers import RefEMA, TinyNet, make, snapshot, train_step
+from test_averager import Tied
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def trained(steps=5, specs=None, **kw):
+    model, opt = make(**kw)
+    avg = oe.Averager(model, specs or {"ema": oe.EMA(0.9), "lawa": oe.LAWA(3, every=2)})
+    avg.attach(opt)
+    for s in range(1, steps + 1):
+        train_step(model, opt, s)
+    return model, opt, avg
+
+
+@pytest.mark.parametrize("name", ["ema", "lawa"])
+def test_round_trip_matches_averaged_state_dict(tmp_path, name):
+    model, opt, avg = trained()
+    with avg:
+        path = avg.save(tmp_path / f"{name}.safetensors", name).result(timeout=60)
+        expected = avg.averaged_state_dict(name)
+    tensors, meta = oe.load_snapshot(path)
+    assert list(tensors) == sorted(expected)
+    for k, v in expected.items():
+        assert torch.equal(tensors[k], v), k
+    # Loadable with plain safetensors too.
+    plain = safetensors.torch.load_file(path)
+    assert set(plain) == set(expected)
+
+
+def test_metadata(tmp_path):
+    model, opt, avg = trained(steps=6)
+    with avg:
+        before = time.time()
+        avg.save(tmp_path / "e.safetensors", "ema").result(timeout=60)
+        avg.save(tmp_path / "l.safetensors", "lawa", dtype=torch.bfloat16).result(timeout=60)
+    _, m = oe.load_snapshot(tmp_path / "e.safetensors")
+    assert m["format"] == "offload_ema.snapshot" and m["version"] == oe.__version__
+    assert m["name"] == "ema" and m["average"] == {"kind": "ema", "beta": 0.9, "every": 1, "start": 0}
+    assert m["step"] == 6 and m["applied"] == 6 and m["dtype"] == "float32"
+    import datetime
+    created = datetime.datetime.fromisoformat(m["created"]).timestamp()
+    assert before - 2 <= created <= time.time() + 1
+    t, m = oe.load_snapshot(tmp_path / "l.safetensors")
+    assert m["average"] == {"kind": "lawa", "window": 3, "every": 2, "start": 0}
+    assert m["applied"] == 3 and m["dtype"] == "bfloat16"
+    assert t["fc1.weight"].dtype == torch.bfloat16
+    assert t["bn.num_batches_tracked"].dtype == torch.int64
+
+
+def test_save_is_consistent_with_the_step_it_was_called_at(tmp_path):
+    model, opt = make()
+    ref = RefEMA(0.9)
+    with oe.Averager(model, {"ema": oe.EMA(0.9)}) as avg:
+        avg.attach(opt)
+        for s in range(1, 5):
+            train_step(model, opt, s)
+            ref.update(snapshot(model))
+        fut = avg.save(tmp_path / "e.safetensors", "ema")
+        for s in range(5, 12):  # training goes on while the file is written
+            train_step(model, opt, s)
+        fut.result(timeout=60)
+    tensors, meta = oe.load_snapshot(fut.path)
+    assert meta["step"] == 4
+    for k, v in ref.avg.items():
+        torch.testing.assert_close(tensors[k].double(), v, rtol=1e-6, atol=1e-7)
+
+
+def test_tied_parameters_are_written_under_both_names(tmp_path):
+    torch.manual_seed(0)
+    model = Tied()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with oe.Averager(model, {"ema": oe.EMA(0.5)}) as avg:
+        avg.attach(opt)
+        model(torch.tensor([1, 2])).sum().backward()
+        opt.step()
+        path = avg.save(tmp_path / "t.safetensors", "ema").result(timeout=60)
+    t, _ = oe.load_snapshot(path)
+    assert torch.equal(t["emb.weight"], t["head.weight"])
+
+
+def test_periodic_saves_with_retention(tmp_path):
+    model, opt = make()
+    with oe.Averager(model, {"ema": oe.EMA(0.9), "lawa": oe.LAWA(2, every=3)}) as avg:
+        avg.attach(opt)
+        avg.save_every(2, str(tmp_path / "{name}-{step:05d}.safetensors"), keep_last=2)
+        for s in range(1, 12):
+            train_step(model, opt, s)
+        avg.flush()
+    files = sorted(os.listdir(tmp_path))
+    # ema is saved at 2, 4, 6, 8, 10; lawa from its first snapshot (step 3) on: 4, 6, 8, 10.
+    assert files == ["ema-00008.safetensors", "ema-00010.safetensors",
+                     "lawa-00008.safetensors", "lawa-00010.safetensors"]
+    _, meta = oe.load_snapshot(tmp_path / "lawa-00010.safetensors")
+    assert meta["step"] == 10 and meta["applied"] == 3
+
+
+def test_save_every_rejects_bad_arguments(tmp_path):
+    model, opt, avg = trained(steps=1)
+    with avg:
+        with pytest.raises(ValueError, match="every must be an int >= 1"):
+            avg.save_every(0, str(tmp_path / "{name}-{step}"))
+        with pytest.raises(ValueError, match="must contain \\{step\\}"):
+            avg.save_every(5, str(tmp_path / "{name}.safetensors"))
+        with pytest.raises(ValueError, match="must contain \\{name\\}"):
+            avg.save_every(5, str(tmp_path / "x-{step}.safetensors"))
+        with pytest.raises(ValueError, match="keep_last must be None or an int >= 1"):
+            avg.save_every(5, str(tmp_path / "{name}-{step}"), keep_last=0)
+        with pytest.raises(ValueError, match="no average named 'nope'"):
+            avg.save(tmp_path / "x.safetensors", "nope")
+        with pytest.raises(ValueError, match="dtype must be a floating-point"):
+            avg.save(tmp_path / "x.safetensors", "ema", dtype=torch.int32)
+        with pytest.raises(FileNotFoundError, match="directory of the snapshot path"):
+            avg.save(tmp_path / "missing" / "x.safetensors", "ema")
+
+
+def test_apply_snapshot_into_fresh_and_compiled_models(tmp_path):
+    model, opt, avg = trained()
+    with avg:
+        path = avg.save(tmp_path / "l.safetensors", "lawa").result(timeout=60)
+        expected = avg.averaged_state_dict("lawa")
+    for dtype in (torch.float32, torch.bfloat16):
+        fresh = TinyNet(dtype=dtype)
+        target = torch.compile(fresh, backend="eager") if dtype == torch.float32 else fresh
+        meta = oe.apply_snapshot(target, path)
+        assert meta["name"] == "lawa"
+        for k, v in fresh.state_dict().items():
+            assert torch.equal(v, expected[k].to(v.dtype)), k
+
+
+def test_apply_snapshot_reports_mismatches_and_writes_nothing(tmp_path):
+    model, opt, avg = trained()
+    with avg:
+        path = avg.save(tmp_path / "e.safetensors", "ema").result(timeout=60)
+    other = TinyNet(width=32)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="'fc1.weight' has shape \\[16, 8\\], the model has \\[32, 8\\]"):
+        oe.apply_snapshot(other, path)
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+
+    class Extra(TinyNet):
+        def __init__(self):
+            super().__init__()
+            self.extra = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="missing keys \\['extra.weight', 'extra.bias'\\]"):
+        oe.apply_snapshot(Extra(), path)
+    small = nn.Sequential()
+    with pytest.raises(ValueError, match="unexpected keys"):
+        oe.apply_snapshot(small, path)
+    bad = TinyNet()
+    bad.bn.num_batches_tracked = torch.tensor(0.0)  # a float where the file has int64
+    with pytest.raises(ValueError, match="'bn.num_batches_tracked' has dtype torch.int64"):
+        oe.apply_snapshot(bad, path)
+
+
+def test_truncated_foreign_and_missing_files_give_clear_errors(tmp_path):
+    model, opt, avg = trained()
+    with avg:
+        path = avg.save(tmp_path / "e.safetensors", "ema").result(timeout=60)
+    data = open(path, "rb").read()
+    for cut in (5, 100, len(data) // 2, len(data) - 1):
+        trunc = tmp_path / f"trunc{cut}.safetensors"
+        trunc.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match="not a readable safetensors file"):
+            oe.load_snapshot(trunc)
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"not a safetensors file at all" * 10)
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        oe.load_snapshot(junk)
+    foreign = tmp_path / "foreign.safetensors"
+    safetensors.torch.save_file({"w": torch.ones(3)}, foreign, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="not an offload_ema snapshot"):
+        oe.load_snapshot(foreign)
+    with pytest.raises(FileNotFoundError):
+        oe.load_snapshot(tmp_path / "nothing.safetensors")
+    assert cli.main(["inspect", str(junk)]) == 1
+
+
+def test_inspect_prints_metadata_and_tensors(tmp_path, capsys):
+    model, opt, avg = trained()
+    with avg:
+        path = avg.save(tmp_path / "e.safetensors", "ema").result(timeout=60)
+        sd = avg.averaged_state_dict("ema")
+    assert cli.main(["inspect", path]) == 0
+    out = capsys.readouterr().out
+    assert "name: ema" in out and "step: 5" in out
+    line = next(l for l in out.splitlines() if l.strip().startswith("fc1.weight "))
+    assert "[16, 8]" in line and "float32" in line
+    assert abs(float(line.split()[-1]) - sd["fc1.weight"].double().norm().item()) < 1e-4
+
+
+# ---- faults ------------------------------------------------------------------------------------
+
+def test_write_error_raises_from_the_future_and_the_next_step_and_keeps_the_old_file(
+        tmp_path, monkeypatch):
+    model, opt, avg = trained()
+    final = tmp_path / "e.safetensors"
+    with avg:
+        avg.save(final, "ema").result(timeout=60)
+        good = final.read_bytes()
+        real = snapshots._write_file
+
+        def disk_full(filename, data):
+            with open(filename, "wb") as f:
+                f.write(data[:len(data) // 2])  # half a file ...
+            raise OSError(28, "No space left on device")  # ... then the disk is full
+        monkeypatch.setattr(snapshots, "_write_file", disk_full)
+        fut = avg.save(final, "ema")
+        with pytest.raises(OSError, match="No space left"):
+            fut.result(timeout=60)
+        assert final.read_bytes() == good  # the previous snapshot is intact
+        assert glob.glob(str(tmp_path / ".*tmp*")) == []  # no temporary left behind
+        # The Averager keeps working; an error nobody looked at is raised by the next step.
+        fut2 = avg.save(final, "ema")
+        while not fut2.done():
+            time.sleep(0.01)
+        with pytest.raises(OSError, match="No space left"):
+            train_step(model, opt, 6)
+        train_step(model, opt, 7)  # reported once; training goes on
+        monkeypatch.setattr(snapshots, "_write_file", real)
+        avg.save(final, "ema").result(timeout=60)
+        avg.flush()
+    _, meta = oe.load_snapshot(final)
+    assert meta["step"] == 7
+
+
+def test_unwritable_directory_is_reported_by_the_future(tmp_path):
+    if os.geteuid() == 0:
+        bad_dir = "/proc"  # root ignores permission bits; procfs refuses new files for anyone
+    else:
+        bad_dir = tmp_path / "ro"
+        bad_dir.mkdir()
+        bad_dir.chmod(0o500)
+    model, opt, avg = trained()
+    with avg:
+        fut = avg.save(os.path.join(bad_dir, "e.safetensors"), "ema")
+        with pytest.raises(OSError):
+            fut.result(timeout=60)
+        train_step(model, opt, 6)  # seen through result(): not raised again
+    with pytest.raises(FileNotFoundError, match="directory of the snapshot path does not exist"):
+        with oe.Averager(model, {"ema": oe.EMA(0.9)}) as avg2:
+            avg2.step()
+            avg2.save(tmp_path / "no" / "such" / "e.safetensors", "ema")
+
+
+def test_a_failing_write_reaches_flush_and_close(tmp_path, monkeypatch):
+    model, opt, avg = trained()
+    monkeypatch.setattr(snapshots, "write_atomic", lambda *a: 1 / 0)
+    import offload_ema.averager as averager_mod
+    monkeypatch.setattr(averager_mod, "write_atomic", lambda *a: 1 / 0)
+    avg.save(tmp_path / "e.safetensors", "ema")
+    time.sleep(0.2)
+    with pytest.raises(ZeroDivisionError):
+        avg.close()
+
+
+KILL_SCRIPT = r"""
+import sys, torch, offload_ema as oe
+from torch import nn
+path = sys.argv[1]
+torch.manual_seed(0)
+model = nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(12)])  # ~12.6M params, ~50 MB
+opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+avg = oe.Averager(model, {"ema": oe.EMA(0.9)}).attach(opt)
+step = 0
+while True:
+    step += 1
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.01)
+    opt.step()
+    avg.save(path, "ema").result()
+    print(step, flush=True)
+"""
+
+
+def test_sigkill_during_repeated_saves_never_leaves_a_partial_file(tmp_path):
+    final = tmp_path / "ema.safetensors"
+    script = tmp_path / "saver.py"
+    script.write_text(KILL_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    seen_steps = []
+    for delay in (0.05, 0.13, 0.29, 0.41, 0.77):
+        p = subprocess.Popen([sys.executable, str(script), str(final)], stdout=subprocess.PIPE,
+                             text=True, env=env)
+        first = p.stdout.readline()  # one save completed: writes are now going on
+        assert first.strip(), "the saver never completed a save"
+        time.sleep(delay)
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=30)
+        tensors, meta = oe.load_snapshot(final)  # complete and readable, whatever the moment
+        assert len(tensors) == 24 and meta["step"] >= 1
+        assert all(t.isfinite().all() for t in tensors.values())
+        seen_steps.append(meta["step"])
+    assert max(seen_steps) > 1, "no kill happened after more than one save"
+    leftovers = glob.glob(str(tmp_path / ".ema.safetensors.tmp-*"))
+    print(f"kills left {len(leftovers)} temporaries; steps seen {seen_steps}")
+    # The next successful save in a fresh process removes temporaries left by killed writers.
+    model, opt = make()
+    with oe.Averager(model, {"ema": oe.EMA(0.9)}) as avg:
+        avg.attach(opt)
+        train_step(model, opt, 1)
+        avg.save(final, "ema").result(timeout=60)
+    assert glob.glob(str(tmp_path / ".ema.safetensors.tmp-*")) == []
