@@ -158,12 +158,12 @@ class Offload(Mode):
         self.avg.close()
 
     def counters(self):
+        for f in self.saves:
+            f.result()  # written (a failed write fails the benchmark)
         st = self.avg.stats()
         self.fence_s, self.copy_s, self.update_s = (
             st["fence_wait_seconds"], st["copy_seconds"], st["update_seconds"])
         self.busy_s = st["busy_wait_seconds"]
-        for f in self.saves:
-            f.result()  # a failed write fails the benchmark
         return {"applied": st["snapshots_applied"], "skipped": st["snapshots_skipped"],
                 "coalesced": st["snapshots_coalesced"], "pinned_bytes": st["pinned_bytes"],
                 "snapshot_bytes": st["snapshot_bytes"], "saves": st["saves_written"],
