@@ -217,9 +217,10 @@ def test_write_error_raises_from_the_future_and_the_next_step_and_keeps_the_old_
         good = final.read_bytes()
         real = snapshots._write_file
 
-        def disk_full(filename, data):
-            with open(filename, "wb") as f:
-                f.write(data[:len(data) // 2])  # half a file ...
+        def disk_full(filename, tensors, meta):
+            real(filename, tensors, meta)
+            with open(filename, "r+b") as f:
+                f.truncate(os.path.getsize(filename) // 2)  # half a file ...
             raise OSError(28, "No space left on device")  # ... then the disk is full
         monkeypatch.setattr(snapshots, "_write_file", disk_full)
         fut = avg.save(final, "ema")
@@ -318,3 +319,22 @@ def test_sigkill_during_repeated_saves_never_leaves_a_partial_file(tmp_path):
         train_step(model, opt, 1)
         avg.save(final, "ema").result(timeout=60)
     assert glob.glob(str(tmp_path / ".ema.safetensors.tmp-*")) == []
+
+
+def test_written_files_read_back_exactly_with_safetensors(tmp_path):
+    tensors = {
+        "f32": torch.randn(3, 5), "bf16": torch.randn(7).bfloat16(), "f16": torch.randn(2, 2).half(),
+        "f64": torch.randn(4, dtype=torch.float64), "i64": torch.tensor(12345), "empty": torch.zeros(0, 3),
+        "u8": torch.arange(5, dtype=torch.uint8), "b": torch.tensor([True, False, True]),
+        "odd": torch.randn(3).bfloat16(),  # leaves the data unaligned for what follows
+        "noncontig": torch.randn(4, 6).t(),
+    }
+    path = tmp_path / "x.safetensors"
+    snapshots.write_atomic(str(path), tensors, {"format": "test", "k": "v"})
+    back = safetensors.torch.load_file(path)
+    assert set(back) == set(tensors)
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape and torch.equal(back[k], v), k
+    from safetensors import safe_open
+    with safe_open(path, framework="pt") as f:
+        assert f.metadata() == {"format": "test", "k": "v"}
