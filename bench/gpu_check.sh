@@ -28,3 +28,6 @@ echo "tests rc=$?"; tail -5 "$OUT/tests.txt"
 timeout 200 python -m offload_ema bench --preset 1b --dtype bf16 --rounds 2 --steps 4 --warmup 1 \
   --modes none,gpu_foreach,offload,offload_multi,naive \
   --json "$OUT/overhead.json" --plot "$OUT/overhead.png" 2>&1 | tee "$OUT/overhead.txt"
+# Snapshot writing during training (1b, float32 files of ~4.2 GB) and the disk's own speed.
+timeout 150 python -m offload_ema bench --preset 1b --dtype bf16 --rounds 1 --steps 6 --warmup 1 \
+  --modes none,offload --save-every 3 --json "$OUT/save.json" 2>&1 | tee "$OUT/save.txt"
