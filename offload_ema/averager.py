@@ -10,14 +10,17 @@ import weakref
 from typing import Dict, Iterator, Mapping, Optional, Union
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from offload_ema import ops
+from offload_ema.distributed import broadcast_into, gather_entries, group_info
 from offload_ema._version import __version__
 from offload_ema.averages import EMA, LAWA
 from offload_ema.engine import _BUSY_POLICIES, AverageState, Engine, Job
 from offload_ema.layout import Layout
-from offload_ema.snapshots import Retention, SnapshotFuture, metadata, write_atomic
+from offload_ema.snapshots import (Retention, SnapshotFuture, metadata, shard_paths, write_atomic,
+                                   write_index)
 
 __all__ = ["Averager"]
 
@@ -77,7 +80,8 @@ class Averager:
 
     def __init__(self, model: nn.Module, averages: Mapping[str, Union[EMA, LAWA]], *,
                  on_busy: str = "block", staging_bytes: Optional[int] = None,
-                 buffers: str = "copy", num_threads: Optional[int] = None):
+                 buffers: str = "copy", num_threads: Optional[int] = None,
+                 shard: Optional[bool] = None, process_group=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(averages, Mapping) or not averages:
@@ -93,8 +97,16 @@ class Averager:
             raise ValueError(f"on_busy must be one of {', '.join(_BUSY_POLICIES)}, got {on_busy!r}")
         if num_threads is not None:
             ops.set_num_threads(num_threads)
-        self._layout = Layout(model, buffers=buffers)
-        if not self._layout.entries:
+        if shard is None:
+            shard = dist.is_available() and dist.is_initialized() and \
+                dist.get_world_size(process_group) > 1
+        if shard and not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("shard=True needs torch.distributed to be initialised first")
+        self._group = process_group
+        self._dist = bool(shard)
+        self._rank, self._world = group_info(process_group) if shard else (0, 1)
+        self._layout = Layout(model, buffers=buffers, rank=self._rank, world=self._world)
+        if not self._layout.all_entries:
             raise ValueError("model has no trainable floating-point parameters to average")
         self.on_busy = on_busy
         self._states: Dict[str, AverageState] = {
@@ -292,11 +304,16 @@ class Averager:
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"directory of the snapshot path does not exist: {directory}")
-        fut = SnapshotFuture(path)
+        file_path, index_path = (shard_paths(path, self._rank, self._world) if self._dist
+                                 else (path, None))
+        weight_map = self._weight_map(path) if index_path is not None else None
+        fut = SnapshotFuture(file_path)
         fut.set_running_or_notify_cancel()
         self._saves.append(fut)
         # Not averaged entries are taken now, on this thread: they may change at the next step.
-        others = {k: t.detach().to("cpu", copy=True) for k, t in self._layout.passthrough.items()}
+        # Sharded, rank 0 writes them.
+        others = {k: t.detach().to("cpu", copy=True) for k, t in self._layout.passthrough.items()
+                  if self._rank == 0}
         step = self._step
         if self._writer is None:
             self._writer = concurrent.futures.ThreadPoolExecutor(
@@ -306,6 +323,8 @@ class Averager:
             try:
                 tensors = self._copy_average(st, dtype, others)
                 meta = metadata(name, st.spec.config(), step, st.applied, dtype)
+                if self._dist:
+                    meta.update(rank=str(self._rank), world=str(self._world))
                 self._writer.submit(write, tensors, meta)
             except BaseException as exc:
                 fut.set_exception(exc)
@@ -313,7 +332,9 @@ class Averager:
         def write(tensors, meta):  # on the writer thread
             t0 = time.perf_counter()
             try:
-                nbytes = write_atomic(path, tensors, meta)
+                nbytes = write_atomic(file_path, tensors, meta)
+                if index_path is not None and self._rank == 0:
+                    write_index(index_path, weight_map, meta)
                 if _retention is not None:
                     _retention.prune(name)
             except BaseException as exc:
@@ -323,10 +344,21 @@ class Averager:
             self._save_stats["saves_written"] += 1
             self._save_stats["save_seconds"] += fut.seconds
             self._save_stats["save_bytes"] += nbytes
-            fut.set_result(path)
+            fut.set_result(file_path)
 
         self._engine.call_soon(take_copy)
         return fut
+
+    def _weight_map(self, path: str) -> Dict[str, str]:
+        """state_dict name -> shard file (base name) holding it, for the sharded-files index."""
+        files = [os.path.basename(shard_paths(path, r, self._world)[0]) for r in range(self._world)]
+        out = {}
+        for e in self._layout.all_entries:
+            for n in [e.name, *e.aliases]:
+                out[n] = files[self._layout.owner[e.name]]
+        for n in self._layout.passthrough:
+            out[n] = files[0]
+        return {n: out[n] for n in self._layout.names}
 
     def save_every(self, every: int, path_template: str, *, names=None,
                    keep_last: Optional[int] = None, dtype: torch.dtype = torch.float32) -> None:
@@ -361,10 +393,10 @@ class Averager:
                 else value
             out[e.name] = t
             for alias in e.aliases:
-                out[alias] = t.clone()  # safetensors refuses tensors that share memory
+                out[alias] = t.clone()  # a file holds no two names for one memory
         for k, t in others.items():
             out[k] = t.to(dtype) if t.is_floating_point() else t
-        return {n: out[n].contiguous() for n in self._layout.names}
+        return {n: out[n].contiguous() for n in self._layout.names if n in out}
 
     # ---- reading the averages ---------------------------------------------------------------
     @property
@@ -398,18 +430,33 @@ class Averager:
                           [s[e.group][e.offset:e.offset + e.numel] for s in slots])
                 yield e, out
 
-    def averaged_state_dict(self, name: str) -> Dict[str, torch.Tensor]:
+    def _local_values(self, st: AverageState) -> Dict[str, torch.Tensor]:
+        """This rank's averaged entries as float32 CPU tensors of their own (copies)."""
+        return {e.name: (v.clone() if isinstance(st.spec, EMA) else v)
+                for e, v in self._entry_values(st)}
+
+    def averaged_state_dict(self, name: str, *, rank: Optional[int] = None
+                            ) -> Dict[str, torch.Tensor]:
         """The average ``name`` as ``{state_dict name: CPU tensor}``: float32 for averaged and
-        other floating-point entries, the own dtype for integer buffers. Tensors are copies."""
+        other floating-point entries, the own dtype for integer buffers. Tensors are copies.
+
+        Sharded (torch.distributed): every rank must call it; the full tensors are gathered from
+        their owners on every rank, or with ``rank=k`` on rank ``k`` only (the others get ``{}``).
+        """
         self.flush()
         st = self._state(name)
         self._layout.check_unchanged()
+        values = self._local_values(st)
+        if self._dist:
+            values = gather_entries(self._layout.all_entries, self._layout.owner, values,
+                                    self._rank, self._group, dst=rank, device=self._layout.device)
+            if rank is not None and rank != self._rank:
+                return {}
         out: Dict[str, torch.Tensor] = {}
-        for e, value in self._entry_values(st):
-            t = value.clone() if isinstance(st.spec, EMA) else value
-            out[e.name] = t
+        for e in self._layout.all_entries:
+            out[e.name] = values[e.name]
             for alias in e.aliases:
-                out[alias] = t
+                out[alias] = values[e.name]
         for pname, t in self._layout.passthrough.items():
             t = t.detach().to("cpu", copy=True)
             out[pname] = t.float() if t.is_floating_point() else t
@@ -419,16 +466,23 @@ class Averager:
     def swapped(self, model: nn.Module, name: str):
         """Puts the average ``name`` into ``model``'s parameters in place (same storage, so a
         compiled model sees it) and restores the exact previous values on exit, also when the
-        body raises. Flushes first."""
+        body raises. Flushes first. Sharded: every rank must enter it; each owner writes its
+        share and broadcasts it into every replica."""
         self.flush()
         st = self._state(name)
-        targets = self._layout.resolve(model)
+        entries = self._layout.all_entries
+        targets = self._layout.resolve(model, entries)
         backups = []
         try:
             with torch.no_grad():
-                for (e, value), t in zip(self._entry_values(st), targets):
+                values = self._local_values(st)
+                for e, t in zip(entries, targets):
                     backups.append((t, t.detach().to("cpu", copy=True)))
-                    t.copy_(value)
+                    if e.name in values:
+                        t.copy_(values[e.name])
+            if self._dist:
+                broadcast_into(targets, [self._layout.owner[e.name] for e in entries],
+                               self._group)
             yield model
         finally:
             with torch.no_grad():
@@ -463,6 +517,9 @@ class Averager:
             "staging_slots": len(eng.slots),
             "chunks_per_snapshot": len(eng.chunks),
             **self._save_stats,
+            "rank": self._rank,
+            "world": self._world,
+            "averaged_tensors": len(self._layout.entries),
             "device": str(self._layout.device),
             "kernels": ops.backend(),
         }
@@ -484,7 +541,7 @@ class Averager:
             averages[name] = d
         return {"format": _STATE_FORMAT, "version": __version__, "step": self._step,
                 "layout": self._layout.signature(), "averages": averages,
-                "counts": dict(self._counts)}
+                "counts": dict(self._counts), "rank": self._rank, "world": self._world}
 
     def load_state_dict(self, state: dict) -> None:
         """Restores :meth:`state_dict` output into an Averager built for the same model and
@@ -493,6 +550,12 @@ class Averager:
         if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
             raise ValueError("state is not an offload_ema Averager state_dict (format "
                              f"{_STATE_FORMAT})")
+        saved_world, saved_rank = state.get("world", 1), state.get("rank", 0)
+        if (saved_world, saved_rank) != (self._world, self._rank):
+            raise ValueError(
+                f"state was saved by rank {saved_rank} of {saved_world}; this Averager is rank "
+                f"{self._rank} of {self._world}. Resume at the same world size, each rank with "
+                "its own state (averages are sharded across ranks)")
         layout = [tuple(x[:1]) + (tuple(x[1]),) + tuple(x[2:]) for x in state["layout"]]
         mine = self._layout.signature()
         if layout != mine:

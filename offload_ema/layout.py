@@ -106,19 +106,20 @@ class Layout:
             (floating-point buffers are averaged like parameters).
     """
 
-    def __init__(self, model: nn.Module, buffers: str = "copy"):
+    def __init__(self, model: nn.Module, buffers: str = "copy", rank: int = 0, world: int = 1):
         if buffers not in ("copy", "average"):
             raise ValueError(f"buffers must be 'copy' or 'average', got {buffers!r}")
         self.model = unwrap_model(model)
+        self.rank, self.world = rank, world
         state = self.model.state_dict(keep_vars=True)
         param_ids = {id(p) for p in self.model.parameters()}
         self.names: List[str] = []                         # every state_dict name, in order
-        self.entries: List[Entry] = []
+        self.all_entries: List[Entry] = []                 # every averaged tensor, any owner
         self.passthrough: Dict[str, torch.Tensor] = {}     # name -> live tensor (not averaged)
         self.frozen: List[str] = []
         self.alias_of: Dict[str, str] = {}                 # any name -> canonical name
         by_id: Dict[int, Entry] = {}
-        groups: Dict[Tuple[torch.dtype, bool], Group] = {}
+        buffer_ids = set()
         for raw_name, t in state.items():
             name = normalise_name(raw_name)
             self.names.append(name)
@@ -134,16 +135,27 @@ class Layout:
                 by_id[id(t)].aliases.append(name)
                 self.alias_of[name] = by_id[id(t)].name
                 continue
-            key = (staged_dtype(t.dtype), not is_param)
+            e = Entry(name, [], t, t.shape, t.dtype, -1, 0)
+            if not is_param:
+                buffer_ids.add(id(t))
+            by_id[id(t)] = e
+            self.all_entries.append(e)
+            self.alias_of[name] = name
+        self.owner: Dict[str, int] = shard_owners(self.all_entries, world)
+        # This rank's entries, grouped by staging dtype (buffers apart: they are copied eagerly).
+        self.entries: List[Entry] = []
+        groups: Dict[Tuple[torch.dtype, bool], Group] = {}
+        for e in self.all_entries:
+            if self.owner[e.name] != rank:
+                continue
+            key = (staged_dtype(e.dtype), id(e.tensor) in buffer_ids)
             g = groups.setdefault(key, Group(*key))
-            e = Entry(name, [], t, t.shape, t.dtype, list(groups).index(key), g.numel)
+            e.group, e.offset = list(groups).index(key), g.numel
             g.numel += e.numel
             g.entries.append(e)
-            by_id[id(t)] = e
             self.entries.append(e)
-            self.alias_of[name] = name
         self.groups: List[Group] = list(groups.values())
-        devices = sorted({str(e.tensor.device) for e in self.entries})
+        devices = sorted({str(e.tensor.device) for e in self.all_entries})
         if len(devices) > 1:
             raise ValueError(
                 f"model has averaged tensors on several devices ({', '.join(devices)}); an "
@@ -208,22 +220,38 @@ class Layout:
                     f"parameter {e.name!r} was replaced by another tensor after the Averager "
                     "was built; build a new Averager for the new model")
 
-    def resolve(self, model: nn.Module) -> List[torch.Tensor]:
-        """The live tensors of ``model`` (this model or a wrapper of it) for each entry."""
+    def resolve(self, model: nn.Module, entries: Optional[List[Entry]] = None) -> List[torch.Tensor]:
+        """The live tensors of ``model`` (this model or a wrapper of it) for each entry (this
+        rank's entries unless ``entries`` is given)."""
+        entries = self.entries if entries is None else entries
         state = {normalise_name(k): v
                  for k, v in unwrap_model(model).state_dict(keep_vars=True).items()}
-        missing = [e.name for e in self.entries if e.name not in state]
+        missing = [e.name for e in entries if e.name not in state]
         if missing:
             raise ValueError(f"model has no tensors named {missing[:5]} (of {len(missing)} "
                              "averaged); pass the model this Averager was built for")
         out = []
-        for e in self.entries:
+        for e in entries:
             t = state[e.name]
             if t.shape != e.shape:
                 raise ValueError(f"model tensor {e.name!r} has shape {list(t.shape)}, the "
                                  f"average has {list(e.shape)}")
             out.append(t)
         return out
+
+
+def shard_owners(entries: List[Entry], world: int) -> Dict[str, int]:
+    """Deterministic, byte-balanced assignment of whole tensors to ranks: largest first, each to
+    the rank with the fewest bytes so far (lowest rank on ties). Every rank computes the same."""
+    load = [0] * world
+    owner = {}
+    order = sorted(range(len(entries)),
+                   key=lambda i: (-entries[i].numel * _itemsize(entries[i].dtype), i))
+    for i in order:
+        r = min(range(world), key=lambda k: (load[k], k))
+        owner[entries[i].name] = r
+        load[r] += entries[i].numel * _itemsize(entries[i].dtype)
+    return owner
 
 
 def _itemsize(dtype: torch.dtype) -> int:

@@ -141,6 +141,36 @@ def _write_file(path: str, tensors: Mapping[str, torch.Tensor], meta: Dict[str, 
         os.fsync(f.fileno())  # the bytes are on disk before the final name points at them
 
 
+def shard_paths(path: str, rank: int, world: int) -> Tuple[str, str]:
+    """(this rank's file, the index) for a sharded snapshot named ``path``, in the Hugging Face
+    sharded-checkpoint convention: ``ema-00001-of-00002.safetensors`` and
+    ``ema.safetensors.index.json``."""
+    path = os.fspath(path)
+    stem = path[:-len(".safetensors")] if path.endswith(".safetensors") else path
+    return f"{stem}-{rank + 1:05d}-of-{world:05d}.safetensors", f"{stem}.safetensors.index.json"
+
+
+def write_index(path: str, weight_map: Dict[str, str], meta: Dict[str, str]) -> None:
+    """Writes the sharded-files index atomically (temporary file, fsync, rename, fsync dir)."""
+    path = os.path.abspath(path)
+    directory, base = os.path.split(path)
+    tmp = os.path.join(directory, f".{base}{_TMP_INFIX}{os.getpid()}-{next(_counter)}")
+    data = json.dumps({"metadata": dict(meta, rank="0"), "weight_map": weight_map}, indent=1)
+    try:
+        with open(tmp, "x") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(directory)
+
+
 def _fsync_dir(directory: str) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -241,8 +271,13 @@ def load_snapshot(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, object]
     """
     from safetensors import SafetensorError, safe_open
 
+    path = os.fspath(path)
+    if not os.path.isfile(path) and os.path.isfile(shard_paths(path, 0, 1)[1]):
+        path = shard_paths(path, 0, 1)[1]  # a sharded snapshot saved under this name
     if not os.path.isfile(path):
         raise FileNotFoundError(errno.ENOENT, "no snapshot file", path)
+    if path.endswith(".index.json"):
+        return _load_sharded(path)
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             meta = dict(f.metadata() or {})
@@ -259,6 +294,35 @@ def load_snapshot(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, object]
     parsed["step"] = int(meta["step"])
     parsed["applied"] = int(meta["applied"])
     return tensors, parsed
+
+
+def _load_sharded(index_path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, object]]:
+    try:
+        with open(index_path) as f:
+            index = json.load(f)
+        weight_map, meta = index["weight_map"], index["metadata"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{index_path} is not a sharded-snapshot index: {exc}") from exc
+    directory = os.path.dirname(os.path.abspath(index_path))
+    tensors: Dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        part, part_meta = load_snapshot(os.path.join(directory, shard))
+        if (part_meta["name"], part_meta["step"]) != (meta["name"], int(meta["step"])):
+            raise ValueError(
+                f"shard {shard} holds {part_meta['name']!r} at step {part_meta['step']}, the "
+                f"index {index_path} says {meta['name']!r} at step {meta['step']} (a save still "
+                "being written, or files of different saves)")
+        wanted = [k for k, v in weight_map.items() if v == shard]
+        missing = [k for k in wanted if k not in part]
+        if missing:
+            raise ValueError(f"shard {shard} lacks {missing[:5]} listed in {index_path}")
+        tensors.update({k: part[k] for k in wanted})
+    parsed: Dict[str, object] = {k: v for k, v in meta.items() if k != "rank"}
+    parsed["average"] = json.loads(meta["average"])
+    parsed["step"] = int(meta["step"])
+    parsed["applied"] = int(meta["applied"])
+    parsed["world"] = int(meta.get("world", 1))
+    return {k: tensors[k] for k in weight_map}, parsed
 
 
 def apply_snapshot(model: nn.Module, path: str, *, strict: bool = True) -> Dict[str, object]:

@@ -1,0 +1,91 @@
+"""One rank of the torch.distributed tests (tests/test_distributed.py launches it per rank):
+python dist_worker.py SCENARIO RANK WORLD INIT_FILE OUT_DIR"""
+import datetime
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import offload_ema as oe  # noqa: E402
+from helpers import RefEMA, RefLAWA, TinyNet, assert_matches, snapshot  # noqa: E402
+
+
+def main():
+    scenario, rank, world, init_file, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), \
+        sys.argv[4], sys.argv[5]
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=20))
+    torch.manual_seed(0)
+    model = TinyNet(width=24)
+    ddp = DDP(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+    specs = {"ema": oe.EMA(0.9), "lawa": oe.LAWA(3, every=2)}
+    avg = oe.Averager(ddp, specs).attach(opt)
+    if scenario == "fail" and rank == 1:
+        raise RuntimeError("rank 1 fails before the first collective")
+    refs = {"ema": RefEMA(0.9), "lawa": RefLAWA(3)}
+    for s in range(1, 13):
+        g = torch.Generator().manual_seed(100 * rank + s)  # each rank its own data
+        ddp(torch.randn(4, 8, generator=g)).float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        snap = snapshot(model)
+        for n, spec in specs.items():
+            if spec.is_due(s):
+                refs[n].update(snap)
+    st = avg.stats()
+    assert st["world"] == world and st["rank"] == rank
+
+    # Shares: disjoint, covering every parameter, about balanced in bytes.
+    mine = [e.name for e in avg._layout.entries]
+    shares = [None] * world
+    dist.all_gather_object(shares, mine)
+    flat = [n for sh in shares for n in sh]
+    assert sorted(flat) == sorted(n for n, p in model.named_parameters()), shares
+    assert len(set(flat)) == len(flat)
+    assert st["snapshot_bytes"] < sum(p.numel() * 4 for p in model.parameters())
+
+    for n in specs:
+        full = avg.averaged_state_dict(n)
+        assert_matches(full, refs[n].avg, rtol=1e-5, atol=1e-7)
+        assert list(full) == list(model.state_dict())
+    only0 = avg.averaged_state_dict("ema", rank=0)
+    assert (only0 == {}) == (rank != 0)
+    if rank == 0:
+        assert_matches(only0, refs["ema"].avg, rtol=1e-5, atol=1e-7)
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with avg.swapped(ddp, "lawa"):
+        for k, p in model.named_parameters():
+            torch.testing.assert_close(p.detach().double(), refs["lawa"].avg[k], rtol=1.2e-7,
+                                       atol=1e-30)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+    path = os.path.join(out, "ema.safetensors")
+    avg.save(path, "ema").result(timeout=60)
+    avg.flush()
+    state = avg.state_dict()
+    state["world"] = world + 1
+    try:
+        avg.load_state_dict(state)
+        raise AssertionError("a state from another world size was accepted")
+    except ValueError as exc:
+        assert "Resume at the same world size" in str(exc)
+    dist.barrier()
+    if rank == 0:
+        torch.save({k: v.float() for k, v in refs["ema"].avg.items()}, os.path.join(out, "ref.pt"))
+        with open(os.path.join(out, "shares.json"), "w") as f:
+            json.dump(shares, f)
+    avg.close()
+    dist.barrier()
+    dist.destroy_process_group()
+    print("OK", rank, flush=True)
+
+
+if __name__ == "__main__":
+    main()
