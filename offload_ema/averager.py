@@ -14,11 +14,11 @@ import torch.distributed as dist
 from torch import nn
 
 from offload_ema import ops
-from offload_ema.distributed import broadcast_into, gather_entries, group_info
+from offload_ema.distributed import broadcast_into, full_tensor, gather_entries, group_info
 from offload_ema._version import __version__
 from offload_ema.averages import EMA, LAWA
 from offload_ema.engine import _BUSY_POLICIES, AverageState, Engine, Job
-from offload_ema.layout import Layout
+from offload_ema.layout import Layout, is_dtensor, local_tensor
 from offload_ema.snapshots import (Retention, SnapshotFuture, metadata, shard_paths, write_atomic,
                                    write_index)
 
@@ -108,6 +108,11 @@ class Averager:
         self._layout = Layout(model, buffers=buffers, rank=self._rank, world=self._world)
         if not self._layout.all_entries:
             raise ValueError("model has no trainable floating-point parameters to average")
+        # FSDP2: parameters are DTensors and each rank averages its local shards.
+        self._fsdp = self._layout.sharded_tensors
+        if self._fsdp:
+            self._dist = False
+            self._rank, self._world = group_info(process_group)
         self.on_busy = on_busy
         self._states: Dict[str, AverageState] = {
             name: AverageState(name, spec, self._layout) for name, spec in averages.items()}
@@ -181,7 +186,7 @@ class Averager:
     def _take(self, step: int, due) -> None:
         eng = self._engine
         for e in self._layout.entries:
-            if e.tensor.shape != e.shape:
+            if local_tensor(e.tensor).shape != e.shape:
                 self._layout.check_unchanged()  # raises with the name and both shapes
         if eng.busy():
             if self.on_busy == "skip":
@@ -292,6 +297,10 @@ class Averager:
             (which the next ``step`` / ``flush`` also raises if nobody looked at it).
         """
         self._check_open()
+        if self._fsdp:
+            raise NotImplementedError(
+                "save() of FSDP2 (DTensor) averages is not supported yet: gather the average "
+                "with averaged_state_dict(name, rank=0) and write it from rank 0")
         if name not in self._states:
             self._state(name)  # raises: unknown name
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -447,7 +456,13 @@ class Averager:
         st = self._state(name)
         self._layout.check_unchanged()
         values = self._local_values(st)
-        if self._dist:
+        if self._fsdp:
+            values = {e.name: (full_tensor(values[e.name], e.tensor) if is_dtensor(e.tensor)
+                               else values[e.name])
+                      for e in self._layout.all_entries}
+            if rank is not None and rank != self._rank:
+                return {}
+        elif self._dist:
             values = gather_entries(self._layout.all_entries, self._layout.owner, values,
                                     self._rank, self._group, dst=rank, device=self._layout.device)
             if rank is not None and rank != self._rank:
@@ -477,6 +492,7 @@ class Averager:
             with torch.no_grad():
                 values = self._local_values(st)
                 for e, t in zip(entries, targets):
+                    t = local_tensor(t)  # FSDP2: this rank's shard
                     backups.append((t, t.detach().to("cpu", copy=True)))
                     if e.name in values:
                         t.copy_(values[e.name])

@@ -66,3 +66,13 @@ def broadcast_into(tensors, owner_ranks, group=None) -> None:
             dist.broadcast(buf, _global_rank(group, src), group=group)
             with torch.no_grad():
                 t.copy_(buf)
+
+
+def full_tensor(local_avg: torch.Tensor, like) -> torch.Tensor:
+    """The full float32 CPU tensor of an FSDP2 parameter's average, gathered from every rank's
+    local average (a collective over the parameter's device mesh)."""
+    from offload_ema.layout import DTensor
+    comm = _comm_device(like.device_mesh.get_group(), like.device)
+    d = DTensor.from_local(local_avg.to(comm), like.device_mesh, like.placements, run_check=False,
+                           shape=like.shape, stride=like.stride())
+    return d.full_tensor().to("cpu", torch.float32)

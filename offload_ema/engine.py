@@ -29,7 +29,7 @@ import torch
 
 from offload_ema import ops
 from offload_ema.averages import EMA, LAWA
-from offload_ema.layout import ALIGN, Layout
+from offload_ema.layout import ALIGN, Layout, local_tensor
 
 _BUSY_POLICIES = ("block", "skip", "coalesce")
 
@@ -156,7 +156,7 @@ class Engine:
         dsts, srcs = [], []
         for _, _, parts in views:
             for part, dst in parts:
-                t = part.entry.tensor.detach()
+                t = local_tensor(part.entry.tensor).detach()
                 dsts.append(dst)
                 srcs.append(t if part.whole else t.reshape(-1)[part.start:part.end])
         with torch.no_grad():

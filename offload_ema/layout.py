@@ -21,6 +21,26 @@ _STAGED_AS_IS = (torch.float32, torch.bfloat16, torch.float16)
 ALIGN = 64
 
 
+try:  # public from torch 2.5; torch 2.4 has it under _tensor
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - depends on the torch version
+    try:
+        from torch.distributed._tensor import DTensor
+    except ImportError:
+        DTensor = None
+
+
+def is_dtensor(t) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The rank-local part of an FSDP2 (DTensor) parameter, in place; other tensors as they are."""
+    if DTensor is not None and isinstance(t, DTensor):
+        return t.to_local()
+    return t
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The module whose state_dict names the user means: torch.compile's ``_orig_mod`` and the
     ``module`` of DistributedDataParallel / DataParallel are looked through."""
@@ -135,13 +155,19 @@ class Layout:
                 by_id[id(t)].aliases.append(name)
                 self.alias_of[name] = by_id[id(t)].name
                 continue
-            e = Entry(name, [], t, t.shape, t.dtype, -1, 0)
+            lt = local_tensor(t)  # FSDP2: this rank averages its own shard of the tensor
+            e = Entry(name, [], t, lt.shape, lt.dtype, -1, 0)
             if not is_param:
                 buffer_ids.add(id(t))
             by_id[id(t)] = e
             self.all_entries.append(e)
             self.alias_of[name] = name
-        self.owner: Dict[str, int] = shard_owners(self.all_entries, world)
+        # FSDP2 (DTensor parameters): every rank averages its local shards of every tensor.
+        # Replicated parameters (DDP): each tensor is averaged whole by one owner rank.
+        self.sharded_tensors = any(is_dtensor(e.tensor) for e in self.all_entries)
+        self.owner: Dict[str, int] = ({e.name: rank for e in self.all_entries}
+                                      if self.sharded_tensors else
+                                      shard_owners(self.all_entries, world))
         # This rank's entries, grouped by staging dtype (buffers apart: they are copied eagerly).
         self.entries: List[Entry] = []
         groups: Dict[Tuple[torch.dtype, bool], Group] = {}
@@ -208,10 +234,11 @@ class Layout:
     def check_unchanged(self) -> None:
         """Raises if averaged tensors changed shape, or the model now holds other tensors."""
         for e in self.entries:
-            if e.tensor.shape != e.shape:
+            if local_tensor(e.tensor).shape != e.shape:
                 raise RuntimeError(
                     f"parameter {e.name!r} changed shape from {list(e.shape)} to "
-                    f"{list(e.tensor.shape)} after the Averager was built; build a new Averager "
+                    f"{list(local_tensor(e.tensor).shape)} after the Averager was built; build a "
+                    "new Averager "
                     "for the new model")
         current = {id(t) for t in self.model.state_dict(keep_vars=True).values()}
         for e in self.entries:
@@ -233,7 +260,7 @@ class Layout:
         out = []
         for e in entries:
             t = state[e.name]
-            if t.shape != e.shape:
+            if local_tensor(t).shape != e.shape:
                 raise ValueError(f"model tensor {e.name!r} has shape {list(t.shape)}, the "
                                  f"average has {list(e.shape)}")
             out.append(t)

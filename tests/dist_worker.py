@@ -14,11 +14,70 @@ import offload_ema as oe  # noqa: E402
 from helpers import RefEMA, RefLAWA, TinyNet, assert_matches, snapshot  # noqa: E402
 
 
+def fsdp2(rank, world, out):
+    """FSDP2 (fully_shard): each rank averages its local shards; gathered and swapped averages
+    must equal a float64 reference of the full parameters."""
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 13), nn.ReLU(), nn.Linear(13, 5), nn.ReLU(), nn.Linear(5, 3))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    specs = {"ema": oe.EMA(0.8), "lawa": oe.LAWA(2, every=2)}
+    avg = oe.Averager(model, specs).attach(opt)
+    refs = {"ema": RefEMA(0.8), "lawa": RefLAWA(2)}
+    for s in range(1, 9):
+        g = torch.Generator().manual_seed(100 * rank + s)
+        model(torch.randn(4, 8, generator=g)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        full = {n: p.full_tensor().double() for n, p in model.named_parameters()}
+        for n, spec in specs.items():
+            if spec.is_due(s):
+                refs[n].update(full)
+    st = avg.stats()
+    local_bytes = sum(p.to_local().numel() * 4 for p in model.parameters())
+    assert st["snapshot_bytes"] < 2 * local_bytes + 64 * 8  # local shards only (plus alignment)
+    for n in specs:
+        sd = avg.averaged_state_dict(n)
+        assert_matches(sd, refs[n].avg, rtol=1e-5, atol=1e-7)
+    assert (avg.averaged_state_dict("ema", rank=1) == {}) == (rank != 1)
+    before = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
+    with avg.swapped(model, "ema"):
+        inside = {n: p.full_tensor() for n, p in model.named_parameters()}
+        y = model(torch.ones(2, 8))  # the forward gathers the averaged shards
+    for n, v in inside.items():
+        torch.testing.assert_close(v.double(), refs["ema"].avg[n], rtol=1e-5, atol=1e-7)
+    for n, p in model.named_parameters():
+        assert torch.equal(p.full_tensor(), before[n]), n
+    ref_model = nn.Sequential(nn.Linear(8, 13), nn.ReLU(), nn.Linear(13, 5), nn.ReLU(), nn.Linear(5, 3))
+    ref_model.load_state_dict({k: v.float() for k, v in refs["ema"].avg.items()})
+    torch.testing.assert_close(y, ref_model(torch.ones(2, 8)), rtol=1e-4, atol=1e-5)
+    try:
+        avg.save(os.path.join(out, "x.safetensors"), "ema")
+        raise AssertionError("save of FSDP2 averages should say it is not supported")
+    except NotImplementedError:
+        pass
+    avg.close()
+
+
 def main():
     scenario, rank, world, init_file, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), \
         sys.argv[4], sys.argv[5]
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=20))
+    if scenario == "fsdp2":
+        fsdp2(rank, world, out)
+        dist.barrier()
+        dist.destroy_process_group()
+        print("OK", rank, flush=True)
+        return
     torch.manual_seed(0)
     model = TinyNet(width=24)
     ddp = DDP(model)

@@ -64,3 +64,10 @@ def test_a_failing_rank_does_not_leave_the_other_hanging(tmp_path):
     assert results[1][0] != 0 and "rank 1 fails" in results[1][2]
     assert results[0][0] != 0, "rank 0 should fail once its peer is gone"
     assert time.monotonic() - t0 < 90
+
+
+def test_fsdp2_local_shards_gathered_and_swapped_match_single_process(tmp_path):
+    results = launch("fsdp2", tmp_path)
+    for r, (code, out, err) in enumerate(results):
+        assert code == 0, f"rank {r} failed:\n{err[-3000:]}"
+        assert out.strip() == f"OK {r}"
