@@ -4,6 +4,7 @@ from __future__ import annotations
 import atexit
 import concurrent.futures
 import contextlib
+import json
 import os
 import time
 import weakref
@@ -14,7 +15,8 @@ import torch.distributed as dist
 from torch import nn
 
 from offload_ema import ops
-from offload_ema.distributed import broadcast_into, full_tensor, gather_entries, group_info
+from offload_ema.distributed import (broadcast_into, dim0_offsets, full_tensor, gather_entries,
+                                     group_info)
 from offload_ema._version import __version__
 from offload_ema.averages import EMA, LAWA
 from offload_ema.engine import _BUSY_POLICIES, AverageState, Engine, Job
@@ -297,10 +299,6 @@ class Averager:
             (which the next ``step`` / ``flush`` also raises if nobody looked at it).
         """
         self._check_open()
-        if self._fsdp:
-            raise NotImplementedError(
-                "save() of FSDP2 (DTensor) averages is not supported yet: gather the average "
-                "with averaged_state_dict(name, rank=0) and write it from rank 0")
         if name not in self._states:
             self._state(name)  # raises: unknown name
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -313,9 +311,11 @@ class Averager:
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"directory of the snapshot path does not exist: {directory}")
-        file_path, index_path = (shard_paths(path, self._rank, self._world) if self._dist
+        sharded = self._dist or self._fsdp
+        file_path, index_path = (shard_paths(path, self._rank, self._world) if sharded
                                  else (path, None))
-        weight_map = self._weight_map(path) if index_path is not None else None
+        weight_map = self._weight_map(path) if sharded else None
+        split = self._split_map() if self._fsdp else {}
         fut = SnapshotFuture(file_path)
         fut.set_running_or_notify_cancel()
         self._saves.append(fut)
@@ -332,8 +332,11 @@ class Averager:
             try:
                 tensors = self._copy_average(st, dtype, others)
                 meta = metadata(name, st.spec.config(), step, st.applied, dtype)
-                if self._dist:
+                if sharded:
                     meta.update(rank=str(self._rank), world=str(self._world))
+                if split:
+                    # Where this rank's part of each split tensor sits in the full tensor.
+                    meta["shards"] = json.dumps({n: v[self._rank] for n, v in split.items()})
                 self._writer.submit(write, tensors, meta)
             except BaseException as exc:
                 fut.set_exception(exc)
@@ -343,7 +346,7 @@ class Averager:
             try:
                 nbytes = write_atomic(file_path, tensors, meta)
                 if index_path is not None and self._rank == 0:
-                    write_index(index_path, weight_map, meta)
+                    write_index(index_path, weight_map, meta, split)
                 if _retention is not None:
                     _retention.prune(name)
             except BaseException as exc:
@@ -358,16 +361,30 @@ class Averager:
         self._engine.call_soon(take_copy)
         return fut
 
-    def _weight_map(self, path: str) -> Dict[str, str]:
-        """state_dict name -> shard file (base name) holding it, for the sharded-files index."""
+    def _weight_map(self, path: str) -> Dict[str, object]:
+        """state_dict name -> file (base name) holding it, for the sharded-files index; a
+        tensor split across ranks (FSDP2) maps to the list of every rank's file."""
         files = [os.path.basename(shard_paths(path, r, self._world)[0]) for r in range(self._world)]
-        out = {}
+        out: Dict[str, object] = {}
         for e in self._layout.all_entries:
+            where = files if is_dtensor(e.tensor) else files[self._layout.owner[e.name]
+                                                              if self._dist else 0]
             for n in [e.name, *e.aliases]:
-                out[n] = files[self._layout.owner[e.name]]
+                out[n] = where
         for n in self._layout.passthrough:
             out[n] = files[0]
         return {n: out[n] for n in self._layout.names}
+
+    def _split_map(self) -> Dict[str, list]:
+        """FSDP2: for each split tensor (and alias), per rank [first row, global shape]."""
+        out = {}
+        for e in self._layout.all_entries:
+            if not is_dtensor(e.tensor):
+                continue
+            rows = dim0_offsets(e.tensor)
+            for n in [e.name, *e.aliases]:
+                out[n] = [[r, list(e.tensor.shape)] for r in rows]
+        return out
 
     def save_every(self, every: int, path_template: str, *, names=None,
                    keep_last: Optional[int] = None, dtype: torch.dtype = torch.float32) -> None:
@@ -398,6 +415,8 @@ class Averager:
     def _copy_average(self, st: AverageState, dtype: torch.dtype, others) -> Dict[str, torch.Tensor]:
         out = {}
         for e, value in self._entry_values(st):
+            if self._fsdp and not is_dtensor(e.tensor) and self._rank != 0:
+                continue  # replicated under FSDP2: rank 0 writes it
             t = value.to(dtype, copy=True) if (isinstance(st.spec, EMA) or dtype != torch.float32) \
                 else value
             out[e.name] = t

@@ -15,7 +15,13 @@ def main(argv=None) -> int:
     benchmark.add_arguments(b)
     i = sub.add_parser("inspect", help="print a snapshot file's metadata and tensors")
     i.add_argument("path")
+    c = sub.add_parser("consolidate",
+                       help="merge a sharded snapshot (per-rank files + index) into one file")
+    c.add_argument("src", help="the index (NAME.safetensors.index.json) or the name saved under")
+    c.add_argument("out", help="the single safetensors file to write")
     args = p.parse_args(argv)
+    if args.command == "consolidate":
+        return consolidate(args.src, args.out)
     if args.command == "bench":
         return benchmark.main(args)
     if args.command == "inspect":
@@ -47,3 +53,20 @@ def inspect(path: str) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def consolidate(src: str, out: str) -> int:
+    from offload_ema.snapshots import load_snapshot, write_atomic
+
+    try:
+        tensors, meta = load_snapshot(src)
+    except (OSError, ValueError) as exc:
+        print(f"offload-ema consolidate: {exc}", file=sys.stderr)
+        return 1
+    import json
+    flat = {k: (json.dumps(v, sort_keys=True) if isinstance(v, dict) else str(v))
+            for k, v in meta.items() if k not in ("rank", "world", "shards")}
+    flat["consolidated_from_world"] = str(meta.get("world", 1))
+    write_atomic(out, tensors, flat)
+    print(f"wrote {out}: {len(tensors)} tensors from {src}")
+    return 0

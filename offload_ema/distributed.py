@@ -76,3 +76,18 @@ def full_tensor(local_avg: torch.Tensor, like) -> torch.Tensor:
     d = DTensor.from_local(local_avg.to(comm), like.device_mesh, like.placements, run_check=False,
                            shape=like.shape, stride=like.stride())
     return d.full_tensor().to("cpu", torch.float32)
+
+
+def dim0_offsets(dt) -> list:
+    """First row of each rank's shard of an FSDP2 parameter (1-D mesh, Shard(0), the layout
+    fully_shard uses: torch.chunk of dim 0 into world pieces)."""
+    from torch.distributed.tensor.placement_types import Shard
+    mesh, placements = dt.device_mesh, dt.placements
+    if mesh.ndim != 1 or len(placements) != 1 or not isinstance(placements[0], Shard) or \
+            placements[0].dim != 0:
+        raise NotImplementedError(
+            f"snapshots of DTensor parameters need a 1-D mesh with Shard(0) (fully_shard's "
+            f"default), got mesh of {mesh.ndim} dims and placements {placements}")
+    n, world = dt.shape[0], mesh.size()
+    chunk = -(-n // world)
+    return [min(n, r * chunk) for r in range(world)]

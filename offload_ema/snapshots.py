@@ -150,12 +150,16 @@ def shard_paths(path: str, rank: int, world: int) -> Tuple[str, str]:
     return f"{stem}-{rank + 1:05d}-of-{world:05d}.safetensors", f"{stem}.safetensors.index.json"
 
 
-def write_index(path: str, weight_map: Dict[str, str], meta: Dict[str, str]) -> None:
-    """Writes the sharded-files index atomically (temporary file, fsync, rename, fsync dir)."""
+def write_index(path: str, weight_map: Dict[str, object], meta: Dict[str, str],
+                split: Optional[Dict[str, list]] = None) -> None:
+    """Writes the sharded-files index atomically (temporary file, fsync, rename, fsync dir).
+    ``weight_map`` maps each name to its file, or (a tensor split across ranks) to the list of
+    files holding its row blocks."""
     path = os.path.abspath(path)
     directory, base = os.path.split(path)
     tmp = os.path.join(directory, f".{base}{_TMP_INFIX}{os.getpid()}-{next(_counter)}")
-    data = json.dumps({"metadata": dict(meta, rank="0"), "weight_map": weight_map}, indent=1)
+    meta = {k: v for k, v in meta.items() if k not in ("rank", "shards")}
+    data = json.dumps({"metadata": meta, "weight_map": weight_map}, indent=1)
     try:
         with open(tmp, "x") as f:
             f.write(data)
@@ -305,19 +309,41 @@ def _load_sharded(index_path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, o
         raise ValueError(f"{index_path} is not a sharded-snapshot index: {exc}") from exc
     directory = os.path.dirname(os.path.abspath(index_path))
     tensors: Dict[str, torch.Tensor] = {}
-    for shard in sorted(set(weight_map.values())):
+    pieces: Dict[str, list] = {}  # split tensors: (first row, global shape, block)
+    files = sorted({f for v in weight_map.values() for f in ([v] if isinstance(v, str) else v)})
+    for shard in files:
         part, part_meta = load_snapshot(os.path.join(directory, shard))
         if (part_meta["name"], part_meta["step"]) != (meta["name"], int(meta["step"])):
             raise ValueError(
                 f"shard {shard} holds {part_meta['name']!r} at step {part_meta['step']}, the "
                 f"index {index_path} says {meta['name']!r} at step {meta['step']} (a save still "
                 "being written, or files of different saves)")
-        wanted = [k for k, v in weight_map.items() if v == shard]
+        offsets = json.loads(part_meta.get("shards", "{}"))
+        wanted = [k for k, v in weight_map.items() if v == shard or (not isinstance(v, str)
+                                                                      and shard in v)]
         missing = [k for k in wanted if k not in part]
         if missing:
             raise ValueError(f"shard {shard} lacks {missing[:5]} listed in {index_path}")
-        tensors.update({k: part[k] for k in wanted})
-    parsed: Dict[str, object] = {k: v for k, v in meta.items() if k != "rank"}
+        for k in wanted:
+            if isinstance(weight_map[k], str):
+                tensors[k] = part[k]
+            else:
+                row, shape = offsets[k]
+                pieces.setdefault(k, []).append((row, shape, part[k]))
+    for k, blocks in pieces.items():
+        blocks.sort(key=lambda b: b[0])
+        shape = blocks[0][1]
+        rows = 0
+        for row, _, block in blocks:
+            if row != rows:
+                raise ValueError(f"{index_path}: the row blocks of {k!r} do not tile it "
+                                 f"(expected row {rows}, found {row})")
+            rows += block.shape[0] if block.dim() else 0
+        if rows != shape[0]:
+            raise ValueError(f"{index_path}: the row blocks of {k!r} cover {rows} of "
+                             f"{shape[0]} rows")
+        tensors[k] = torch.cat([b for _, _, b in blocks]).reshape(shape)
+    parsed: Dict[str, object] = dict(meta)
     parsed["average"] = json.loads(meta["average"])
     parsed["step"] = int(meta["step"])
     parsed["applied"] = int(meta["applied"])

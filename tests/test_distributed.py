@@ -8,7 +8,10 @@ import time
 import pytest
 import torch
 
+import safetensors.torch
+
 import offload_ema as oe
+from offload_ema import cli
 from helpers import TinyNet
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -52,6 +55,10 @@ def test_ddp_shares_averages_swapped_and_snapshot_match_single_process(tmp_path)
     assert list(tensors) == list(model.state_dict())
     for k, v in ref.items():
         torch.testing.assert_close(tensors[k], v, rtol=1e-5, atol=1e-7)
+    out = tmp_path / "one.safetensors"
+    assert cli.main(["consolidate", str(tmp_path / "ema.safetensors"), str(out)]) == 0
+    one = safetensors.torch.load_file(out)
+    assert set(one) == set(tensors) and all(torch.equal(one[k], tensors[k]) for k in one)
     # apply_snapshot takes the index (or the name it was saved under) into a plain model.
     oe.apply_snapshot(model, tmp_path / "ema.safetensors")
     for k, v in ref.items():
@@ -66,8 +73,23 @@ def test_a_failing_rank_does_not_leave_the_other_hanging(tmp_path):
     assert time.monotonic() - t0 < 90
 
 
-def test_fsdp2_local_shards_gathered_and_swapped_match_single_process(tmp_path):
+def test_fsdp2_local_shards_gathered_swapped_and_saved_match_single_process(tmp_path):
     results = launch("fsdp2", tmp_path)
     for r, (code, out, err) in enumerate(results):
         assert code == 0, f"rank {r} failed:\n{err[-3000:]}"
         assert out.strip() == f"OK {r}"
+    ref = torch.load(tmp_path / "fsdp_ref.pt")
+    # Each rank wrote its row blocks; the index puts them together in one process ...
+    tensors, meta = oe.load_snapshot(tmp_path / "fsdp_ema.safetensors")
+    assert meta["world"] == 2 and meta["step"] == 8
+    assert set(tensors) == set(ref)
+    for k, v in ref.items():
+        torch.testing.assert_close(tensors[k], v, rtol=1e-5, atol=1e-7)
+    # ... and consolidate writes them as one plain safetensors file.
+    out = tmp_path / "one.safetensors"
+    assert cli.main(["consolidate", str(tmp_path / "fsdp_ema.safetensors.index.json"), str(out)]) == 0
+    one = safetensors.torch.load_file(out)
+    for k, v in ref.items():
+        torch.testing.assert_close(one[k], v, rtol=1e-5, atol=1e-7)
+    _, meta1 = oe.load_snapshot(out)
+    assert meta1["consolidated_from_world"] == "2" and meta1["name"] == "ema"
