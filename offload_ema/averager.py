@@ -550,6 +550,7 @@ class Averager:
             "staging_bytes": eng.staging_nbytes,
             "pinned_bytes": eng.staging_nbytes if eng.cuda else 0,
             "staging_slots": len(eng.slots),
+            "host_bytes": self._host_bytes(),
             "chunks_per_snapshot": len(eng.chunks),
             **self._save_stats,
             "rank": self._rank,
@@ -558,6 +559,17 @@ class Averager:
             "device": str(self._layout.device),
             "kernels": ops.backend(),
         }
+
+    def _host_bytes(self) -> int:
+        """Host memory this Averager holds: accumulators, LAWA slots filled so far, staging."""
+        total = self._engine.staging_nbytes
+        for st in self._states.values():
+            if isinstance(st.spec, EMA):
+                total += sum(a.numel() * 4 for a in st.acc)
+            else:
+                total += sum(t.numel() * t.element_size() for slot in st.slots if slot
+                             for t in slot)
+        return total
 
     def state_dict(self) -> dict:
         """Everything needed to resume exactly: step counter, schedules' progress, EMA

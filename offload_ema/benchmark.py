@@ -31,7 +31,8 @@ from typing import Dict, List, Optional
 import torch
 
 import offload_ema as oe
-from offload_ema.gpt import GPT, PRESETS, GPTConfig
+from offload_ema.gpt import GPT, PRESETS, GPTConfig, lm_loss
+from offload_ema.layout import unwrap_model
 
 MODES = ["none", "naive", "swa_utils", "gpu_foreach", "offload", "offload_multi"]
 BETA = 0.999
@@ -101,12 +102,13 @@ class SwaUtils(Mode):
     def __init__(self, *a):
         super().__init__(*a)
         from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-        self.avg = AveragedModel(copy.deepcopy(self.model).cpu(),
+        self.module = unwrap_model(self.model)  # not the DDP wrapper: it does not deep-copy
+        self.avg = AveragedModel(copy.deepcopy(self.module).cpu(),
                                  multi_avg_fn=get_ema_multi_avg_fn(BETA), use_buffers=False)
 
     def after_step(self):
         t0 = time.perf_counter()
-        self.avg.update_parameters(self.model)
+        self.avg.update_parameters(self.module)
         self.update_s += time.perf_counter() - t0
 
     def counters(self):
@@ -166,7 +168,8 @@ class Offload(Mode):
         self.busy_s = st["busy_wait_seconds"]
         return {"applied": st["snapshots_applied"], "skipped": st["snapshots_skipped"],
                 "coalesced": st["snapshots_coalesced"], "pinned_bytes": st["pinned_bytes"],
-                "snapshot_bytes": st["snapshot_bytes"], "saves": st["saves_written"],
+                "snapshot_bytes": st["snapshot_bytes"], "host_bytes": st["host_bytes"],
+                "saves": st["saves_written"],
                 "save_seconds": st["save_seconds"], "save_bytes": st["save_bytes"]}
 
 
@@ -209,7 +212,9 @@ def _percentile(xs: List[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-def run(args) -> List[dict]:
+def run(args, rank: int = 0, world: int = 1) -> List[dict]:
+    """Runs every mode; with ``world`` > 1 this is one rank of a DDP run (rank 0 returns the
+    rows, with each rank's host memory)."""
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     cfg = PRESETS[args.preset]
@@ -223,12 +228,16 @@ def run(args) -> List[dict]:
     if args.threads:
         oe.ops.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = GPT(cfg).to(device=device, dtype=dtype)
-    n_params = sum(p.numel() for p in model.parameters())
+    gpt = GPT(cfg).to(device=device, dtype=dtype)
+    n_params = sum(p.numel() for p in gpt.parameters())
+    model = gpt
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(gpt, device_ids=[device.index] if cuda else None)
     kw = {"fused": True} if args.optimizer == "fused" else {"foreach": True}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, **kw)
     tokens = torch.randint(0, cfg.vocab, (cfg.batch, cfg.seq + 1), device=device,
-                           generator=torch.Generator(device=device).manual_seed(0))
+                           generator=torch.Generator(device=device).manual_seed(rank))
 
     def sync():
         if cuda:
@@ -236,17 +245,19 @@ def run(args) -> List[dict]:
             torch.cuda.current_stream(device).synchronize()
 
     def train_step():
-        model.loss(tokens).backward()
+        lm_loss(model, tokens).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     modes = [m for m in args.modes if m != "gpu_foreach" or cuda]
-    print(f"offload_ema overhead benchmark: preset={args.preset} params={n_params / 1e6:.1f}M "
+    say = print if rank == 0 else (lambda *a, **k: None)
+    say(f"offload_ema overhead benchmark: preset={args.preset} params={n_params / 1e6:.1f}M "
           f"dtype={args.dtype} device={device} optimizer=AdamW({args.optimizer}) "
           f"batch={cfg.batch}x{cfg.seq} tokens, {args.rounds} rounds x {args.steps} steps "
           f"(+{args.warmup} warm-up) per mode, on_busy={args.on_busy}, kernels={oe.ops.backend()}"
           f"/{oe.ops.isa()} x{oe.ops.get_num_threads()} threads, torch {torch.__version__}, "
-          f"{platform.node() or 'host'} {os.cpu_count()} CPUs")
+          f"{platform.node() or 'host'} {os.cpu_count()} CPUs"
+          + (f", {world} processes (DDP, {'NCCL' if cuda else 'gloo'})" if world > 1 else ""))
     for _ in range(args.warmup):  # compile kernels, fill the caching allocator, AdamW state
         train_step()
     sync()
@@ -256,6 +267,7 @@ def run(args) -> List[dict]:
     peak: Dict[str, int] = {m: 0 for m in modes}
     rss_delta: Dict[str, int] = {}
     progress = Progress(args.rounds * len(modes) * (args.steps + args.warmup))
+    progress.on = progress.on and rank == 0
     for r in range(args.rounds):
         for m in modes:
             first = m not in objs
@@ -304,13 +316,22 @@ def run(args) -> List[dict]:
             "round_medians_ms": [statistics.median(ts[i:i + args.steps]) * 1e3
                                  for i in range(0, len(ts), args.steps)],
         })
-        for k in ("snapshot_bytes", "saves", "save_seconds", "save_bytes"):
+        for k in ("snapshot_bytes", "host_bytes", "saves", "save_seconds", "save_bytes"):
             if k in c:
                 rows[-1][k] = c[k]
         if c.get("saves"):
             rows[-1]["save_gbps"] = c["save_bytes"] / c["save_seconds"] / 1e9
     for o in objs.values():
         o.close()
+    if world > 1:
+        import torch.distributed as dist
+        mine = {r["mode"]: (r["rss_delta_bytes"], r.get("host_bytes", 0)) for r in rows}
+        every = [None] * world
+        dist.all_gather_object(every, mine)
+        for r in rows:
+            r["nproc"] = world
+            r["rss_delta_bytes_per_rank"] = [e[r["mode"]][0] for e in every]
+            r["host_bytes_per_rank"] = [e[r["mode"]][1] for e in every]
     if args.save_every:
         written = [r for r in rows if r.get("saves")]
         if written:
@@ -318,6 +339,35 @@ def run(args) -> List[dict]:
             for r in written:
                 r["disk_write_gbps"] = disk
     return rows
+
+
+def _rank_main(rank: int, args, tmp: str) -> None:
+    import torch.distributed as dist
+    cuda = torch.device(args.device).type == "cuda"
+    if cuda:
+        torch.cuda.set_device(rank)
+        args.device = f"cuda:{rank}"
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{tmp}/pg",
+                            rank=rank, world_size=args.nproc)
+    try:
+        rows = run(args, rank=rank, world=args.nproc)
+        if rank == 0:
+            with open(os.path.join(tmp, "rows.json"), "w") as f:
+                json.dump(rows, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(args, tmp: str) -> List[dict]:
+    """Runs the benchmark as ``args.nproc`` DDP processes (gloo on CPUs, NCCL on GPUs)."""
+    import torch.multiprocessing as mp
+    if args.save_every and args.save_dir == tmp:
+        args.save_dir = os.path.join(tmp, "snapshots")
+        os.makedirs(args.save_dir)
+    mp.start_processes(_rank_main, args=(args, tmp), nprocs=args.nproc, join=True,
+                       start_method="spawn")
+    with open(os.path.join(tmp, "rows.json")) as f:
+        return json.load(f)
 
 
 def disk_write_gbps(directory: str, nbytes: int) -> float:
@@ -351,6 +401,11 @@ def report(rows: List[dict]) -> None:
               f"{r['copy_ms_per_snapshot']:>9.2f}{r['update_ms_per_snapshot']:>10.2f}  "
               + " ".join(f"{x:.1f}" for x in r["round_medians_ms"]))
     by = {r["mode"]: r for r in rows}
+    for r in rows:
+        if r.get("host_bytes_per_rank") and r["mode"].startswith("offload"):
+            print(f"{r['mode']}: averager host memory per rank "
+                  f"{[_size(b) for b in r['host_bytes_per_rank']]} ({r['nproc']} processes); "
+                  f"host RSS delta per rank {[_size(b) for b in r['rss_delta_bytes_per_rank']]}")
     if "none" in by and "naive" in by:
         print(f"\nnaive / none step time: {by['naive']['step_ms_median'] / by['none']['step_ms_median']:.2f}x")
     for m in ("offload", "offload_multi"):
@@ -423,6 +478,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="offload modes also save their EMA to a safetensors file every N steps")
     p.add_argument("--save-dir", dest="save_dir", default=None,
                    help="directory for --save-every files (default: a temporary directory)")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="DDP processes (gloo on the CPU, NCCL on GPUs); averages are sharded")
     p.add_argument("--json", metavar="PATH", help="write one record per mode")
     p.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of the overheads")
 
@@ -445,10 +502,14 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit("--warmup must be >= 0")
     if args.save_every < 0:
         raise SystemExit("--save-every must be >= 0")
+    if args.nproc < 1:
+        raise SystemExit("--nproc must be >= 1")
+    if args.nproc > 1 and on_gpu and torch.cuda.device_count() < args.nproc:
+        raise SystemExit(f"--nproc {args.nproc}: only {torch.cuda.device_count()} GPUs")
     with tempfile.TemporaryDirectory(prefix="offload_ema_bench_") as tmp:
         if args.save_every and args.save_dir is None:
             args.save_dir = tmp
-        rows = run(args)
+        rows = run(args) if args.nproc == 1 else _spawn(args, tmp)
     report(rows)
     if args.json:
         with open(args.json, "w") as f:

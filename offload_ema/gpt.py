@@ -72,6 +72,10 @@ class GPT(nn.Module):
         return self.head(self.ln_f(x))
 
     def loss(self, idx):
-        logits = self(idx[:, :-1])
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                               idx[:, 1:].reshape(-1))
+        return lm_loss(self, idx)
+
+
+def lm_loss(model, idx):
+    """Next-token cross-entropy of ``model`` (a GPT, or a wrapper such as DDP around one)."""
+    logits = model(idx[:, :-1])
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1))

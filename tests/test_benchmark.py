@@ -66,3 +66,18 @@ def test_bench_save_every_reports_write_and_disk_speed(tmp_path, capsys):
     tensors, meta = oe.load_snapshot(tmp_path / "offload.safetensors")
     assert meta["name"] == "ema" and meta["step"] == 4
     assert "of the disk's sequential write speed" in capsys.readouterr().out
+
+
+def test_bench_nproc_2_halves_the_averager_host_memory_per_rank(tmp_path):
+    def host_bytes(n):
+        js = tmp_path / f"n{n}.json"
+        assert cli.main(["bench", "--nproc", str(n), "--layers", "2", "--width", "64",
+                         "--rounds", "1", "--steps", "2", "--warmup", "1",
+                         "--modes", "none,offload", "--json", str(js)]) == 0
+        off = {r["mode"]: r for r in json.loads(js.read_text())}["offload"]
+        return off.get("host_bytes_per_rank", [off["host_bytes"]])
+    one, = host_bytes(1)
+    two = host_bytes(2)
+    assert len(two) == 2
+    for b in two:
+        assert 0.4 < b / one < 0.6, (one, two)
