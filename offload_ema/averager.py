@@ -22,7 +22,7 @@ from offload_ema.averages import EMA, LAWA
 from offload_ema.engine import _BUSY_POLICIES, AverageState, Engine, Job
 from offload_ema.layout import Layout, is_dtensor, local_tensor
 from offload_ema.snapshots import (Retention, SnapshotFuture, metadata, shard_paths, write_atomic,
-                                   write_index)
+                                   write_dcp, write_index)
 
 __all__ = ["Averager"]
 
@@ -112,9 +112,15 @@ class Averager:
             raise ValueError("model has no trainable floating-point parameters to average")
         # FSDP2: parameters are DTensors and each rank averages its local shards.
         self._fsdp = self._layout.sharded_tensors
+        self._dcp_mesh = None
         if self._fsdp:
             self._dist = False
             self._rank, self._world = group_info(process_group)
+            # A CPU (gloo) mesh of its own for torch.distributed.checkpoint exports: they run on
+            # the writer thread, so their collectives must not share a group with training's.
+            # Created here, where every rank is (creating a group is itself a collective).
+            from torch.distributed.device_mesh import init_device_mesh
+            self._dcp_mesh = init_device_mesh("cpu", (self._world,))
         self.on_busy = on_busy
         self._states: Dict[str, AverageState] = {
             name: AverageState(name, spec, self._layout) for name, spec in averages.items()}
@@ -282,7 +288,8 @@ class Averager:
 
     # ---- snapshots on disk ----------------------------------------------------------------------
     def save(self, path: str, name: str, *, dtype: torch.dtype = torch.float32,
-             _retention: Optional[Retention] = None) -> SnapshotFuture:
+             format: str = "safetensors", _retention: Optional[Retention] = None
+             ) -> SnapshotFuture:
         """Writes the average ``name`` to a safetensors file, in the background.
 
         The worker takes a copy of the average once every snapshot taken so far is applied (the
@@ -293,12 +300,20 @@ class Averager:
             path (str): the final file name.
             name (str): which average.
             dtype (torch.dtype, default float32): dtype of the averaged tensors in the file.
+            format (str, default "safetensors"): under FSDP2 also ``"dcp"``: a
+                torch.distributed.checkpoint directory at ``path`` (every rank writes its
+                shards; ``offload-ema consolidate`` turns it into one safetensors file).
 
         Returns:
             SnapshotFuture: ``result()`` is ``path`` once written, or raises the write's error
             (which the next ``step`` / ``flush`` also raises if nobody looked at it).
         """
         self._check_open()
+        if format not in ("safetensors", "dcp"):
+            raise ValueError(f"format must be 'safetensors' or 'dcp', got {format!r}")
+        if format == "dcp" and not self._fsdp:
+            raise ValueError("format='dcp' is for FSDP2 (DTensor) averages; elsewhere tensors "
+                             "are whole on one rank and safetensors files hold them")
         if name not in self._states:
             self._state(name)  # raises: unknown name
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -314,6 +329,9 @@ class Averager:
         sharded = self._dist or self._fsdp
         file_path, index_path = (shard_paths(path, self._rank, self._world) if sharded
                                  else (path, None))
+        if format == "dcp":
+            file_path, index_path = path, None
+            self._dcp_seq = seq = getattr(self, "_dcp_seq", 0) + 1  # equal on every rank
         weight_map = self._weight_map(path) if sharded else None
         split = self._split_map() if self._fsdp else {}
         fut = SnapshotFuture(file_path)
@@ -344,6 +362,12 @@ class Averager:
         def write(tensors, meta):  # on the writer thread
             t0 = time.perf_counter()
             try:
+                if format == "dcp":
+                    nbytes = write_dcp(file_path, self._as_dtensors(tensors), meta,
+                                       self._dcp_mesh.get_group(), self._rank, f"{step}-{seq}")
+                    fut.seconds, fut.nbytes = time.perf_counter() - t0, nbytes
+                    fut.set_result(file_path)
+                    return
                 nbytes = write_atomic(file_path, tensors, meta)
                 if index_path is not None and self._rank == 0:
                     write_index(index_path, weight_map, meta, split)
@@ -374,6 +398,25 @@ class Averager:
         for n in self._layout.passthrough:
             out[n] = files[0]
         return {n: out[n] for n in self._layout.names}
+
+    def _as_dtensors(self, tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """FSDP2 averages for torch.distributed.checkpoint: split tensors as DTensors on the CPU
+        mesh (from this rank's blocks); whole ones (rank 0's) as plain tensors."""
+        from offload_ema.layout import DTensor
+        by_name = {}
+        for e in self._layout.all_entries:
+            for n in [e.name, *e.aliases]:
+                by_name[n] = e
+        out = {}
+        for n, t in tensors.items():
+            e = by_name.get(n)
+            if e is not None and is_dtensor(e.tensor):
+                out[n] = DTensor.from_local(t, self._dcp_mesh, e.tensor.placements,
+                                            run_check=False, shape=e.tensor.shape,
+                                            stride=e.tensor.stride())
+            else:
+                out[n] = t
+        return out
 
     def _split_map(self) -> Dict[str, list]:
         """FSDP2: for each split tensor (and alias), per rank [first row, global shape]."""

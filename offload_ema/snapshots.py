@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from offload_ema._version import __version__
-from offload_ema.layout import normalise_name, unwrap_model
+from offload_ema.layout import local_tensor, normalise_name, unwrap_model
 
 __all__ = ["load_snapshot", "apply_snapshot", "SnapshotFuture"]
 
@@ -175,6 +175,69 @@ def write_index(path: str, weight_map: Dict[str, object], meta: Dict[str, str],
     _fsync_dir(directory)
 
 
+DCP_META = "offload_ema.json"
+
+
+def write_dcp(path: str, state: Mapping[str, torch.Tensor], meta: Dict[str, str], group,
+              rank: int, tag: str) -> int:
+    """Writes a torch.distributed.checkpoint directory (every rank of ``group`` calls this with
+    its own shards). It is written under a temporary name that is the same on every rank and,
+    once complete, renamed to ``path`` by rank 0; a previous checkpoint there is replaced.
+    Returns the bytes this rank wrote."""
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+
+    path = os.path.abspath(path)
+    directory, base = os.path.split(path)
+    tmp = os.path.join(directory, f".{base}{_TMP_INFIX}dcp-{tag}")
+    dcp.save(dict(state), storage_writer=dcp.FileSystemWriter(tmp), process_group=group)
+    # Counted from the tensors: rank 0 may already be renaming the directory.
+    mine = sum(local_tensor(t).numel() * t.element_size() for t in state.values())
+    if rank != 0:
+        return mine
+    # dcp.save has returned on rank 0 only after every rank's data and the metadata are written.
+    with open(os.path.join(tmp, DCP_META), "x") as f:
+        json.dump({k: v for k, v in meta.items() if k not in ("rank", "shards")}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    old = None
+    if os.path.exists(path):
+        old = os.path.join(directory, f".{base}{_TMP_INFIX}old-{tag}")
+        os.replace(path, old)
+    os.replace(tmp, path)
+    _fsync_dir(directory)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return mine
+
+
+def _load_dcp(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, object]]:
+    """A torch.distributed.checkpoint directory written by ``save(..., format="dcp")``, put
+    together in this process."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    try:
+        with open(os.path.join(path, DCP_META)) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} is not an offload_ema checkpoint directory (no readable "
+                         f"{DCP_META}): {exc}") from exc
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "state.pt")
+        dcp_to_torch_save(path, out)
+        tensors = torch.load(out, weights_only=True)
+    parsed: Dict[str, object] = dict(meta)
+    parsed["average"] = json.loads(meta["average"])
+    parsed["step"] = int(meta["step"])
+    parsed["applied"] = int(meta["applied"])
+    parsed["world"] = int(meta.get("world", 1))
+    return dict(tensors), parsed
+
+
 def _fsync_dir(directory: str) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -278,6 +341,8 @@ def load_snapshot(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, object]
     path = os.fspath(path)
     if not os.path.isfile(path) and os.path.isfile(shard_paths(path, 0, 1)[1]):
         path = shard_paths(path, 0, 1)[1]  # a sharded snapshot saved under this name
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, ".metadata")):
+        return _load_dcp(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(errno.ENOENT, "no snapshot file", path)
     if path.endswith(".index.json"):

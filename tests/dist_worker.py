@@ -60,6 +60,8 @@ def fsdp2(rank, world, out):
     ref_model.load_state_dict({k: v.float() for k, v in refs["ema"].avg.items()})
     torch.testing.assert_close(y, ref_model(torch.ones(2, 8)), rtol=1e-4, atol=1e-5)
     avg.save(os.path.join(out, "fsdp_ema.safetensors"), "ema").result(timeout=60)
+    for _ in range(2):  # the second replaces the first checkpoint directory
+        avg.save(os.path.join(out, "fsdp_ema.dcp"), "ema", format="dcp").result(timeout=60)
     avg.close()
     if rank == 0:
         torch.save({k: v.float() for k, v in refs["ema"].avg.items()},

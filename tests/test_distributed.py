@@ -76,7 +76,8 @@ def test_a_failing_rank_does_not_leave_the_other_hanging(tmp_path):
 def test_fsdp2_local_shards_gathered_swapped_and_saved_match_single_process(tmp_path):
     results = launch("fsdp2", tmp_path)
     for r, (code, out, err) in enumerate(results):
-        assert code == 0, f"rank {r} failed:\n{err[-3000:]}"
+        assert code == 0, f"rank {r} failed:\n" + "\n".join(
+            f"--- rank {q} ---\n{e[-2500:]}" for q, (_, _, e) in enumerate(results))
         assert out.strip() == f"OK {r}"
     ref = torch.load(tmp_path / "fsdp_ref.pt")
     # Each rank wrote its row blocks; the index puts them together in one process ...
@@ -93,3 +94,13 @@ def test_fsdp2_local_shards_gathered_swapped_and_saved_match_single_process(tmp_
         torch.testing.assert_close(one[k], v, rtol=1e-5, atol=1e-7)
     _, meta1 = oe.load_snapshot(out)
     assert meta1["consolidated_from_world"] == "2" and meta1["name"] == "ema"
+    # The torch.distributed.checkpoint export: consolidated into one safetensors file.
+    dcp_dir = tmp_path / "fsdp_ema.dcp"
+    assert (dcp_dir / ".metadata").is_file()
+    assert not list(tmp_path.glob(".fsdp_ema.dcp.tmp-*"))  # no temporary directory left
+    out2 = tmp_path / "from_dcp.safetensors"
+    assert cli.main(["consolidate", str(dcp_dir), str(out2)]) == 0
+    t2, meta2 = oe.load_snapshot(out2)
+    assert meta2["step"] == 8 and meta2["name"] == "ema"
+    for k, v in ref.items():
+        torch.testing.assert_close(t2[k], v, rtol=1e-5, atol=1e-7)
