@@ -79,15 +79,17 @@ def metadata(name: str, config: dict, step: int, applied: int, dtype: torch.dtyp
     }
 
 
-def write_atomic(path: str, tensors: Mapping[str, torch.Tensor], meta: Dict[str, str]) -> int:
-    """Writes a safetensors file so that ``path`` is never seen half-written; returns its size."""
+def _replace_atomically(path: str, write) -> None:
+    """Calls ``write(tmp)`` for a temporary file in ``path``'s directory, then renames it over
+    ``path`` and fsyncs the directory; the temporary is removed if anything fails. ``write`` must
+    flush and fsync what it writes."""
     path = os.path.abspath(path)
     directory, base = os.path.split(path)
     tmp = os.path.join(directory, f".{base}{_TMP_INFIX}{os.getpid()}-{next(_counter)}")
     with _writing_lock:
         _writing.add(tmp)
     try:
-        _write_file(tmp, tensors, meta)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -100,6 +102,11 @@ def write_atomic(path: str, tensors: Mapping[str, torch.Tensor], meta: Dict[str,
             _writing.discard(tmp)
     _fsync_dir(directory)  # the rename itself survives a crash
     _remove_stale_temporaries(directory, base)
+
+
+def write_atomic(path: str, tensors: Mapping[str, torch.Tensor], meta: Dict[str, str]) -> int:
+    """Writes a safetensors file so that ``path`` is never seen half-written; returns its size."""
+    _replace_atomically(path, lambda tmp: _write_file(tmp, tensors, meta))
     return os.path.getsize(path)
 
 
@@ -152,27 +159,17 @@ def shard_paths(path: str, rank: int, world: int) -> Tuple[str, str]:
 
 def write_index(path: str, weight_map: Dict[str, object], meta: Dict[str, str],
                 split: Optional[Dict[str, list]] = None) -> None:
-    """Writes the sharded-files index atomically (temporary file, fsync, rename, fsync dir).
-    ``weight_map`` maps each name to its file, or (a tensor split across ranks) to the list of
-    files holding its row blocks."""
-    path = os.path.abspath(path)
-    directory, base = os.path.split(path)
-    tmp = os.path.join(directory, f".{base}{_TMP_INFIX}{os.getpid()}-{next(_counter)}")
+    """Writes the sharded-files index atomically. ``weight_map`` maps each name to its file, or
+    (a tensor split across ranks) to the list of files holding its row blocks."""
     meta = {k: v for k, v in meta.items() if k not in ("rank", "shards")}
     data = json.dumps({"metadata": meta, "weight_map": weight_map}, indent=1)
-    try:
+
+    def write(tmp):
         with open(tmp, "x") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(directory)
+    _replace_atomically(path, write)
 
 
 DCP_META = "offload_ema.json"
@@ -230,12 +227,7 @@ def _load_dcp(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, object]]:
         out = os.path.join(tmp, "state.pt")
         dcp_to_torch_save(path, out)
         tensors = torch.load(out, weights_only=True)
-    parsed: Dict[str, object] = dict(meta)
-    parsed["average"] = json.loads(meta["average"])
-    parsed["step"] = int(meta["step"])
-    parsed["applied"] = int(meta["applied"])
-    parsed["world"] = int(meta.get("world", 1))
-    return dict(tensors), parsed
+    return dict(tensors), _parse_meta(meta)
 
 
 def _fsync_dir(directory: str) -> None:
@@ -325,6 +317,17 @@ class Retention:
 
 # ---- reading -----------------------------------------------------------------------------------
 
+def _parse_meta(meta: Mapping[str, str]) -> Dict[str, object]:
+    """Snapshot metadata with ``average`` parsed from JSON and the counters as ints."""
+    parsed: Dict[str, object] = dict(meta)
+    parsed["average"] = json.loads(meta["average"])
+    for k in ("step", "applied", "world"):
+        if k in meta:
+            parsed[k] = int(meta[k])
+    parsed.setdefault("world", 1)
+    return parsed
+
+
 def load_snapshot(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, object]]:
     """Reads a snapshot written by ``Averager.save``.
 
@@ -358,11 +361,7 @@ def load_snapshot(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, object]
     except SafetensorError as exc:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): "
                          f"{exc}") from exc
-    parsed: Dict[str, object] = dict(meta)
-    parsed["average"] = json.loads(meta["average"])
-    parsed["step"] = int(meta["step"])
-    parsed["applied"] = int(meta["applied"])
-    return tensors, parsed
+    return tensors, _parse_meta(meta)
 
 
 def _load_sharded(index_path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, object]]:
@@ -408,12 +407,7 @@ def _load_sharded(index_path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, o
             raise ValueError(f"{index_path}: the row blocks of {k!r} cover {rows} of "
                              f"{shape[0]} rows")
         tensors[k] = torch.cat([b for _, _, b in blocks]).reshape(shape)
-    parsed: Dict[str, object] = dict(meta)
-    parsed["average"] = json.loads(meta["average"])
-    parsed["step"] = int(meta["step"])
-    parsed["applied"] = int(meta["applied"])
-    parsed["world"] = int(meta.get("world", 1))
-    return {k: tensors[k] for k in weight_map}, parsed
+    return {k: tensors[k] for k in weight_map}, _parse_meta(meta)
 
 
 def apply_snapshot(model: nn.Module, path: str, *, strict: bool = True) -> Dict[str, object]:
