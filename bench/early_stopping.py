@@ -63,10 +63,10 @@ class BytesLM:
         n_val = max(4, len(blocks) // 10)
         self.val, self.train = blocks[perm[:n_val]], blocks[perm[n_val:]]
         self.cfg = GPTConfig(vocab=256, seq=32 if quick else 64, width=64 if quick else 128,
-                             layers=1 if quick else 2, heads=4, batch=16 if quick else 32)
+                             layers=1 if quick else 2, heads=4, batch=16)
         g = torch.Generator().manual_seed(1)
-        self.val_batch = self._windows(self.val, 32 if quick else 128, g)
-        self.lr, self.steps = 3e-3, (50 if quick else 500)
+        self.val_batch = self._windows(self.val, 32 if quick else 64, g)
+        self.lr, self.steps = 3e-3, (50 if quick else 400)
 
     def _windows(self, blocks, n, g):
         rows = torch.randint(0, len(blocks), (n,), generator=g)
@@ -104,7 +104,7 @@ class TeacherMLP:
         y[noise] = torch.randint(0, 10, (int(noise.sum()),), generator=g)
         n_val = n // 5
         self.val, self.train = (x[:n_val], y[:n_val]), (x[n_val:], y[n_val:])
-        self.lr, self.steps, self.bs = 2e-3, (50 if quick else 500), 64
+        self.lr, self.steps, self.bs = 2e-3, (50 if quick else 400), 64
 
     def model(self):
         return nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
