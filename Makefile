@@ -12,7 +12,7 @@ EXT := offload_ema/_C$(EXT_SUFFIX)
 
 deps:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_SPEC)"
-	@$(PYTHON) -m pip install -q "setuptools>=64" wheel ninja pytest psutil safetensors matplotlib
+	@$(PYTHON) -m pip install -q "setuptools>=64" wheel ninja pytest psutil safetensors matplotlib lightning transformers accelerate
 
 # Rebuilt only when a source changed; --no-build-isolation builds against the installed torch.
 $(EXT): setup.py pyproject.toml $(wildcard csrc/*)

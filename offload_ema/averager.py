@@ -478,6 +478,13 @@ class Averager:
     def step_count(self) -> int:
         return self._step
 
+    def ready(self, name: str) -> bool:
+        """Whether the average ``name`` has a snapshot (taken, maybe not applied yet): whether
+        ``swapped`` / ``averaged_state_dict`` / ``save`` can be used for it."""
+        if name not in self._states:
+            self._state(name)  # raises: unknown name
+        return self._states[name].scheduled > 0
+
     def _state(self, name: str) -> AverageState:
         if name not in self._states:
             raise ValueError(f"no average named {name!r}; this Averager has: "

@@ -1,0 +1,2 @@
+"""Integrations with training frameworks. Each module imports its framework; importing
+offload_ema itself never does."""

@@ -1,0 +1,104 @@
+"""The Hugging Face Trainer callback on a tiny local model: averages vs a float64 reference at
+the real optimizer steps, evaluation with the average swapped in, exact checkpoint resume."""
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")  # CI installs it (Makefile deps)
+pytest.importorskip("accelerate")
+
+import offload_ema as oe  # noqa: E402
+from offload_ema.integrations.transformers import STATE_FILE, AveragerCallback  # noqa: E402
+from helpers import RefEMA, RefLAWA, assert_matches  # noqa: E402
+
+
+class Reg(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 1))
+
+    def forward(self, x, labels=None):
+        out = self.net(x)
+        return {"loss": nn.functional.mse_loss(out, labels), "logits": out}
+
+
+class Data(torch.utils.data.Dataset):
+    def __init__(self, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 6, generator=g)
+        self.y = self.x.sum(1, keepdim=True).sin()
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "labels": self.y[i]}
+
+
+class Recorder(transformers.TrainerCallback):
+    def __init__(self):
+        self.ema, self.lawa = RefEMA(0.8), RefLAWA(3)
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        snap = {f"net.{k}": v.detach().double().clone() for k, v in model.net.named_parameters()}
+        self.ema.update(snap)
+        if state.global_step % 2 == 0:
+            self.lawa.update(snap)
+
+
+def specs():
+    return {"ema": oe.EMA(0.8), "lawa": oe.LAWA(3, every=2)}
+
+
+def make_trainer(tmp_path, callbacks, max_steps, **kw):
+    kw = dict(dict(save_strategy="no"), **kw)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=2,
+        gradient_accumulation_steps=2, learning_rate=0.05, lr_scheduler_type="constant",
+        report_to=[], use_cpu=True, logging_strategy="no",
+        dataloader_num_workers=0, seed=0, data_seed=0, disable_tqdm=True, **kw)
+    return transformers.Trainer(model=Reg(), args=args, train_dataset=Data(40, 1),
+                                eval_dataset=Data(8, 2), callbacks=callbacks)
+
+
+def test_averages_follow_real_optimizer_steps_and_evaluation(tmp_path):
+    cb, rec = AveragerCallback(specs(), evaluate_with="ema"), Recorder()
+    t = make_trainer(tmp_path, [cb, rec], 12)
+    t.train()
+    st = cb.averager.stats()
+    assert st["step"] == 12 and st["snapshots_taken"] == 12  # 24 batches, accumulation 2
+    assert_matches(cb.averager.averaged_state_dict("ema"), rec.ema.avg, rtol=1e-6, atol=1e-7)
+    assert_matches(cb.averager.averaged_state_dict("lawa"), rec.lawa.avg, rtol=1e-6, atol=1e-7)
+    metrics = t.evaluate()
+    # The reported EMA loss is the loss of a model holding the EMA weights.
+    ref = Reg()
+    ref.load_state_dict({k: v.float() for k, v in rec.ema.avg.items()})
+    data = Data(8, 2)
+    with torch.no_grad():
+        expect = ref(data.x, data.y)["loss"].item()
+    assert abs(metrics["eval_ema_loss"] - expect) < 1e-5
+    assert metrics["eval_loss"] != metrics["eval_ema_loss"]
+    cb.averager.close()
+
+
+def test_checkpoint_resume_continues_exactly(tmp_path):
+    straight, rec = AveragerCallback(specs()), Recorder()
+    make_trainer(tmp_path / "a", [straight, rec], 10).train()
+
+    first = AveragerCallback(specs())
+    t1 = make_trainer(tmp_path / "b", [first], 10, save_strategy="steps", save_steps=5)
+    t1.train()
+    assert (tmp_path / "b" / "checkpoint-5" / STATE_FILE).is_file()
+    first.averager.close()
+    resumed = AveragerCallback(specs())
+    t2 = make_trainer(tmp_path / "b", [resumed], 10, save_strategy="steps", save_steps=5)
+    t2.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-5"))
+    assert resumed.averager.step_count == 10
+    for name in specs():
+        a = straight.averager.averaged_state_dict(name)
+        b = resumed.averager.averaged_state_dict(name)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+    straight.averager.close()
+    resumed.averager.close()
