@@ -63,6 +63,10 @@ class Averager:
         buffers (str, default "copy"): ``"copy"`` reports buffers with their current value;
             ``"average"`` averages floating-point buffers like parameters.
         num_threads (int, optional): threads of the averaging kernels (``ops.set_num_threads``).
+        shard (bool, optional): under torch.distributed, average a disjoint share of replicated
+            parameters per rank (DDP). Default: on when torch.distributed is initialised with
+            more than one process. FSDP2 (DTensor) parameters are always averaged per local shard.
+        process_group (optional): the group to shard over (default: the default group).
 
     Example:
         >>> avg = oe.Averager(model, {"ema": oe.EMA(0.999), "lawa": oe.LAWA(10, every=100)})
