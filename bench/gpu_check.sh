@@ -4,7 +4,8 @@
 #   Averager tests, so the AVX-512 path is covered too), then a short run of the overhead
 #   benchmark on the 1b preset (bf16). Results go under $OUT (env.txt, build.log, tests.txt,
 #   junit.xml, overhead.txt/json/png).
-# The machine has no network: pytest and ninja come from wheels in .wheels/ (make gpu-wheels),
+# The machine has no network: pytest, ninja, psutil and safetensors come from wheels in .wheels/
+# (make gpu-wheels),
 # carried along with `carry: [".wheels"]`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
