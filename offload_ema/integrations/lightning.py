@@ -21,6 +21,7 @@ except ImportError:  # the older package name
                           "pip install lightning") from exc
 
 from offload_ema.averager import Averager
+from offload_ema.integrations import check_callback_args
 
 __all__ = ["AveragerCallback"]
 
@@ -48,11 +49,7 @@ class AveragerCallback(pl.Callback):
                  save_every: Optional[int] = None, save_path: Optional[str] = None,
                  keep_last: Optional[int] = None, **averager_kwargs):
         super().__init__()
-        if validate_with is not None and validate_with not in averages:
-            raise ValueError(f"validate_with must name one of the averages "
-                             f"({', '.join(averages)}), got {validate_with!r}")
-        if (save_every is None) != (save_path is None):
-            raise ValueError("save_every and save_path go together")
+        check_callback_args(averages, validate_with, "validate_with", save_every, save_path)
         self.averages = dict(averages)
         self.validate_with = validate_with
         self.save_every, self.save_path, self.keep_last = save_every, save_path, keep_last

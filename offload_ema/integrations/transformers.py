@@ -19,6 +19,7 @@ except ImportError as exc:
 import torch
 
 from offload_ema.averager import Averager
+from offload_ema.integrations import check_callback_args
 
 __all__ = ["AveragerCallback", "STATE_FILE"]
 
@@ -51,11 +52,7 @@ class AveragerCallback(transformers.TrainerCallback):
     def __init__(self, averages: Mapping, *, evaluate_with: Optional[str] = None,
                  save_every: Optional[int] = None, save_path: Optional[str] = None,
                  keep_last: Optional[int] = None, **averager_kwargs):
-        if evaluate_with is not None and evaluate_with not in averages:
-            raise ValueError(f"evaluate_with must name one of the averages "
-                             f"({', '.join(averages)}), got {evaluate_with!r}")
-        if (save_every is None) != (save_path is None):
-            raise ValueError("save_every and save_path go together")
+        check_callback_args(averages, evaluate_with, "evaluate_with", save_every, save_path)
         self.averages = dict(averages)
         self.evaluate_with = evaluate_with
         self.save_every, self.save_path, self.keep_last = save_every, save_path, keep_last
