@@ -26,7 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 
@@ -165,7 +165,6 @@ class Offload(Mode):
         st = self.avg.stats()
         self.fence_s, self.copy_s, self.update_s = (
             st["fence_wait_seconds"], st["copy_seconds"], st["update_seconds"])
-        self.busy_s = st["busy_wait_seconds"]
         return {"applied": st["snapshots_applied"], "skipped": st["snapshots_skipped"],
                 "coalesced": st["snapshots_coalesced"], "pinned_bytes": st["pinned_bytes"],
                 "snapshot_bytes": st["snapshot_bytes"], "host_bytes": st["host_bytes"],

@@ -28,8 +28,8 @@ from typing import Deque, Dict, List, Optional, Tuple
 import torch
 
 from offload_ema import ops
-from offload_ema.averages import EMA, LAWA
-from offload_ema.layout import ALIGN, Layout, local_tensor
+from offload_ema.averages import EMA
+from offload_ema.layout import ALIGN, Layout, is_dtensor, local_tensor
 
 _BUSY_POLICIES = ("block", "skip", "coalesce")
 
@@ -106,6 +106,7 @@ class Engine:
         self.slot_bytes = slot_bytes
         self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=self.cuda)
                       for _ in range(n_slots)]
+        self._copy_plans: Dict[int, tuple] = {}  # id(views) -> what _copy needs, built once
         self._views = {(s, c): self._make_views(self.slots[s], self.chunks[c])
                        for s in range(n_slots) for c in range(len(self.chunks))}
         # Averaged buffers change in place during the next forward, long before the fence: they
@@ -153,12 +154,25 @@ class Engine:
     def _copy(self, views) -> None:
         """Copies the live tensors into staging views (async on the current stream when they
         are on a GPU)."""
-        dsts, srcs = [], []
-        for _, _, parts in views:
-            for part, dst in parts:
+        plan = self._copy_plans.get(id(views))
+        if plan is None:  # built once per views list: the per-step work is one foreach call
+            dsts, srcs, dynamic = [], [], []
+            for _, _, parts in views:
+                for part, dst in parts:
+                    t = part.entry.tensor
+                    if part.whole and not is_dtensor(t):
+                        srcs.append(t)  # the live tensor itself: in-place updates show through
+                    else:  # a slice of a tensor, or an FSDP2 shard: taken afresh each time
+                        dynamic.append((len(srcs), part))
+                        srcs.append(None)
+                    dsts.append(dst)
+            plan = self._copy_plans[id(views)] = (dsts, srcs, dynamic)
+        dsts, srcs, dynamic = plan
+        if dynamic:
+            srcs = list(srcs)
+            for i, part in dynamic:
                 t = local_tensor(part.entry.tensor).detach()
-                dsts.append(dst)
-                srcs.append(t if part.whole else t.reshape(-1)[part.start:part.end])
+                srcs[i] = t if part.whole else t.reshape(-1)[part.start:part.end]
         with torch.no_grad():
             torch._foreach_copy_(dsts, srcs, non_blocking=self.cuda)
 

@@ -136,8 +136,6 @@ class Layout:
         self.names: List[str] = []                         # every state_dict name, in order
         self.all_entries: List[Entry] = []                 # every averaged tensor, any owner
         self.passthrough: Dict[str, torch.Tensor] = {}     # name -> live tensor (not averaged)
-        self.frozen: List[str] = []
-        self.alias_of: Dict[str, str] = {}                 # any name -> canonical name
         by_id: Dict[int, Entry] = {}
         buffer_ids = set()
         for raw_name, t in state.items():
@@ -146,14 +144,11 @@ class Layout:
             is_param = id(t) in param_ids
             averaged = t.is_floating_point() and (
                 (is_param and t.requires_grad) or (not is_param and buffers == "average"))
-            if is_param and t.is_floating_point() and not t.requires_grad:
-                self.frozen.append(name)
             if not averaged:
                 self.passthrough[name] = t
                 continue
             if id(t) in by_id:  # tied / shared: averaged once, reported under every name
                 by_id[id(t)].aliases.append(name)
-                self.alias_of[name] = by_id[id(t)].name
                 continue
             lt = local_tensor(t)  # FSDP2: this rank averages its own shard of the tensor
             e = Entry(name, [], t, lt.shape, lt.dtype, -1, 0)
@@ -161,7 +156,6 @@ class Layout:
                 buffer_ids.add(id(t))
             by_id[id(t)] = e
             self.all_entries.append(e)
-            self.alias_of[name] = name
         # FSDP2 (DTensor parameters): every rank averages its local shards of every tensor.
         # Replicated parameters (DDP): each tensor is averaged whole by one owner rank.
         self.sharded_tensors = any(is_dtensor(e.tensor) for e in self.all_entries)
@@ -190,7 +184,6 @@ class Layout:
         self.device = torch.device(devices[0]) if devices else torch.device("cpu")
         if self.device.type == "meta":
             raise ValueError("model parameters are on the meta device; materialise them first")
-        self.shapes = [e.shape for e in self.entries]
 
     @property
     def nbytes(self) -> int:

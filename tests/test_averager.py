@@ -14,7 +14,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import offload_ema as oe
 from offload_ema import engine as engine_mod
-from helpers import RefEMA, RefLAWA, TinyNet, assert_matches, make, snapshot, train_step
+from helpers import RefEMA, RefLAWA, assert_matches, make, snapshot, train_step
 
 
 def run(model, opt, avg, steps, start=0, on_step=None):

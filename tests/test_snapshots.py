@@ -1,7 +1,6 @@
 """Snapshots on disk: round trip, metadata, retention, bad files, injected write errors, and
 SIGKILL during saves."""
 import glob
-import json
 import os
 import signal
 import subprocess
