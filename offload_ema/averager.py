@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import atexit
-import concurrent.futures
 import contextlib
 import json
 import os
+import sys
 import time
+import warnings
 import weakref
 from typing import Dict, Iterator, Mapping, Optional, Union
 
@@ -19,10 +20,11 @@ from offload_ema.distributed import (broadcast_into, dim0_offsets, full_tensor, 
                                      group_info)
 from offload_ema._version import __version__
 from offload_ema.averages import EMA, LAWA
-from offload_ema.engine import _BUSY_POLICIES, AverageState, Engine, Job
+from offload_ema.engine import BUSY_POLICIES, AverageState, Engine, Job
 from offload_ema.layout import Layout, is_dtensor, local_tensor
 from offload_ema.snapshots import (Retention, SnapshotFuture, metadata, shard_paths, write_atomic,
                                    write_dcp, write_index)
+from offload_ema.writer import SnapshotWriter
 
 __all__ = ["Averager"]
 
@@ -30,14 +32,37 @@ _STATE_FORMAT = 1
 _open_averagers: "weakref.WeakSet[Averager]" = weakref.WeakSet()
 
 
+def _compiler_disable(fn):
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return disable(fn) if disable is not None else fn
+
+
 @atexit.register
 def _close_open_averagers():
-    # Drain and stop workers before the interpreter tears torch down under them.
+    # Drain and stop workers, and finish pending saves, before the interpreter tears torch down
+    # under them. A snapshot that could not be written must not end in a silent exit status 0.
+    failed = False
     for avg in list(_open_averagers):
         try:
             avg.close()
-        except Exception as exc:  # the process is exiting: report, never raise
-            print(f"offload_ema: error while closing an Averager at exit: {exc!r}")
+        except BaseException as exc:  # the process is exiting: report, never raise
+            failed = True
+            print(f"offload_ema: an Averager failed while closing at exit (a pending snapshot "
+                  f"may be missing): {exc!r}", file=sys.stderr)
+    if failed:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+
+def _release(engine: Engine, writer: SnapshotWriter) -> None:
+    """Stops the worker and the writer of an Averager that was garbage-collected unclosed; holds
+    no reference to the Averager itself."""
+    engine.close()
+    writer.close()
+    if engine.error is not None and not engine.error_reported:
+        warnings.warn(f"an offload_ema Averager was dropped unclosed with an unreported worker "
+                      f"error: {engine.error!r}", RuntimeWarning)
 
 
 class Averager:
@@ -99,8 +124,8 @@ class Averager:
             if not isinstance(spec, (EMA, LAWA)):
                 raise TypeError(f"averages[{name!r}] must be an EMA or LAWA, got "
                                 f"{type(spec).__name__}")
-        if on_busy not in _BUSY_POLICIES:
-            raise ValueError(f"on_busy must be one of {', '.join(_BUSY_POLICIES)}, got {on_busy!r}")
+        if on_busy not in BUSY_POLICIES:
+            raise ValueError(f"on_busy must be one of {', '.join(BUSY_POLICIES)}, got {on_busy!r}")
         if num_threads is not None:
             ops.set_num_threads(num_threads)
         if shard is None:
@@ -116,46 +141,91 @@ class Averager:
             raise ValueError("model has no trainable floating-point parameters to average")
         # FSDP2: parameters are DTensors and each rank averages its local shards.
         self._fsdp = self._layout.sharded_tensors
-        self._dcp_mesh = None
+        self._dcp_mesh = self._dcp_group = None
         if self._fsdp:
             self._dist = False
             self._rank, self._world = group_info(process_group)
-            # A CPU (gloo) mesh of its own for torch.distributed.checkpoint exports: they run on
-            # the writer thread, so their collectives must not share a group with training's.
-            # Created here, where every rank is (creating a group is itself a collective).
-            from torch.distributed.device_mesh import init_device_mesh
-            self._dcp_mesh = init_device_mesh("cpu", (self._world,))
+            self._dcp_group, self._dcp_mesh = _writer_mesh(process_group)
         self.on_busy = on_busy
         self._states: Dict[str, AverageState] = {
             name: AverageState(name, spec, self._layout) for name, spec in averages.items()}
         self._engine = Engine(self._layout, staging_bytes)
-        self._step = 0
+        self._step_count = 0
         self._counts = {"snapshots_taken": 0, "snapshots_skipped": 0, "snapshots_coalesced": 0}
         self._busy_wait = 0.0
         self._hooks = []
         self._closed = False
-        self._writer: Optional[concurrent.futures.ThreadPoolExecutor] = None
-        self._saves: list = []          # futures not yet known to be fine
-        self._save_stats = {"saves_written": 0, "save_seconds": 0.0, "save_bytes": 0}
+        self._writer = SnapshotWriter()
         self._periodic = None           # (every, Retention, names, dtype)
+        # Dropped without close(): the worker and the writer (which hold no reference to this
+        # object) are stopped and the staging released when it is garbage-collected.
+        self._finalizer = weakref.finalize(self, _release, self._engine, self._writer)
+        self._finalizer.atexit = False  # at exit, _close_open_averagers reports errors instead
         _open_averagers.add(self)
 
     # ---- taking snapshots -----------------------------------------------------------------
-    def attach(self, optimizer: torch.optim.Optimizer) -> "Averager":
-        """Takes snapshots after every ``optimizer.step()`` and fences the copy before the next.
+    def attach(self, *optimizers: torch.optim.Optimizer) -> "Averager":
+        """Takes a snapshot once every given optimizer has stepped, and fences the copy before
+        the next step of any of them.
 
-        Steps skipped by the optimizer (e.g. by ``GradScaler`` on inf/NaN gradients) are not
-        counted."""
+        Several optimizers over one model (e.g. Muon for matrices and AdamW for the rest) are
+        attached together: ``attach(opt_a, opt_b)``; their steps count as one step.
+
+        Steps skipped by the optimizer are not averaged: ``GradScaler`` does not call a plain
+        optimizer's ``step`` on inf/NaN gradients (the step is not counted), and a fused one
+        (``fused=True``) steps with ``found_inf`` set: that step is counted but its snapshot is
+        dropped by the worker (``snapshots_dropped_nonfinite`` in :meth:`stats`), with no host
+        sync on the training thread.
+
+        Raises:
+            ValueError: an optimizer updates tensors that are not the averaged parameters (the
+                model was moved, re-wrapped or sharded after the Averager was built), or some
+                averaged parameter is updated by none of the given optimizers.
+        """
         self._check_open()
         if self._hooks:
-            raise RuntimeError("this Averager is already attached to an optimizer")
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got "
-                            f"{type(optimizer).__name__}")
-        self._hooks = [
-            optimizer.register_step_pre_hook(lambda *_: self.fence()),
-            optimizer.register_step_post_hook(lambda *_: self.step(fence=False)),
-        ]
+            raise RuntimeError("this Averager is already attached; detach() first, then attach "
+                               "every optimizer in one call")
+        if not optimizers:
+            raise TypeError("attach needs at least one optimizer")
+        for i, opt in enumerate(optimizers):
+            if not isinstance(opt, torch.optim.Optimizer):
+                raise TypeError(f"optimizers[{i}] must be a torch.optim.Optimizer, got "
+                                f"{type(opt).__name__}")
+        self._layout.check_optimizers(optimizers)
+        # Weak: hooks left on a live optimizer must not keep a dropped Averager (its worker and
+        # pinned staging) alive; they do nothing once it is gone.
+        me = weakref.ref(self)
+        waiting = {id(o) for o in optimizers}
+        stepped: Dict[int, Optional[torch.Tensor]] = {}
+
+        # Out of compiled graphs: a compiled optimizer step runs the hooks eagerly (graph break)
+        # instead of tracing the engine's threads and events into the graph.
+        @_compiler_disable
+        def pre_hook(opt, args, kwargs):
+            avg = me()
+            if avg is not None and not avg._closed:
+                avg.fence()
+
+        @_compiler_disable
+        def post_hook(opt, args, kwargs):
+            avg = me()
+            if avg is None or avg._closed:
+                return
+            stepped[id(opt)] = getattr(opt, "found_inf", None)  # set by GradScaler if fused
+            if len(stepped) < len(waiting):
+                return
+            flags = [f for f in stepped.values() if isinstance(f, torch.Tensor)]
+            stepped.clear()
+            found_inf = None
+            if flags:
+                found_inf = flags[0] if len(flags) == 1 else torch.stack(
+                    [f.reshape(-1)[0].to(flags[0].device) for f in flags]).sum()
+            avg._step(fence=False, found_inf=found_inf)
+
+        for opt in optimizers:
+            self._hooks += [opt.register_step_pre_hook(pre_hook),
+                            opt.register_step_post_hook(post_hook)]
         return self
 
     def detach(self) -> None:
@@ -173,13 +243,17 @@ class Averager:
                 ``False`` the copy overlaps with what follows, and :meth:`fence` must be called
                 before the parameters change in place (``attach`` does this for you).
         """
+        self._step(fence=fence, found_inf=None)
+
+    def _step(self, *, fence: bool, found_inf: Optional[torch.Tensor]) -> None:
         self._check_open()
+        self._check_not_capturing()
         self._raise_worker_error()
-        self._step += 1
-        s = self._step
+        s = self._step_count + 1
         due = [st for st in self._states.values() if st.spec.is_due(s)]
         if due:
-            self._take(s, due)
+            self._take(s, due, found_inf)  # raises with nothing taken and the step not counted
+        self._step_count = s
         if fence:
             self.fence()
         if self._periodic is not None and s % self._periodic[0] == 0:
@@ -193,38 +267,42 @@ class Averager:
 
     def fence(self) -> None:
         """Orders the last snapshot's copy before any later change of the parameters."""
+        self._check_not_capturing()
         self._engine.fence()
 
-    def _take(self, step: int, due) -> None:
+    def _check_not_capturing(self) -> None:
+        if self._engine.cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "an Averager cannot run inside CUDA graph capture (its copies, events and worker "
+                "live outside the graph, and a replay would not take snapshots): capture the "
+                "forward/backward only and run optimizer.step() outside the graph, or call "
+                "avg.step() after each replay instead of attach()")
+
+    def _take(self, step: int, due, found_inf: Optional[torch.Tensor]) -> None:
         eng = self._engine
-        for e in self._layout.entries:
-            if local_tensor(e.tensor).shape != e.shape:
-                self._layout.check_unchanged()  # raises with the name and both shapes
+        self._layout.check_shapes()
         if eng.busy():
             if self.on_busy == "skip":
                 self._counts["snapshots_skipped"] += 1
                 return
             if self.on_busy == "coalesce":
                 for st in due:
-                    st.pending += 1
+                    st.coalesced += 1
                 self._counts["snapshots_coalesced"] += 1
                 return
             t0 = time.perf_counter()
             eng.wait_capacity()
             self._busy_wait += time.perf_counter() - t0
             self._raise_worker_error()
-        emas, lawas = [], []
+        # The schedule moves on only once the engine has taken the job: a failed submit leaves
+        # it as it was (the caller may catch the error and go on training).
+        emas = [(st, st.spec.weight(1 + st.coalesced)) for st in due if isinstance(st.spec, EMA)]
+        lawas = [st for st in due if not isinstance(st.spec, EMA)]
+        eng.submit(Job(step, emas, lawas, found_inf))
         for st in due:
-            if isinstance(st.spec, EMA):
-                periods, st.pending = 1 + st.pending, 0
-                emas.append((st, None if st.scheduled == 0 else st.spec.weight(periods)))
-            else:
-                st.pending = 0
-                lawas.append((st, st.next_pos))
-                st.next_pos = (st.next_pos + 1) % st.spec.window
+            st.coalesced = 0
             st.scheduled += 1
         self._counts["snapshots_taken"] += 1
-        eng.submit(Job(step, emas, lawas))
 
     # ---- waiting, errors, shutdown ------------------------------------------------------------
     def flush(self) -> None:
@@ -244,9 +322,7 @@ class Averager:
         for h in self._hooks:
             h.remove()
         self._hooks = []
-        self._engine.close()
-        if self._writer is not None:
-            self._writer.shutdown(wait=True)  # pending snapshot files are completed
+        self._finalizer()  # the worker applies what is queued, the writer writes every file
         if not self._engine.error_reported:
             self._raise_worker_error()
         self._raise_save_error()
@@ -276,17 +352,7 @@ class Averager:
                            "new Averager") from eng.error
 
     def _raise_save_error(self) -> None:
-        keep = []
-        error = None
-        for fut in self._saves:
-            if not fut.done():
-                keep.append(fut)
-            elif fut.cancelled() or fut._exception_unseen() is None:
-                continue
-            elif error is None:
-                error = fut._exception_unseen()
-                fut.observed = True
-        self._saves = keep
+        error = self._writer.unseen_error()
         if error is not None:
             raise error
 
@@ -325,7 +391,7 @@ class Averager:
         st = self._states[name]
         if st.scheduled == 0:
             raise RuntimeError(f"average {name!r} has no snapshot yet (first due after step "
-                               f"{st.spec.start + st.spec.every}, now at step {self._step})")
+                               f"{st.spec.start + st.spec.every}, now at step {self._step_count})")
         path = os.fspath(path)
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
@@ -340,15 +406,12 @@ class Averager:
         split = self._split_map() if self._fsdp else {}
         fut = SnapshotFuture(file_path)
         fut.set_running_or_notify_cancel()
-        self._saves.append(fut)
+        self._writer.track(fut)
         # Not averaged entries are taken now, on this thread: they may change at the next step.
         # Sharded, rank 0 writes them.
         others = {k: t.detach().to("cpu", copy=True) for k, t in self._layout.passthrough.items()
                   if self._rank == 0}
-        step = self._step
-        if self._writer is None:
-            self._writer = concurrent.futures.ThreadPoolExecutor(
-                1, thread_name_prefix="offload_ema-writer")
+        step = self._step_count
 
         def take_copy():  # on the worker: the averages are at `step` here
             try:
@@ -359,34 +422,23 @@ class Averager:
                 if split:
                     # Where this rank's part of each split tensor sits in the full tensor.
                     meta["shards"] = json.dumps({n: v[self._rank] for n, v in split.items()})
-                self._writer.submit(write, tensors, meta)
-            except BaseException as exc:
-                fut.set_exception(exc)
-
-        def write(tensors, meta):  # on the writer thread
-            t0 = time.perf_counter()
-            try:
-                if format == "dcp":
-                    nbytes = write_dcp(file_path, self._as_dtensors(tensors), meta,
-                                       self._dcp_mesh.get_group(), self._rank, f"{step}-{seq}")
-                    fut.seconds, fut.nbytes = time.perf_counter() - t0, nbytes
-                    fut.set_result(file_path)
-                    return
-                nbytes = write_atomic(file_path, tensors, meta)
-                if index_path is not None and self._rank == 0:
-                    write_index(index_path, weight_map, meta, split)
-                if _retention is not None:
-                    _retention.prune(name)
             except BaseException as exc:
                 fut.set_exception(exc)
                 return
-            fut.seconds, fut.nbytes = time.perf_counter() - t0, nbytes
-            self._save_stats["saves_written"] += 1
-            self._save_stats["save_seconds"] += fut.seconds
-            self._save_stats["save_bytes"] += nbytes
-            fut.set_result(file_path)
+            self._writer.submit(fut, lambda: write(tensors, meta))
 
-        self._engine.call_soon(take_copy)
+        def write(tensors, meta) -> int:  # on the writer thread
+            if format == "dcp":
+                return write_dcp(file_path, self._as_dtensors(tensors), meta, self._dcp_group,
+                                 self._rank, f"{step}-{seq}")
+            nbytes = write_atomic(file_path, tensors, meta)
+            if index_path is not None and self._rank == 0:
+                write_index(index_path, weight_map, meta, split)
+            if _retention is not None:
+                _retention.prune(name)
+            return nbytes
+
+        self._engine.run_after(take_copy)
         return fut
 
     def _weight_map(self, path: str) -> Dict[str, object]:
@@ -480,7 +532,7 @@ class Averager:
 
     @property
     def step_count(self) -> int:
-        return self._step
+        return self._step_count
 
     def ready(self, name: str) -> bool:
         """Whether the average ``name`` has a snapshot (taken, maybe not applied yet): whether
@@ -496,7 +548,7 @@ class Averager:
         st = self._states[name]
         if st.applied == 0:
             raise RuntimeError(f"average {name!r} has no snapshot yet (first due after step "
-                               f"{st.spec.start + st.spec.every}, now at step {self._step})")
+                               f"{st.spec.start + st.spec.every}, now at step {self._step_count})")
         return st
 
     def _entry_values(self, st: AverageState) -> Iterator:
@@ -505,11 +557,11 @@ class Averager:
             for e in self._layout.entries:
                 yield e, st.acc[e.group][e.offset:e.offset + e.numel].view(e.shape)
         else:
-            slots = [st.slots[pos] for pos in st.order]
+            ring = [st.ring[pos] for pos in st.order]
             for e in self._layout.entries:
                 out = torch.empty(e.shape, dtype=torch.float32)
                 ops.mean_(out.view(-1),
-                          [s[e.group][e.offset:e.offset + e.numel] for s in slots])
+                          [r[e.group][e.offset:e.offset + e.numel] for r in ring])
                 yield e, out
 
     def _local_values(self, st: AverageState) -> Dict[str, torch.Tensor]:
@@ -559,6 +611,11 @@ class Averager:
         self.flush()
         st = self._state(name)
         entries = self._layout.all_entries
+        # FSDP2 keeps a module's gathered (unsharded) parameters after a forward that does not
+        # reshard (the root's, by default): writing the local shards would not reach them, and
+        # after restoring, training would go on with the average. Reshard before and after.
+        fsdp_modules = _fsdp_modules(model) if self._fsdp else []
+        _reshard(fsdp_modules)
         targets = self._layout.resolve(model, entries)
         backups = []
         try:
@@ -577,22 +634,21 @@ class Averager:
             with torch.no_grad():
                 for t, saved in backups:
                     t.copy_(saved)
+            _reshard(fsdp_modules)  # what the body gathered holds the average: drop it
 
     # ---- introspection and persistence -----------------------------------------------------------
     def stats(self) -> Dict[str, float]:
         """Counters and timings: snapshots taken / applied / skipped / coalesced, bytes copied,
         copy, update, fence-wait and busy-wait seconds, lag, staging sizes."""
         eng = self._engine
-        with eng.cond:
-            s = dict(eng.stats)
-            in_flight = eng.in_flight
+        s, in_flight = eng.stats_snapshot()
         applied_step = int(s.pop("last_applied_step", 0))
         return {
-            "step": self._step,
+            "step": self._step_count,
             **self._counts,
             "snapshots_applied": int(s.get("snapshots_applied", 0)),
             "in_flight": in_flight,
-            "lag_steps": self._step - applied_step if applied_step else 0,
+            "lag_steps": self._step_count - applied_step if applied_step else 0,
             "bytes_copied": int(s.get("bytes_copied", 0)),
             "copy_seconds": s.get("copy_seconds", 0.0),
             "update_seconds": s.get("update_seconds", 0.0),
@@ -603,10 +659,11 @@ class Averager:
             "snapshot_bytes": self._layout.nbytes,
             "staging_bytes": eng.staging_nbytes,
             "pinned_bytes": eng.staging_nbytes if eng.cuda else 0,
-            "staging_slots": len(eng.slots),
+            "staging_buffers": len(eng.staging),
+            "snapshots_dropped_nonfinite": int(s.get("snapshots_dropped_nonfinite", 0)),
             "host_bytes": self._host_bytes(),
             "chunks_per_snapshot": len(eng.chunks),
-            **self._save_stats,
+            **self._writer.stats(),
             "rank": self._rank,
             "world": self._world,
             "averaged_tensors": len(self._layout.entries),
@@ -621,8 +678,8 @@ class Averager:
             if isinstance(st.spec, EMA):
                 total += sum(a.numel() * 4 for a in st.acc)
             else:
-                total += sum(t.numel() * t.element_size() for slot in st.slots if slot
-                             for t in slot)
+                total += sum(t.numel() * t.element_size() for entry in st.ring if entry
+                             for t in entry)
         return total
 
     def state_dict(self) -> dict:
@@ -631,16 +688,16 @@ class Averager:
         self.flush()
         averages = {}
         for name, st in self._states.items():
-            d = {"config": st.spec.config(), "scheduled": st.scheduled, "pending": st.pending,
+            d = {"config": st.spec.config(), "scheduled": st.scheduled, "pending": st.coalesced,
                  "applied": st.applied, "last_step": st.last_step}
             if isinstance(st.spec, EMA):
                 d["acc"] = [a.clone() for a in st.acc]
             else:
-                d["slots"] = {pos: [t.clone() for t in st.slots[pos]] for pos in st.order}
+                d["slots"] = {pos: [t.clone() for t in st.ring[pos]] for pos in st.order}
                 d["order"] = list(st.order)
                 d["next_pos"] = st.next_pos
             averages[name] = d
-        return {"format": _STATE_FORMAT, "version": __version__, "step": self._step,
+        return {"format": _STATE_FORMAT, "version": __version__, "step": self._step_count,
                 "layout": self._layout.signature(), "averages": averages,
                 "counts": dict(self._counts), "rank": self._rank, "world": self._world}
 
@@ -674,27 +731,53 @@ class Averager:
                                  f"has {st.spec.config()}")
         for name, d in state["averages"].items():
             st = self._states[name]
-            st.scheduled, st.pending = d["scheduled"], d["pending"]
+            st.scheduled, st.coalesced = d["scheduled"], d["pending"]
             st.applied, st.last_step = d["applied"], d["last_step"]
             if isinstance(st.spec, EMA):
                 for a, saved in zip(st.acc, d["acc"]):
                     a.copy_(saved)
             else:
-                st.slots = [None] * st.spec.window
+                st.ring = [None] * st.spec.window
                 st.order.clear()
                 for pos in d["order"]:
-                    for t, saved in zip(st.slot(pos), d["slots"][pos]):
+                    for t, saved in zip(st.ring_entry(pos), d["slots"][pos]):
                         t.copy_(saved)
                     st.order.append(pos)
                 st.next_pos = d["next_pos"]
-        self._step = int(state["step"])
+        self._step_count = int(state["step"])
         self._counts = dict(state.get("counts", self._counts))
-        if self._step:
-            with self._engine.cond:
+        if self._step_count:
+            with self._engine.cond:  # the worker is idle (flushed); the lock orders the write
                 self._engine.stats["last_applied_step"] = max(
                     (st.last_step for st in self._states.values()), default=0)
 
     def __repr__(self) -> str:
         avgs = ", ".join(f"{n}={st.spec}" for n, st in self._states.items())
-        return (f"Averager({avgs}, step={self._step}, device={self._layout.device}, "
+        return (f"Averager({avgs}, step={self._step_count}, device={self._layout.device}, "
                 f"on_busy={self.on_busy!r})")
+
+
+def _writer_mesh(process_group):
+    """A gloo group and a 1-D CPU mesh over it, of the Averager's own, for
+    torch.distributed.checkpoint exports: they run on the writer thread, so their collectives
+    must not run on training's group (NCCL on GPUs: init_device_mesh("cpu") over the world hands
+    back the default group when its backend is not gloo, and the writer thread never set a CUDA
+    device). Created at construction, where every rank is (creating a group is a collective)."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    ranks = dist.get_process_group_ranks(process_group or dist.group.WORLD)
+    group = dist.new_group(ranks=ranks, backend="gloo")
+    return group, DeviceMesh.from_group(group, "cpu")
+
+
+def _fsdp_modules(model: nn.Module) -> list:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import FSDPModule
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def _reshard(modules) -> None:
+    for m in modules:
+        m.reshard()

@@ -2,20 +2,25 @@
 
     optimizer.step() on the main stream
       -> Averager.step: record E_ready; the side stream waits on it and copies the parameters
-         (non_blocking) into a staging slot, then records E_copied          (submit)
+         (non_blocking) into a staging buffer, then records E_copied          (submit)
       -> worker thread: E_copied.synchronize(), then the ops kernels update every average due at
-         that step from the slot, and the slot is freed                      (_process)
+         that step from the staging buffer, and the buffer is freed           (_process)
       -> before the next in-place change of the parameters, the main stream waits on E_copied
          (a stream wait, not a host block), so the copy never reads half-updated weights (fence)
 
-Staging is a fixed set of slots allocated once. When one slot holds a whole snapshot, up to
-``len(slots)`` snapshots are in flight. When the byte budget is smaller than a snapshot, two slots
-take it in chunks: the worker issues the copies of later chunks as it frees slots, and the fence
-must first wait on the host until the last chunk's copy has been issued, i.e. until the worker
-has applied all chunks but the last two. That wait is reported as ``fence_wait_seconds``.
+Staging is a fixed set of buffers allocated once. When one buffer holds a whole snapshot, up to
+``len(buffers)`` snapshots are in flight. When the byte budget is smaller than a snapshot, two
+buffers take it in chunks: the worker issues the copies of later chunks as it frees buffers, and
+the fence must first wait on the host until the last chunk's copy has been issued, i.e. until the
+worker has applied all chunks but the last two. That wait is reported as ``fence_wait_seconds``.
 
 On a CPU-only model the same engine runs with the worker doing the copy itself (host memcpy into
-the slot); the fence then waits until that copy is complete.
+the buffer); the fence then waits until that copy is complete.
+
+Ownership: the worker thread alone writes the averages' buffers and their worker-side counters
+(``AverageState.applied``, ``last_step``, the LAWA ring's ``order`` / ``next_pos``); the training
+thread alone writes the schedule fields (``scheduled``, ``coalesced``). Fields shared by both
+(``_free``, ``_tickets``, ``in_flight``, ``error``, ``stats``) are read and written under ``cond``.
 """
 from __future__ import annotations
 
@@ -31,7 +36,7 @@ from offload_ema import ops
 from offload_ema.averages import EMA
 from offload_ema.layout import ALIGN, Layout, is_dtensor, local_tensor
 
-_BUSY_POLICIES = ("block", "skip", "coalesce")
+BUSY_POLICIES = ("block", "skip", "coalesce")
 
 
 def _per_thread_intraop() -> bool:
@@ -41,86 +46,112 @@ def _per_thread_intraop() -> bool:
 
 
 class AverageState:
-    """One average's host buffers and counters. Buffers are written only by the worker; the
-    scheduling fields (``scheduled``, ``pending``, ``next_pos``) only by the main thread."""
+    """One average's host buffers and counters. Buffers and ``applied`` / ``last_step`` /
+    ``order`` / ``next_pos`` are written only by the worker; ``scheduled`` and ``coalesced`` only by
+    the training thread."""
 
     def __init__(self, name: str, spec, layout: Layout):
         self.name = name
         self.spec = spec
-        self.scheduled = 0   # snapshots handed to the engine
-        self.pending = 0     # due snapshots coalesced into the next one (EMA decay periods)
-        self.applied = 0     # snapshots applied by the worker
-        self.last_step = 0   # step of the last applied snapshot
+        self.scheduled = 0   # snapshots handed to the engine               (training thread)
+        self.coalesced = 0   # due snapshots merged into the next one (EMA)  (training thread)
+        self.applied = 0     # snapshots applied                            (worker)
+        self.last_step = 0   # step of the last applied snapshot            (worker)
         if isinstance(spec, EMA):
             self.acc = [torch.zeros(g.numel, dtype=torch.float32) for g in layout.groups]
         else:
-            self.slots: List[Optional[List[torch.Tensor]]] = [None] * spec.window
+            # The LAWA ring: ``window`` entries, filled as the window fills. The worker picks the
+            # entry to overwrite when it applies a snapshot, so a snapshot that is dropped (e.g.
+            # non-finite gradients) never leaves a hole or a stale entry in the mean.
+            self.ring: List[Optional[List[torch.Tensor]]] = [None] * spec.window
             self.order: Deque[int] = collections.deque(maxlen=spec.window)  # oldest first
             self.next_pos = 0
         self._layout = layout
 
-    def slot(self, pos: int) -> List[torch.Tensor]:
-        if self.slots[pos] is None:  # LAWA slots are allocated as the window fills
-            self.slots[pos] = [torch.empty(g.numel, dtype=g.dtype) for g in self._layout.groups]
-        return self.slots[pos]
+    def ring_entry(self, pos: int) -> List[torch.Tensor]:
+        if self.ring[pos] is None:
+            self.ring[pos] = [torch.empty(g.numel, dtype=g.dtype) for g in self._layout.groups]
+        return self.ring[pos]
 
 
 class Job:
     """One snapshot: the step, what it feeds, and its copies."""
 
-    def __init__(self, step: int, emas, lawas):
+    def __init__(self, step: int, emas, lawas, found_inf: Optional[torch.Tensor] = None):
         self.step = step
-        self.emas: List[Tuple[AverageState, Optional[float]]] = emas  # weight None: initialise
-        self.lawas: List[Tuple[AverageState, int]] = lawas            # ring position to fill
-        self.prepared = None        # [(chunk, slot, start event, done event)] issued by submit
-        self.eager = None           # eager (buffer) staging slot, filled by submit
-        self.eager_event = None     # CUDA event after the eager copy
+        # (state, weight): the weight of this snapshot for an EMA that is already initialised;
+        # the worker initialises an EMA (copy) from the first snapshot it applies to it.
+        self.emas: List[Tuple[AverageState, float]] = emas
+        self.lawas: List[AverageState] = lawas
+        self.lawa_pos: Dict[int, int] = {}  # id(state) -> ring entry, chosen by the worker
+        # GradScaler's found_inf for a fused optimizer's step (which runs the post-hook even when
+        # it skipped the update): the snapshot of a step with non-finite gradients is dropped.
+        self.found_inf = found_inf
+        self.dropped: Optional[bool] = None  # decided by the worker before the first update
+        self.ticket: Optional[int] = None    # per-job resources: buffer staging, found_inf flag
+        self.prepared = None        # [(chunk, buffer, start event, done event)] issued by submit
+        self.buffers_event = None   # CUDA event after the averaged module buffers' copy
         self.ready_event = None     # CUDA event after the optimizer step (chunked copies)
         self.copy_event = None      # CUDA event after the last copy: what the fence waits on
         self.issued = threading.Event()  # every copy issued (CUDA) / done (CPU)
-        self.held: List[int] = []   # staging slots this job holds
+        self.held: List[int] = []   # staging buffers this job holds
+        # Sources of side-stream copies, kept alive until the copy has completed: a parameter
+        # whose storage is replaced meanwhile (model.half(), load_state_dict(assign=True), FSDP2
+        # resharding) would otherwise return its block to the caching allocator, which can hand
+        # it to the main stream while the side stream still reads it.
+        self.sources: List[torch.Tensor] = []
         self.submitted = time.perf_counter()
         self.copy_s = 0.0
         self.update_s = 0.0
 
 
 class Engine:
+    """Staging, copies, the copy fence and the worker thread of one Averager.
+
+    Interface: ``busy`` / ``wait_capacity`` / ``submit`` / ``fence`` (training thread), ``run_after``
+    (a callable run on the worker once everything submitted before it is applied), ``flush``,
+    ``close``, ``stats_snapshot``, ``error``.
+    """
+
     def __init__(self, layout: Layout, staging_bytes: Optional[int] = None):
         self.layout = layout
         self.device = layout.device
         self.cuda = self.device.type == "cuda"
-        snapshot = max(layout.nbytes, 1)
+        # A rank that owns no tensor (DDP with fewer tensors than ranks) still runs the schedule;
+        # its staging is the minimum so that every size below stays valid.
+        snapshot = max(layout.nbytes, ALIGN)
         if staging_bytes is None:
             staging_bytes = 2 * snapshot
         if isinstance(staging_bytes, bool) or not isinstance(staging_bytes, int) or (
                 staging_bytes < 2 * ALIGN):
             raise ValueError(f"staging_bytes must be an int >= {2 * ALIGN}, got {staging_bytes!r}")
         if staging_bytes >= snapshot:
-            n_slots, slot_bytes = staging_bytes // snapshot, snapshot
+            n_buffers, buffer_bytes = staging_bytes // snapshot, snapshot
         else:
-            n_slots, slot_bytes = 2, staging_bytes // 2
-        self.chunks = layout.plan(slot_bytes)
-        # Snapshots that may be in flight at once: one per slot when a slot holds a snapshot;
-        # one in chunked mode (its chunks take both slots in turn).
-        self.capacity = n_slots if len(self.chunks) <= 1 else 1
-        self.slot_bytes = slot_bytes
-        self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=self.cuda)
-                      for _ in range(n_slots)]
+            n_buffers, buffer_bytes = 2, staging_bytes // 2
+        self.chunks = layout.plan(buffer_bytes)
+        # Snapshots that may be in flight at once: one per buffer when a buffer holds a snapshot;
+        # one in chunked mode (its chunks take both buffers in turn).
+        self.capacity = n_buffers if len(self.chunks) <= 1 else 1
+        self.staging = [torch.empty(buffer_bytes, dtype=torch.uint8, pin_memory=self.cuda)
+                        for _ in range(n_buffers)]
         self._copy_plans: Dict[int, tuple] = {}  # id(views) -> what _copy needs, built once
-        self._views = {(s, c): self._make_views(self.slots[s], self.chunks[c])
-                       for s in range(n_slots) for c in range(len(self.chunks))}
-        # Averaged buffers change in place during the next forward, long before the fence: they
-        # are copied at once, on the main thread / stream, into a small area of their own.
-        eager_bytes = layout.eager_nbytes
-        self.eager_slots = [torch.empty(eager_bytes, dtype=torch.uint8, pin_memory=self.cuda)
-                            for _ in range(self.capacity if eager_bytes else 0)]
-        eager_chunks = layout.plan(max(eager_bytes, 1), eager=True)
-        self._eager_views = [self._make_views(t, eager_chunks[0]) for t in self.eager_slots]
-        self._eager_free: Deque[int] = collections.deque(range(len(self.eager_slots)))
-        # Host staging in all (pinned on a GPU): the parameter slots within the budget, plus the
-        # averaged buffers' small area.
-        self.staging_nbytes = sum(t.numel() for t in self.slots + self.eager_slots)
-        self._free: Deque[int] = collections.deque(range(n_slots))
+        self._views = {(s, c): self._make_views(self.staging[s], self.chunks[c])
+                       for s in range(n_buffers) for c in range(len(self.chunks))}
+        # Averaged module buffers change in place during the next forward, long before the
+        # fence: they are copied at once, on the main thread / stream, into an area of their own
+        # (one per in-flight snapshot, like the found_inf flags).
+        buf_bytes = layout.buffers_nbytes
+        self.buffer_staging = [torch.empty(buf_bytes, dtype=torch.uint8, pin_memory=self.cuda)
+                               for _ in range(self.capacity if buf_bytes else 0)]
+        buf_chunks = layout.plan(max(buf_bytes, 1), buffers=True)
+        self._buffer_views = [self._make_views(t, buf_chunks[0]) for t in self.buffer_staging]
+        self._flags = torch.zeros(self.capacity, dtype=torch.float32, pin_memory=self.cuda)
+        self._tickets: Deque[int] = collections.deque(range(self.capacity))
+        # Host staging in all (pinned on a GPU): the parameter buffers within the budget, plus the
+        # averaged module buffers' small area.
+        self.staging_nbytes = sum(t.numel() for t in self.staging + self.buffer_staging)
+        self._free: Deque[int] = collections.deque(range(n_buffers))
         self.side = torch.cuda.Stream(self.device) if self.cuda else None
 
         self.cond = threading.Condition()
@@ -151,9 +182,9 @@ class Engine:
             out.append((piece, flat, parts))
         return out
 
-    def _copy(self, views) -> None:
+    def _copy(self, views, job: Optional[Job] = None) -> None:
         """Copies the live tensors into staging views (async on the current stream when they
-        are on a GPU)."""
+        are on a GPU; then ``job`` keeps the sources alive until the copy has completed)."""
         plan = self._copy_plans.get(id(views))
         if plan is None:  # built once per views list: the per-step work is one foreach call
             dsts, srcs, dynamic = [], [], []
@@ -168,13 +199,15 @@ class Engine:
                     dsts.append(dst)
             plan = self._copy_plans[id(views)] = (dsts, srcs, dynamic)
         dsts, srcs, dynamic = plan
-        if dynamic:
-            srcs = list(srcs)
-            for i, part in dynamic:
-                t = local_tensor(part.entry.tensor).detach()
-                srcs[i] = t if part.whole else t.reshape(-1)[part.start:part.end]
-        with torch.no_grad():
+        with torch.no_grad():  # no autograd nodes for FSDP2's to_local() / slices
+            if dynamic:
+                srcs = list(srcs)
+                for i, part in dynamic:
+                    t = local_tensor(part.entry.tensor).detach()
+                    srcs[i] = t if part.whole else t.reshape(-1)[part.start:part.end]
             torch._foreach_copy_(dsts, srcs, non_blocking=self.cuda)
+        if job is not None and self.cuda:
+            job.sources.extend(s.detach() for s in srcs)  # the storages as read now
 
     # ---- main thread ----------------------------------------------------------------------
     def busy(self) -> bool:
@@ -186,42 +219,71 @@ class Engine:
             self.cond.wait_for(lambda: self.in_flight < self.capacity or self.error is not None)
 
     def submit(self, job: Job) -> None:
-        """Hands a snapshot to the engine. The caller has checked capacity."""
+        """Hands a snapshot to the engine. The caller has checked capacity. If this raises
+        (e.g. out of memory while issuing a copy), nothing of the job remains: its staging and
+        ticket are returned and the fence does not wait for it."""
         with self.cond:
+            if self.in_flight >= self.capacity:
+                raise RuntimeError("submit called with no staging free (check busy() first)")
             self.in_flight += 1
+            job.ticket = self._tickets.popleft()
             if self.cuda and len(self.chunks) == 1:
                 job.held.append(self._free.popleft())
-            if self._eager_views:
-                job.eager = self._eager_free.popleft()
-        if job.eager is not None:
-            # On the current stream: ordered after the optimizer step and before the next forward
-            # that updates the buffers in place.
-            self._copy(self._eager_views[job.eager])
-            if self.cuda:
-                job.eager_event = torch.cuda.Event()
-                job.eager_event.record(torch.cuda.current_stream(self.device))
-        if self.cuda:
-            main = torch.cuda.current_stream(self.device)
-            ready = torch.cuda.Event()
-            ready.record(main)  # after the optimizer step's kernels
-            if len(self.chunks) == 1:
-                slot = job.held[0]
-                # The copy must start only after the optimizer step has written the parameters.
-                self.side.wait_event(ready)
-                with torch.cuda.stream(self.side):
-                    start = torch.cuda.Event(enable_timing=True)
-                    done = torch.cuda.Event(enable_timing=True)
-                    start.record(self.side)
-                    self._copy(self._views[(slot, 0)])
-                    done.record(self.side)
-                job.prepared = [(0, slot, start, done)]
-                job.copy_event = done
-                job.issued.set()
-            else:
-                job.ready_event = ready
-        self.stats["bytes_copied"] += self.layout.nbytes
+        try:
+            self._issue(job)
+        except BaseException:
+            with self.cond:
+                self._free.extend(job.held)
+                job.held.clear()
+                self._tickets.append(job.ticket)
+                self.in_flight -= 1
+                self.cond.notify_all()
+            raise
+        self.stats_add("bytes_copied", self.layout.nbytes)
         self._unfenced = job
         self._queue.put(job)
+
+    def _issue(self, job: Job) -> None:
+        """The training thread's part of a snapshot: what must happen on the main stream now."""
+        main = torch.cuda.current_stream(self.device) if self.cuda else None
+        if self.cuda and job.found_inf is not None:
+            # On the main stream, before E_ready: every event the worker waits on covers it.
+            flag = self._flags[job.ticket:job.ticket + 1]
+            flag.copy_(job.found_inf.detach().reshape(-1)[:1], non_blocking=True)
+        if self._buffer_views:
+            # On the current stream: ordered after the optimizer step and before the next forward
+            # that updates the buffers in place.
+            self._copy(self._buffer_views[job.ticket])
+            if self.cuda:
+                job.buffers_event = torch.cuda.Event(blocking=True)
+                job.buffers_event.record(main)
+        if not self.chunks:  # this rank averages no parameters (DDP): nothing to copy
+            job.issued.set()
+            return
+        if not self.cuda:
+            return  # the worker copies (and the fence waits for it)
+        ready = torch.cuda.Event()
+        ready.record(main)  # after the optimizer step's kernels
+        if len(self.chunks) > 1:
+            job.ready_event = ready  # the worker issues the chunks as buffers free up
+            return
+        buf = job.held[0]
+        # The copy must start only after the optimizer step has written the parameters.
+        self.side.wait_event(ready)
+        start, done = self._copy_on_side(self._views[(buf, 0)], job)
+        job.prepared = [(0, buf, start, done)]
+        job.copy_event = done
+        job.issued.set()
+
+    def _copy_on_side(self, views, job: Job):
+        """Records a start event, issues the copy and records a done event on the side stream."""
+        with torch.cuda.stream(self.side):
+            start = torch.cuda.Event(enable_timing=True, blocking=True)
+            done = torch.cuda.Event(enable_timing=True, blocking=True)
+            start.record(self.side)
+            self._copy(views, job)
+            done.record(self.side)
+        return start, done
 
     def fence(self) -> None:
         """Makes the parameters safe to change: the last snapshot's copy is complete (CPU) or
@@ -235,9 +297,9 @@ class Engine:
             # Stream wait, not a host block: the next optimizer step's kernels queue behind the
             # copy; forward and backward before it already overlapped with it.
             torch.cuda.current_stream(self.device).wait_event(job.copy_event)
-        self.stats["fence_wait_seconds"] += time.perf_counter() - t0
+        self.stats_add("fence_wait_seconds", time.perf_counter() - t0)
 
-    def call_soon(self, fn) -> None:
+    def run_after(self, fn) -> None:
         """Runs ``fn()`` on the worker after every snapshot submitted so far is applied (it sees
         the averages at a consistent step). ``fn`` reports its own errors."""
         with self.cond:
@@ -248,21 +310,41 @@ class Engine:
         with self.cond:
             self.cond.wait_for(lambda: self.in_flight == 0 and self.pending_calls == 0)
 
+    def stats_add(self, key: str, value: float) -> None:
+        with self.cond:
+            self.stats[key] += value
+
+    def stats_snapshot(self) -> Tuple[Dict[str, float], int]:
+        """(a copy of the counters, snapshots in flight), read together under the lock."""
+        with self.cond:
+            return dict(self.stats), self.in_flight
+
     def close(self) -> None:
+        """Applies what is in flight, stops the worker and releases the staging. Idempotent;
+        safe from the worker itself (a garbage collection there): it then only asks it to stop."""
         if self._closed:
             return
         self._closed = True
         self._queue.put(None)
-        self._thread.join()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+        self._release_staging()
+
+    def _release_staging(self) -> None:
+        self._copy_plans.clear()
+        self._views.clear()
+        self._buffer_views.clear()
+        self.staging = []
+        self.buffer_staging = []
 
     # ---- worker thread ----------------------------------------------------------------------
     def _run(self) -> None:
         if self.cuda:
             torch.cuda.set_device(self.device)
         if _per_thread_intraop():
-            # The worker's own torch ops (staging and slot copies) are small; run them on this
-            # thread instead of waking an OpenMP team that competes with training for the cores.
-            # The kernels use offload_ema's own threads.
+            # The worker's own torch ops (staging copies) are small; run them on this thread
+            # instead of waking an OpenMP team that competes with training for the cores. The
+            # kernels use offload_ema's own threads.
             torch.set_num_threads(1)
         while True:
             job = self._queue.get()
@@ -287,94 +369,112 @@ class Engine:
                 with self.cond:
                     self._free.extend(job.held)
                     job.held.clear()
-                    if job.eager is not None:
-                        self._eager_free.append(job.eager)
+                    self._tickets.append(job.ticket)
+                    job.sources = []
                     job.issued.set()  # nobody may wait on a copy that will never be issued
                     self.in_flight -= 1
                     self.cond.notify_all()
 
     def _process(self, job: Job) -> None:
-        if job.eager is not None:
-            if job.eager_event is not None:
-                job.eager_event.synchronize()  # the buffers' bytes have landed in staging
-            self._update(job, self._eager_views[job.eager])
+        for st in job.lawas:  # the ring entry this snapshot fills: the oldest once full
+            job.lawa_pos[id(st)] = st.next_pos
+        if self._buffer_views:
+            if job.buffers_event is not None:
+                job.buffers_event.synchronize()  # the module buffers' bytes are in staging
+            self._update(job, self._buffer_views[job.ticket])
         if job.prepared is not None:
-            for chunk, slot, start, done in job.prepared:
-                self._apply(job, chunk, slot, start, done)
+            for chunk, buf, start, done in job.prepared:
+                self._apply(job, chunk, buf, start, done)
         else:
-            pending: Deque[Tuple[int, int, object, object]] = collections.deque()
+            issued: Deque[Tuple[int, int, object, object]] = collections.deque()
             last = len(self.chunks) - 1
             for chunk in range(len(self.chunks)):
                 while not self._free:
-                    self._apply(job, *pending.popleft())
+                    self._apply(job, *issued.popleft())
                 with self.cond:
-                    slot = self._free.popleft()
-                    job.held.append(slot)
+                    buf = self._free.popleft()
+                    job.held.append(buf)
                 if self.cuda:
-                    with torch.cuda.stream(self.side):
-                        if chunk == 0:
-                            self.side.wait_event(job.ready_event)  # after the optimizer step
-                        start = torch.cuda.Event(enable_timing=True)
-                        done = torch.cuda.Event(enable_timing=True)
-                        start.record(self.side)
-                        self._copy(self._views[(slot, chunk)])
-                        done.record(self.side)
-                    pending.append((chunk, slot, start, done))
+                    if chunk == 0:
+                        self.side.wait_event(job.ready_event)  # after the optimizer step
+                    start, done = self._copy_on_side(self._views[(buf, chunk)], job)
+                    issued.append((chunk, buf, start, done))
                     if chunk == last:
                         job.copy_event = done
                 else:
                     t0 = time.perf_counter()
-                    self._copy(self._views[(slot, chunk)])
+                    self._copy(self._views[(buf, chunk)])
                     job.copy_s += time.perf_counter() - t0
-                    pending.append((chunk, slot, None, None))
+                    issued.append((chunk, buf, None, None))
                 if chunk == last:
                     job.issued.set()
-            while pending:
-                self._apply(job, *pending.popleft())
+            while issued:
+                self._apply(job, *issued.popleft())
         self._complete(job)
 
-    def _release(self, job: Job, slot: int) -> None:
+    def _release(self, job: Job, buf: int) -> None:
         with self.cond:
-            job.held.remove(slot)
-            self._free.append(slot)
+            job.held.remove(buf)
+            self._free.append(buf)
             self.cond.notify_all()
 
-    def _apply(self, job: Job, chunk: int, slot: int, start=None, done=None) -> None:
-        """Updates every average the job feeds from one chunk in a slot, then frees the slot."""
+    def _apply(self, job: Job, chunk: int, buf: int, start=None, done=None) -> None:
+        """Updates every average the job feeds from one chunk in a buffer, then frees it."""
         if done is not None:
-            done.synchronize()  # the slot's bytes are valid only once its copy has landed
+            # The buffer's bytes are valid only once its copy has landed. A blocking-sync event:
+            # the worker sleeps instead of spinning a core that training's data loader needs.
+            done.synchronize()
             job.copy_s += start.elapsed_time(done) / 1e3
-        self._update(job, self._views[(slot, chunk)])
-        self._release(job, slot)
+        self._update(job, self._views[(buf, chunk)])
+        self._release(job, buf)
+
+    def _is_dropped(self, job: Job) -> bool:
+        """Whether the job's step had non-finite gradients (its optimizer skipped the update).
+        Called after an event that follows the flag's copy (CUDA), so the flag is valid."""
+        if job.dropped is None:
+            if job.found_inf is None:
+                job.dropped = False
+            elif self.cuda:
+                job.dropped = bool(self._flags[job.ticket].item() != 0)
+            else:
+                job.dropped = bool(job.found_inf.reshape(-1)[0].item() != 0)
+        return job.dropped
 
     def _update(self, job: Job, views) -> None:
+        if self._is_dropped(job):
+            return
         t0 = time.perf_counter()
         for piece, flat, _ in views:
             g, lo, hi = piece.group, piece.start, piece.end
             accs, weights = [], []
             for state, w in job.emas:
                 acc = state.acc[g][lo:hi]
-                if w is None:
-                    acc.copy_(flat)  # the first snapshot initialises the EMA exactly
+                if state.applied == 0:
+                    acc.copy_(flat)  # the first applied snapshot initialises the EMA exactly
                 else:
                     accs.append(acc)
                     weights.append(w)
             if accs:
                 ops.ema_update_multi_(accs, flat, weights)
-            for state, pos in job.lawas:
-                state.slot(pos)[g][lo:hi].copy_(flat)
+            for state in job.lawas:
+                state.ring_entry(job.lawa_pos[id(state)])[g][lo:hi].copy_(flat)
         job.update_s += time.perf_counter() - t0
 
     def _complete(self, job: Job) -> None:
         with self.cond:
+            st = self.stats
+            if job.dropped:
+                st["snapshots_dropped_nonfinite"] += 1
+                return
             for state, _ in job.emas:
                 state.applied += 1
                 state.last_step = job.step
-            for state, pos in job.lawas:
+            for state in job.lawas:
+                pos = job.lawa_pos[id(state)]
                 state.order.append(pos)
+                state.next_pos = (pos + 1) % state.spec.window
                 state.applied += 1
                 state.last_step = job.step
-            st = self.stats
             st["snapshots_applied"] += 1
             st["update_seconds"] += job.update_s
             st["copy_seconds"] += job.copy_s

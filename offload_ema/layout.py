@@ -83,7 +83,7 @@ class Entry:
 @dataclass
 class Group:
     dtype: torch.dtype  # staging / LAWA slot dtype
-    eager: bool = False  # buffers: copied at once, since the next forward changes them in place
+    is_buffer: bool = False  # module buffers: copied at once (the next forward changes them)
     numel: int = 0
     entries: List[Entry] = field(default_factory=list)
 
@@ -162,7 +162,7 @@ class Layout:
         self.owner: Dict[str, int] = ({e.name: rank for e in self.all_entries}
                                       if self.sharded_tensors else
                                       shard_owners(self.all_entries, world))
-        # This rank's entries, grouped by staging dtype (buffers apart: they are copied eagerly).
+        # This rank's entries, grouped by staging dtype (module buffers apart: copied at once).
         self.entries: List[Entry] = []
         groups: Dict[Tuple[torch.dtype, bool], Group] = {}
         for e in self.all_entries:
@@ -188,24 +188,24 @@ class Layout:
     @property
     def nbytes(self) -> int:
         """Staging bytes of one whole snapshot of the parameters (pieces aligned as in a slot)."""
-        return sum(_aligned(g.numel * _itemsize(g.dtype)) for g in self.groups if not g.eager)
+        return sum(_aligned(g.numel * _itemsize(g.dtype)) for g in self.groups if not g.is_buffer)
 
     @property
-    def eager_nbytes(self) -> int:
-        """Staging bytes of the averaged buffers of one snapshot."""
-        return sum(_aligned(g.numel * _itemsize(g.dtype)) for g in self.groups if g.eager)
+    def buffers_nbytes(self) -> int:
+        """Staging bytes of the averaged module buffers of one snapshot."""
+        return sum(_aligned(g.numel * _itemsize(g.dtype)) for g in self.groups if g.is_buffer)
 
     def signature(self) -> List[Tuple[str, Tuple[int, ...], str]]:
         return [(e.name, tuple(e.shape), str(e.dtype)) for e in self.entries]
 
-    def plan(self, slot_bytes: int, eager: bool = False) -> List[Chunk]:
-        """Cuts the parameter groups (or, with ``eager``, the buffer groups) of one snapshot into
-        chunks of at most ``slot_bytes`` staging bytes each."""
+    def plan(self, slot_bytes: int, buffers: bool = False) -> List[Chunk]:
+        """Cuts the parameter groups (or, with ``buffers``, the module buffer groups) of one
+        snapshot into chunks of at most ``slot_bytes`` staging bytes each."""
         chunks: List[Chunk] = []
         pieces: List[Piece] = []
         used = filled = 0  # next aligned piece offset / end of the last piece, in bytes
         for gi, g in enumerate(self.groups):
-            if g.eager != eager:
+            if g.is_buffer != buffers:
                 continue
             size = _itemsize(g.dtype)
             start = 0
@@ -224,21 +224,58 @@ class Layout:
             chunks.append(Chunk(pieces, filled))
         return chunks
 
-    def check_unchanged(self) -> None:
-        """Raises if averaged tensors changed shape, or the model now holds other tensors."""
+    def check_shapes(self) -> None:
+        """Raises if an averaged tensor changed shape (an in-place reshape, ``.data = ...``)."""
         for e in self.entries:
             if local_tensor(e.tensor).shape != e.shape:
                 raise RuntimeError(
                     f"parameter {e.name!r} changed shape from {list(e.shape)} to "
                     f"{list(local_tensor(e.tensor).shape)} after the Averager was built; build a "
-                    "new Averager "
-                    "for the new model")
+                    "new Averager for the new model")
+
+    def check_unchanged(self) -> None:
+        """Raises if averaged tensors changed shape or device, or the model now holds other
+        tensors under their names."""
+        self.check_shapes()
+        for e in self.all_entries:
+            if e.tensor.device != self.device:
+                raise RuntimeError(
+                    f"parameter {e.name!r} is on {e.tensor.device}, but was on {self.device} when "
+                    "the Averager was built (model.to() / .cuda() after building it?); build the "
+                    "Averager after moving the model")
         current = {id(t) for t in self.model.state_dict(keep_vars=True).values()}
         for e in self.entries:
             if id(e.tensor) not in current:
                 raise RuntimeError(
                     f"parameter {e.name!r} was replaced by another tensor after the Averager "
                     "was built; build a new Averager for the new model")
+
+    def check_optimizers(self, optimizers) -> None:
+        """Raises unless the optimizers update exactly the averaged tensors' objects: an
+        Averager built before ``fully_shard`` / ``to_empty`` / re-creating parameters, or for
+        another model, would otherwise average tensors that training no longer changes."""
+        self.check_unchanged()
+        model_params = {id(p) for p in self.model.parameters()}
+        updated = set()
+        for i, opt in enumerate(optimizers):
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if id(p) not in model_params:
+                        raise ValueError(
+                            f"optimizers[{i}] updates a tensor of shape {list(p.shape)} that is "
+                            "not a parameter of the model this Averager was built for: build the "
+                            "Averager from the model the optimizer trains, after every step that "
+                            "replaces its parameters (fully_shard, to_empty, loading with "
+                            "assign=True)")
+                    updated.add(id(p))
+        missed = [e.name for e in self.all_entries
+                  if id(e.tensor) in model_params and id(e.tensor) not in updated]
+        if missed:
+            raise ValueError(
+                f"averaged parameters {missed[:5]}{' ...' if len(missed) > 5 else ''} are updated "
+                "by none of the optimizers given to attach(): pass every optimizer that updates "
+                "the model in one call (attach(opt_a, opt_b)), or set requires_grad=False on "
+                "parameters that are not trained")
 
     def resolve(self, model: nn.Module, entries: Optional[List[Entry]] = None) -> List[torch.Tensor]:
         """The live tensors of ``model`` (this model or a wrapper of it) for each entry (this

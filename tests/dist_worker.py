@@ -68,13 +68,92 @@ def fsdp2(rank, world, out):
                    os.path.join(out, "fsdp_ref.pt"))
 
 
+def fsdp2_root(rank, world, out):
+    """FSDP2 with parameters owned by the root module (fully_shard on the inner layers and the
+    root, as the usual recipe leaves the head to the root): the root is not resharded after a
+    forward, so swapped() must reshard before writing and after restoring, or training goes on
+    with the average. DCP exports must run on a gloo group of their own."""
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import offload_ema.averager as averager_mod
+
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 6), nn.ReLU(), nn.Linear(6, 3))
+    fully_shard(model[0], mesh=mesh)
+    fully_shard(model[2], mesh=mesh)
+    fully_shard(model, mesh=mesh)  # the root owns model[4]
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    avg = oe.Averager(model, {"ema": oe.EMA(0.5)}).attach(opt)
+    x = torch.ones(2, 8)
+
+    def train(s):
+        g = torch.Generator().manual_seed(s)  # the same data on every rank
+        model(torch.randn(4, 8, generator=g)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+    for s in range(1, 5):
+        train(s)
+    with torch.no_grad():
+        raw = model(x)
+    with avg.swapped(model, "ema"), torch.no_grad():
+        averaged = model(x)
+    assert not torch.allclose(raw, averaged), "the average should differ from the raw weights"
+    with torch.no_grad():
+        after = model(x)  # the raw weights again, also those of the root
+    assert torch.equal(after, raw), f"after swapped: {after} != raw {raw}"
+    # DCP exports use the Averager's own gloo group, never the default (training's) group.
+    seen = []
+    real = averager_mod.write_dcp
+
+    def recording(path, state, meta, group, *a, **k):
+        seen.append(group)
+        return real(path, state, meta, group, *a, **k)
+    averager_mod.write_dcp = recording
+    avg.save(os.path.join(out, f"root.dcp"), "ema", format="dcp").result(timeout=60)
+    assert seen and seen[0] is not None
+    assert seen[0] != dist.distributed_c10d._get_default_group()
+    assert dist.get_backend(seen[0]) == "gloo"
+    avg.close()
+
+
+def tiny(rank, world, out):
+    """DDP over a model with fewer tensors than ranks: a rank that owns nothing still takes part
+    in every collective and its Averager works."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3, bias=False)
+    ddp = DDP(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    avg = oe.Averager(ddp, {"ema": oe.EMA(0.5), "lawa": oe.LAWA(2, every=1)}).attach(opt)
+    refs = {"ema": RefEMA(0.5), "lawa": RefLAWA(2)}
+    for s in range(1, 6):
+        g = torch.Generator().manual_seed(10 * rank + s)
+        ddp(torch.randn(2, 4, generator=g)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        for r in refs.values():
+            r.update(snapshot(model))
+    assert (len(avg._layout.entries) == 0) == (rank == 1)
+    for n in refs:
+        assert_matches(avg.averaged_state_dict(n), refs[n].avg, rtol=1e-5, atol=1e-7)
+    with avg.swapped(ddp, "lawa"):
+        torch.testing.assert_close(model.weight.detach().double(), refs["lawa"].avg["weight"])
+    avg.save(os.path.join(out, "tiny.safetensors"), "ema").result(timeout=60)
+    avg.close()
+
+
 def main():
     scenario, rank, world, init_file, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), \
         sys.argv[4], sys.argv[5]
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=20))
-    if scenario == "fsdp2":
-        fsdp2(rank, world, out)
+    if scenario in ("fsdp2", "fsdp2_root", "tiny"):
+        {"fsdp2": fsdp2, "fsdp2_root": fsdp2_root, "tiny": tiny}[scenario](rank, world, out)
         dist.barrier()
         dist.destroy_process_group()
         print("OK", rank, flush=True)

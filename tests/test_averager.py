@@ -455,7 +455,7 @@ def test_averager_rejects_bad_arguments():
         oe.Averager(model, {"e": oe.EMA(0.9)}, staging_bytes=16)
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         oe.Averager({"w": torch.ones(2)}, {"e": oe.EMA(0.9)})
-    with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
+    with pytest.raises(TypeError, match="optimizers\\[0\\] must be a torch.optim.Optimizer"):
         with oe.Averager(model, {"e": oe.EMA(0.9)}) as avg:
             avg.attach(object())
 

@@ -104,3 +104,20 @@ def test_fsdp2_local_shards_gathered_swapped_and_saved_match_single_process(tmp_
     assert meta2["step"] == 8 and meta2["name"] == "ema"
     for k, v in ref.items():
         torch.testing.assert_close(t2[k], v, rtol=1e-5, atol=1e-7)
+
+
+def _check_ranks(results):
+    for r, (code, out, err) in enumerate(results):
+        assert code == 0, f"rank {r} failed:\n" + "\n".join(
+            f"--- rank {q} ---\n{e[-2500:]}" for q, (_, _, e) in enumerate(results))
+        assert out.strip() == f"OK {r}"
+
+
+def test_fsdp2_swapped_reshards_root_owned_parameters_and_dcp_uses_its_own_gloo_group(tmp_path):
+    _check_ranks(launch("fsdp2_root", tmp_path))
+
+
+def test_ddp_rank_that_owns_no_tensor_works(tmp_path):
+    _check_ranks(launch("tiny", tmp_path))
+    tensors, meta = oe.load_snapshot(tmp_path / "tiny.safetensors")
+    assert list(tensors) == ["weight"] and meta["world"] == 2
