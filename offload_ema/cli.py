@@ -51,9 +51,6 @@ def inspect(path: str) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 def consolidate(src: str, out: str) -> int:
     from offload_ema.snapshots import load_snapshot, write_atomic
@@ -70,3 +67,7 @@ def consolidate(src: str, out: str) -> int:
     write_atomic(out, tensors, flat)
     print(f"wrote {out}: {len(tensors)} tensors from {src}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -354,6 +354,9 @@ class Engine:
                 try:
                     job()
                 finally:
+                    # A run_after callable may hold its Averager: not kept while idle, or a
+                    # dropped Averager could never be collected (and this thread never end).
+                    job = None
                     with self.cond:
                         self.pending_calls -= 1
                         self.cond.notify_all()
@@ -374,6 +377,7 @@ class Engine:
                     job.issued.set()  # nobody may wait on a copy that will never be issued
                     self.in_flight -= 1
                     self.cond.notify_all()
+                job = None
 
     def _process(self, job: Job) -> None:
         for st in job.lawas:  # the ring entry this snapshot fills: the oldest once full

@@ -238,11 +238,12 @@ class Layout:
         tensors under their names."""
         self.check_shapes()
         for e in self.all_entries:
-            if e.tensor.device != self.device:
+            t = local_tensor(e.tensor)
+            if t.device != self.device or t.dtype != e.dtype:
                 raise RuntimeError(
-                    f"parameter {e.name!r} is on {e.tensor.device}, but was on {self.device} when "
-                    "the Averager was built (model.to() / .cuda() after building it?); build the "
-                    "Averager after moving the model")
+                    f"parameter {e.name!r} is {t.dtype} on {t.device}, but was {e.dtype} on "
+                    f"{self.device} when the Averager was built (model.to() / .cuda() / .half() "
+                    "after building it?); build the Averager after moving or converting the model")
         current = {id(t) for t in self.model.state_dict(keep_vars=True).values()}
         for e in self.entries:
             if id(e.tensor) not in current:

@@ -56,12 +56,15 @@ class SnapshotWriter:
             if item is None:
                 return
             fut, write = item
+            item = None  # write() may hold its Averager: not kept while idle (see close)
             t0 = time.perf_counter()
             try:
                 nbytes = write()
             except BaseException as exc:
                 fut.set_exception(exc)
                 continue
+            finally:
+                write = None
             fut.seconds, fut.nbytes = time.perf_counter() - t0, nbytes
             with self._lock:
                 self._stats["saves_written"] += 1
