@@ -165,3 +165,69 @@ def test_kernels_reject_cuda_tensors_with_a_clear_error():
         ops.ema_update_(torch.zeros(4), torch.ones(4, device="cuda"), 0.5)
     with pytest.raises(ValueError, match="avg must be a CPU tensor, got one on cuda"):
         ops.ema_update_(torch.zeros(4, device="cuda"), torch.ones(4), 0.5)
+
+
+def test_copy_sources_stay_alive_when_parameters_get_new_storage():
+    """A parameter given new storage right after the step (model.half(), load_state_dict with
+    assign=True, FSDP2 resharding) must not hand its old block to the main stream while the side
+    stream still copies from it."""
+    model, opt = _make(n=8, size=1 << 22)
+    with oe.Averager(model, {"ema": oe.EMA(0.9)}) as avg:
+        avg.attach(opt)
+        for s in (1, 2):
+            model.fake_backward(s)
+            opt.step()  # the copy is queued on the side stream behind this step ...
+        for p in model.ps:  # ... while the storage it reads is released and reused at once
+            p.data = torch.empty_like(p)
+        junk = [torch.full_like(p, 1e4) for p in model.ps]
+        sd = avg.averaged_state_dict("ema")
+        del junk
+    first = _reference_ema(0.9, 2, torch.bfloat16)
+    for i, a in enumerate(first):
+        assert torch.equal(sd[f"ps.{i}"], a), f"ps.{i}: the copy read reused memory"
+
+
+def test_fused_optimizer_under_grad_scaler_drops_nonfinite_steps_on_cuda():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4)).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 8)
+    acc, bad = None, {2, 5}
+    with oe.Averager(model, {"ema": oe.EMA(0.7)}) as avg:
+        avg.attach(opt)
+        for s in range(1, 9):
+            loss = model(torch.randn(8, 16, device="cuda")).pow(2).mean()
+            if s in bad:
+                loss = loss * float("inf")
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+            if s not in bad:
+                snap = {n: p.detach().double().cpu() for n, p in model.named_parameters()}
+                acc = snap if acc is None else {n: acc[n] + 0.3 * (snap[n] - acc[n]) for n in snap}
+        sd = avg.averaged_state_dict("ema")
+        assert avg.stats()["snapshots_dropped_nonfinite"] == len(bad)
+    for n, v in acc.items():
+        torch.testing.assert_close(sd[n].double(), v, rtol=1e-5, atol=1e-6)
+
+
+def test_optimizer_step_in_cuda_graph_capture_is_refused():
+    model, opt = _make(n=2, size=1 << 10, dtype=torch.float32)
+    with oe.Averager(model, {"ema": oe.EMA(0.9)}) as avg:
+        avg.attach(opt)
+        model.fake_backward(1)
+        opt.step()
+        graph = torch.cuda.CUDAGraph()
+        with pytest.raises(RuntimeError, match="CUDA graph capture"):
+            with torch.cuda.graph(graph):
+                opt.step()
+
+
+def test_attach_refuses_a_model_moved_to_the_gpu_after_the_averager_was_built():
+    model = nn.Linear(8, 8)
+    avg = oe.Averager(model, {"ema": oe.EMA(0.9)})
+    model.cuda()
+    with pytest.raises(RuntimeError, match="on cuda:0, but was torch.float32 on cpu"):
+        avg.attach(torch.optim.SGD(model.parameters(), lr=0.1))
+    avg.close()
