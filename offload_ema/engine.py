@@ -91,6 +91,7 @@ class Job:
         self.ticket: Optional[int] = None    # per-job resources: buffer staging, found_inf flag
         self.prepared = None        # [(chunk, buffer, start event, done event)] issued by submit
         self.buffers_event = None   # CUDA event after the averaged module buffers' copy
+        self.flag_event = None      # CUDA event after found_inf's copy into a pinned flag
         self.ready_event = None     # CUDA event after the optimizer step (chunked copies)
         self.copy_event = None      # CUDA event after the last copy: what the fence waits on
         self.issued = threading.Event()  # every copy issued (CUDA) / done (CPU)
@@ -247,9 +248,12 @@ class Engine:
         """The training thread's part of a snapshot: what must happen on the main stream now."""
         main = torch.cuda.current_stream(self.device) if self.cuda else None
         if self.cuda and job.found_inf is not None:
-            # On the main stream, before E_ready: every event the worker waits on covers it.
+            # On the main stream, after the step that computed it; read by the worker after
+            # flag_event (no host sync here).
             flag = self._flags[job.ticket:job.ticket + 1]
             flag.copy_(job.found_inf.detach().reshape(-1)[:1], non_blocking=True)
+            job.flag_event = torch.cuda.Event(blocking=True)
+            job.flag_event.record(main)
         if self._buffer_views:
             # On the current stream: ordered after the optimizer step and before the next forward
             # that updates the buffers in place.
@@ -433,12 +437,13 @@ class Engine:
         self._release(job, buf)
 
     def _is_dropped(self, job: Job) -> bool:
-        """Whether the job's step had non-finite gradients (its optimizer skipped the update).
-        Called after an event that follows the flag's copy (CUDA), so the flag is valid."""
+        """Whether the job's step had non-finite gradients (its optimizer skipped the update)."""
         if job.dropped is None:
             if job.found_inf is None:
                 job.dropped = False
             elif self.cuda:
+                # The flag's bytes have landed (long since, if a parameter copy already has).
+                job.flag_event.synchronize()
                 job.dropped = bool(self._flags[job.ticket].item() != 0)
             else:
                 job.dropped = bool(job.found_inf.reshape(-1)[0].item() != 0)
@@ -465,9 +470,10 @@ class Engine:
         job.update_s += time.perf_counter() - t0
 
     def _complete(self, job: Job) -> None:
+        dropped = self._is_dropped(job)  # also on a rank with nothing to copy (DDP)
         with self.cond:
             st = self.stats
-            if job.dropped:
+            if dropped:
                 st["snapshots_dropped_nonfinite"] += 1
                 return
             for state, _ in job.emas:
