@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace oe {
 
@@ -23,8 +24,22 @@ struct Kernels {
                int64_t end);
 };
 
-// The widest instruction set this CPU and OS support (checked once, at first use).
+// The widest instruction set this CPU and OS support, before any check of its results.
+Isa detected_isa();
+// The widest set at or below detected_isa() whose kernels reproduce the scalar path bit for bit
+// on a small fixed input (avx512 -> avx2 -> scalar, neon -> scalar). Checked once per process, at
+// first use: a vector path that a compiler, an emulator or a hypervisor gets wrong would
+// otherwise corrupt every average silently, while the scalar path is only slower.
 Isa best_isa();
+// The sets at or below detected_isa() whose results differed (set_isa refuses them too), widest
+// first; empty normally.
+const std::vector<Isa>& rejected_isas();
+// The check behind best_isa() for one set: its kernel table against the scalar table (false for
+// a set this host cannot run).
+// Test seam: OFFLOAD_EMA_ISA_CHECK_CORRUPT=<name>[,<name>...] flips one bit of the results the
+// check sees for those sets (the kernels themselves are untouched), so the fallback can be
+// exercised on a host whose vector paths are sound.
+bool matches_scalar(Isa isa);
 // The set the kernels use now: best_isa() unless lowered with set_isa (for tests, benchmarks).
 Isa active_isa();
 // Selects a set no wider than best_isa(); returns false (and changes nothing) otherwise.

@@ -3,6 +3,7 @@
 // Importing the Python module offload_ema._C runs the TORCH_LIBRARY registrations below.
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -138,12 +139,34 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", [] { return std::string(oe::isa_name(oe::active_isa())); },
         "Instruction set the kernels use now.");
   m.def("best_isa", [] { return std::string(oe::isa_name(oe::best_isa())); },
-        "Widest instruction set this host supports.");
+        "Widest instruction set this host supports whose kernels match the scalar path.");
+  m.def("detected_isa", [] { return std::string(oe::isa_name(oe::detected_isa())); },
+        "Widest instruction set this CPU and OS support, before the check against scalar.");
+  m.def(
+      "rejected_isas",
+      [] {
+        std::vector<std::string> names;
+        for (oe::Isa isa : oe::rejected_isas()) names.emplace_back(oe::isa_name(isa));
+        return names;
+      },
+      "Instruction sets disabled because their kernels differed from scalar, widest first.");
+  m.def(
+      "matches_scalar",
+      [](const std::string& name) {
+        oe::Isa isa;
+        TORCH_CHECK_VALUE(oe::isa_from_name(name, &isa), "isa must be one of scalar, avx2, avx512, neon, got '", name, "'");
+        return oe::matches_scalar(isa);
+      },
+      "Runs the start-up check of one instruction set's kernels against the scalar kernels.");
   m.def(
       "set_isa",
       [](const std::string& name) {
         oe::Isa isa;
         TORCH_CHECK_VALUE(oe::isa_from_name(name, &isa), "isa must be one of scalar, avx2, avx512, neon, got '", name, "'");
+        const auto& rejected = oe::rejected_isas();
+        TORCH_CHECK_VALUE(std::find(rejected.begin(), rejected.end(), isa) == rejected.end(),
+                          "isa '", name, "' gave results different from the scalar kernels on "
+                          "this host and is disabled (best: ", oe::isa_name(oe::best_isa()), ")");
         TORCH_CHECK_VALUE(oe::set_isa(isa), "isa '", name, "' is not supported on this host (best: ",
                           oe::isa_name(oe::best_isa()), ")");
       },

@@ -5,10 +5,15 @@ float16. The C++ kernels (``csrc/``) widen 16-bit sources in registers, update i
 memory, run on the library's own threads (:func:`set_num_threads`) and release the GIL. Where the
 extension is missing, or ``OFFLOAD_EMA_DISABLE_CPP=1`` is set, a pure-torch fallback computes the
 same values (to float32 rounding), more slowly and on torch's own intra-op threads.
+
+At first use the C++ kernels of the widest instruction set the CPU supports are run on a small
+fixed input and compared bit for bit with the scalar kernels; a set that differs is never used
+(avx512 -> avx2 -> scalar, neon -> scalar) and a RuntimeWarning says so, once per process.
 """
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from typing import Optional, Sequence
 
@@ -54,6 +59,28 @@ if _C is not None:
     _ops = torch.ops.offload_ema
 
 
+_isa_checked = False
+_isa_check_lock = threading.Lock()
+
+
+def _check_isa() -> None:
+    """Runs the C++ check of the instruction sets (once per process) and warns if it fell back."""
+    global _isa_checked
+    with _isa_check_lock:
+        if _isa_checked:
+            return
+        rejected = _C.rejected_isas()  # the first C++ call that needs the best set runs the check
+        _isa_checked = True
+    if rejected:
+        warnings.warn(
+            f"offload_ema: the {' and '.join(rejected)} kernels gave results different from the "
+            f"scalar kernels on this CPU and are disabled; using {_C.best_isa()}. Please report "
+            "this with your CPU model and compiler.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 def backend() -> str:
     """Which implementation is active: ``"cpp"`` or ``"torch"`` (the fallback)."""
     return "cpp" if _C is not None else "torch"
@@ -62,6 +89,8 @@ def backend() -> str:
 def ema_update_(avg: torch.Tensor, src: torch.Tensor, weight: float) -> None:
     """``avg += weight * (src - avg)`` in one pass; avg float32, src float32/bfloat16/float16."""
     if _C is not None:
+        if not _isa_checked:
+            _check_isa()
         _ops.ema_update_(avg, src, float(weight))
     else:
         _torch_ema_multi([avg], src, [float(weight)])
@@ -73,6 +102,8 @@ def ema_update_multi_(avgs: Sequence[torch.Tensor], src: torch.Tensor,
     avgs = list(avgs)
     weights = [float(w) for w in weights]
     if _C is not None:
+        if not _isa_checked:
+            _check_isa()
         _ops.ema_update_multi_(avgs, src, weights)
     else:
         _torch_ema_multi(avgs, src, weights)
@@ -82,6 +113,8 @@ def mean_(out: torch.Tensor, srcs: Sequence[torch.Tensor]) -> None:
     """``out = mean(srcs)`` elementwise, summed in float64 in list order, rounded to float32."""
     srcs = list(srcs)
     if _C is not None:
+        if not _isa_checked:
+            _check_isa()
         _ops.mean_(out, srcs)
     else:
         _torch_mean(out, srcs)
@@ -119,15 +152,22 @@ def get_num_threads() -> int:
 
 def isa() -> str:
     """Instruction set the C++ kernels use now (``avx512``, ``avx2``, ``neon``, ``scalar``), or
-    ``"torch"`` for the fallback."""
-    return _C.isa() if _C is not None else "torch"
+    ``"torch"`` for the fallback. Never a set that failed the check against the scalar kernels."""
+    if _C is None:
+        return "torch"
+    if not _isa_checked:
+        _check_isa()
+    return _C.isa()
 
 
 def set_isa(name: str) -> None:
     """Makes the C++ kernels use a narrower instruction set than the host's best (``"best"``
-    restores it). Meant for tests and benchmarks: results are equal on every set."""
+    restores it: the widest set that passed the check against the scalar kernels). Meant for
+    tests and benchmarks: results are equal on every set."""
     if _C is None:
         raise RuntimeError("set_isa needs the C++ kernels; the active backend is 'torch'")
+    if not _isa_checked:
+        _check_isa()
     _C.set_isa(_C.best_isa() if name == "best" else name)
 
 

@@ -430,3 +430,153 @@ def test_every_instruction_set_gives_identical_bits():
     for name, tensors in results[1:]:
         for x, y in zip(first, tensors):
             assert torch.equal(x, y), f"{name} differs from {first_name}"
+
+
+# ---- the start-up check of the instruction sets against the scalar kernels ----------------
+
+_CORRUPT_ENV = "OFFLOAD_EMA_ISA_CHECK_CORRUPT"
+
+
+def _checked_isas():
+    """The vector sets the check covers on this host, widest first."""
+    if ops.backend() != "cpp":
+        return []
+    return {"avx512": ["avx512", "avx2"], "avx2": ["avx2"], "neon": ["neon"]}.get(
+        ops._C.detected_isa(), [])
+
+
+def _fallback_cases():
+    """(sets whose check result is corrupted, the set the kernels must use then)."""
+    chain = _checked_isas()
+    cases = [(chain[:i + 1], (chain + ["scalar"])[i + 1]) for i in range(len(chain))]
+    if len(chain) == 2:  # only the narrower set fails: the best is kept, the narrower refused
+        cases.append(([chain[1]], chain[0]))
+    return cases or [pytest.param([], "", marks=pytest.mark.skip("no vector set to check"))]
+
+
+# Runs in a fresh process (the check runs once per process): first use of the kernels from four
+# threads at once, then more calls; saves every result, the ISA used and the warnings seen.
+_ISA_CHILD = r"""
+import sys, threading, warnings
+import torch
+inp, out, refuse = sys.argv[1], sys.argv[2], sys.argv[3:]
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    from offload_ema import ops
+    data = torch.load(inp, weights_only=True)
+    avg0, srcs = data["avg0"], data["srcs"]
+
+    def run():
+        res = {}
+        for j, s in enumerate(srcs):
+            a = avg0.clone()
+            ops.ema_update_(a, s, 0.37)
+            m = [avg0.clone(), avg0.clone()]
+            ops.ema_update_multi_(m, s, [1e-3, 0.9])
+            res[f"ema{j}"], res[f"multi{j}a"], res[f"multi{j}b"] = a, m[0], m[1]
+        mean = torch.empty_like(avg0)
+        ops.mean_(mean, srcs)
+        res["mean"] = mean
+        return res
+
+    go = threading.Barrier(4)
+    firsts = [None] * 4
+
+    def first(k):
+        go.wait()
+        firsts[k] = run()
+
+    threads = [threading.Thread(target=first, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    used = ops.isa()
+    again = run()
+    ops.set_isa("scalar")
+    scalar = run()
+    ops.set_isa("best")
+    best_again = ops.isa()
+    refused = []
+    for name in refuse:
+        try:
+            ops.set_isa(name)
+        except ValueError as exc:
+            refused.append((name, str(exc)))
+        ops.set_isa("best")
+warned = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+torch.save({"firsts": firsts, "again": again, "scalar": scalar, "used": used,
+            "best_again": best_again, "refused": refused, "warned": warned,
+            "rejected": ops._C.rejected_isas()}, out)
+"""
+
+
+def _run_isa_child(tmp_path, corrupt, refuse=()):
+    n = 1031
+    srcs = [sample(n, dt, seed=40 + j, scale=3.0) for j, dt in enumerate(SRC_DTYPES)]
+    data = {"avg0": sample(n, torch.float32, seed=39), "srcs": srcs}
+    torch.save(data, tmp_path / "in.pt")
+    env = dict(os.environ)
+    env.pop(_CORRUPT_ENV, None)
+    if corrupt is not None:
+        env[_CORRUPT_ENV] = corrupt
+    r = subprocess.run([sys.executable, "-c", _ISA_CHILD, str(tmp_path / "in.pt"),
+                        str(tmp_path / "out.pt"), *refuse],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return data, torch.load(tmp_path / "out.pt", weights_only=True)
+
+
+def _assert_results_are_right(data, got):
+    """Every run equals the scalar kernels' bits and the float64 reference."""
+    avg0, srcs = data["avg0"], data["srcs"]
+    for res in [*got["firsts"], got["again"]]:
+        for key, t in got["scalar"].items():
+            assert torch.equal(res[key], t), f"{key} differs from the scalar kernels"
+    for j, s in enumerate(srcs):
+        assert_ema_close(got["again"][f"ema{j}"], avg0, s, 0.37)
+        assert_ema_close(got["again"][f"multi{j}a"], avg0, s, 1e-3)
+        assert_ema_close(got["again"][f"multi{j}b"], avg0, s, 0.9)
+    exact = torch.stack([s.double() for s in srcs]).mean(0)
+    torch.testing.assert_close(got["again"]["mean"], exact.float(), rtol=2 * EPS32, atol=2.0 ** -149)
+
+
+@pytest.mark.parametrize("corrupt,expected", _fallback_cases(),
+                         ids=lambda v: ",".join(v) if isinstance(v, list) else v)
+def test_isa_check_mismatch_falls_back_and_warns_once(tmp_path, corrupt, expected):
+    data, got = _run_isa_child(tmp_path, ",".join(corrupt), refuse=corrupt)
+    assert got["used"] == expected
+    assert got["best_again"] == expected, "set_isa('best') returned to an unchecked set"
+    assert got["rejected"] == corrupt
+    assert [name for name, _ in got["refused"]] == corrupt
+    assert all("different from the scalar kernels" in msg for _, msg in got["refused"])
+    assert len(got["warned"]) == 1, got["warned"]
+    msg = got["warned"][0]
+    assert all(name in msg for name in corrupt) and f"using {expected}" in msg, msg
+    _assert_results_are_right(data, got)
+
+
+@pytest.mark.parametrize("corrupt", [None, "foreign"])
+def test_isa_check_keeps_the_best_isa_without_a_mismatch(tmp_path, corrupt):
+    chain = _checked_isas()
+    if not chain:
+        pytest.skip("no vector set to check")
+    if corrupt == "foreign":  # a set this host never checks: naming it must change nothing
+        corrupt = "avx2" if chain == ["neon"] else "neon"
+    data, got = _run_isa_child(tmp_path, corrupt)
+    assert got["used"] == got["best_again"] == chain[0]
+    assert got["rejected"] == [] and got["refused"] == []
+    assert got["warned"] == []
+    _assert_results_are_right(data, got)
+
+
+def test_isa_check_passes_every_set_in_this_process(cpp_backend):
+    # The real check on real kernel outputs, for each set the fixtures run the other tests on.
+    if os.environ.get(_CORRUPT_ENV):
+        pytest.skip(f"{_CORRUPT_ENV} is set")
+    assert ops._C.matches_scalar(cpp_backend.split("-", 1)[1])
+    assert ops._C.rejected_isas() == []
+    assert ops._C.best_isa() == ops._C.detected_isa()
+    # A set this host cannot run is never run, not even by the check.
+    foreign = "avx2" if ops._C.detected_isa() == "neon" else "neon"
+    assert not ops._C.matches_scalar(foreign)
