@@ -109,6 +109,27 @@ def test_checkpoint_resume_continues_exactly(tmp_path):
     resumed.averager.close()
 
 
+def test_resume_at_another_number_of_processes_says_so(tmp_path):
+    # A sharded 2-process run keeps every rank's state in rank 0's checkpoint (the 2-process
+    # round trip is tests/test_integrations_distributed.py); one process cannot take it over.
+    first = AveragerCallback(specs())
+    t1 = trainer(4, [first], limit_val_batches=0)
+    t1.fit(Tiny(), data())
+    ckpt = tmp_path / "four.ckpt"
+    t1.save_checkpoint(ckpt)
+    first.averager.close()
+    c = torch.load(ckpt, weights_only=False)
+    (key,) = [k for k in c["callbacks"] if k.startswith("offload_ema.")]
+    state = c["callbacks"][key]["averager"]
+    c["callbacks"][key] = {"averager_ranks": [state, state], "world": 2}
+    torch.save(c, ckpt)
+    resumed = AveragerCallback(specs())
+    with pytest.raises(ValueError, match="averager states of 2 processes, this run has 1.*resume "
+                                         "with 2 processes"):
+        trainer(8, [resumed], limit_val_batches=0).fit(Tiny(), data(), ckpt_path=ckpt)
+    resumed.averager.close()
+
+
 def test_periodic_snapshots_from_the_callback(tmp_path):
     cb = AveragerCallback(specs(), save_every=5, save_path=str(tmp_path / "{name}-{step}.safetensors"),
                           keep_last=1)

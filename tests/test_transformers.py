@@ -1,5 +1,7 @@
 """The Hugging Face Trainer callback on a tiny local model: averages vs a float64 reference at
 the real optimizer steps, evaluation with the average swapped in, exact checkpoint resume."""
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -8,7 +10,8 @@ transformers = pytest.importorskip("transformers")  # CI installs it (Makefile d
 pytest.importorskip("accelerate")
 
 import offload_ema as oe  # noqa: E402
-from offload_ema.integrations.transformers import STATE_FILE, AveragerCallback  # noqa: E402
+from offload_ema.integrations.transformers import (  # noqa: E402
+    STATE_FILE, AveragerCallback, rank_state_file)
 from helpers import RefEMA, RefLAWA, assert_matches  # noqa: E402
 
 
@@ -101,4 +104,23 @@ def test_checkpoint_resume_continues_exactly(tmp_path):
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
     straight.averager.close()
+    resumed.averager.close()
+
+
+def test_resume_at_another_number_of_processes_says_so(tmp_path):
+    # A sharded 2-process run leaves one file per rank (the 2-process round trip is
+    # tests/test_integrations_distributed.py); one process cannot take them over.
+    first = AveragerCallback(specs())
+    make_trainer(tmp_path, [first], 6, save_strategy="steps", save_steps=3).train()
+    first.averager.close()
+    ckpt = tmp_path / "checkpoint-3"
+    for r in range(2):
+        (ckpt / rank_state_file(r, 2)).write_bytes((ckpt / STATE_FILE).read_bytes())
+    os.remove(ckpt / STATE_FILE)
+    resumed = AveragerCallback(specs())
+    t = make_trainer(tmp_path, [resumed], 6, save_strategy="steps", save_steps=3)
+    with pytest.raises(FileNotFoundError, match=f"{STATE_FILE} is missing.*holds "
+                       f"{rank_state_file(0, 2)}, {rank_state_file(1, 2)}, written by a different "
+                       "number of processes than this run's 1"):
+        t.train(resume_from_checkpoint=str(ckpt))
     resumed.averager.close()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 from typing import Mapping, Optional
 
+import torch.distributed as dist
+
 try:
     import lightning.pytorch as pl
 except ImportError:  # the older package name
@@ -21,7 +23,7 @@ except ImportError:  # the older package name
                           "pip install lightning") from exc
 
 from offload_ema.averager import Averager
-from offload_ema.integrations import check_callback_args
+from offload_ema.integrations import check_callback_args, is_sharded, on_every_rank, world
 
 __all__ = ["AveragerCallback"]
 
@@ -32,6 +34,12 @@ class AveragerCallback(pl.Callback):
     The Averager is built at fit start and attached to the (single) optimizer: one snapshot per
     real optimizer step, so gradient accumulation and steps skipped by AMP are respected. Its
     state is part of Lightning checkpoints, and a fit resumed from one continues exactly.
+
+    Under torch.distributed with sharded averages (DDP, FSDP2) each rank holds its own share,
+    while Lightning writes rank 0's checkpoint only: saving a checkpoint therefore gathers every
+    rank's averager state into rank 0's (over gloo, in host memory), and on resume each rank
+    takes its own, which needs the same number of processes. ``trainer.save_checkpoint`` must
+    then run on every rank, as Lightning documents (ModelCheckpoint does so).
 
     Args:
         averages (Mapping[str, EMA | LAWA]): as for :class:`offload_ema.Averager`.
@@ -56,6 +64,7 @@ class AveragerCallback(pl.Callback):
         self.averager_kwargs = averager_kwargs
         self.averager: Optional[Averager] = None
         self._pending_state = None
+        self._gather_group = None
         self._swap = contextlib.ExitStack()
 
     @property
@@ -67,9 +76,14 @@ class AveragerCallback(pl.Callback):
             self.averager = Averager(pl_module, self.averages, **self.averager_kwargs)
             if self.save_every is not None:
                 self.averager.save_every(self.save_every, self.save_path, keep_last=self.keep_last)
+            if is_sharded(self.averager) and dist.get_backend() != "gloo":
+                # Checkpoints gather the ranks' states; a gloo group moves them in host memory
+                # (over NCCL they would be staged on rank 0's GPU). Created here, where every
+                # rank is: creating a group is itself a collective.
+                self._gather_group = dist.new_group(backend="gloo")
         if self._pending_state is not None:
-            self.averager.load_state_dict(self._pending_state)
-            self._pending_state = None
+            # Every rank restores from the same checkpoint, so every rank gets here.
+            on_every_rank(self._restore_pending, "restoring the averager state")
         if len(trainer.optimizers) != 1:
             raise RuntimeError(f"AveragerCallback supports one optimizer, the trainer has "
                                f"{len(trainer.optimizers)}")
@@ -92,12 +106,46 @@ class AveragerCallback(pl.Callback):
         self._swap.close()
 
     def state_dict(self) -> dict:
-        return {"averager": self.averager.state_dict()} if self.averager is not None else {}
+        """This callback's part of a checkpoint. Sharded: a collective (Lightning calls it on
+        every rank in ``trainer.save_checkpoint``); global rank 0's holds every rank's state."""
+        if self.averager is None:
+            return {}
+        state = self.averager.state_dict()
+        if not is_sharded(self.averager):
+            return {"averager": state}
+        # Gathered rather than written as per-rank files beside the checkpoint: the callback is
+        # not told the checkpoint's path, and files beside it would be missed by ModelCheckpoint's
+        # top-k deletion, by copies of the .ckpt and by remote (fsspec) paths. The price: rank 0
+        # holds every rank's share in host memory while it writes, as one process would.
+        rank, size = world()
+        states = [None] * size if rank == 0 else None
+        dist.gather_object(state, states, dst=0, group=self._gather_group)
+        # Other ranks' dicts are not written under DDP; should a strategy write them, loading
+        # one says where the states are instead of silently restarting the averages.
+        return {"averager_ranks": states, "world": size}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if "averager" not in state_dict:
+        if "averager" not in state_dict and "averager_ranks" not in state_dict:
             return
+        self._pending_state = state_dict
         if self.averager is not None:
-            self.averager.load_state_dict(state_dict["averager"])
-        else:
-            self._pending_state = state_dict["averager"]  # applied when fit builds the Averager
+            # Lightning restores callbacks on every rank, from the same checkpoint.
+            on_every_rank(self._restore_pending, "restoring the averager state")
+        # else: applied when fit builds the Averager
+
+    def _restore_pending(self) -> None:
+        state, self._pending_state = self._pending_state, None
+        if "averager" in state:
+            self.averager.load_state_dict(state["averager"])
+            return
+        rank, size = world()
+        if state["averager_ranks"] is None:
+            raise ValueError("this checkpoint was written by a rank other than global rank 0; "
+                             "rank 0's checkpoint holds every rank's averager state")
+        saved = len(state["averager_ranks"])
+        if saved != size:
+            raise ValueError(
+                f"the checkpoint holds the averager states of {saved} processes, this run has "
+                f"{size}: each rank holds its own share of the averages, so resume with {saved} "
+                "processes")
+        self.averager.load_state_dict(state["averager_ranks"][rank])

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Mapping, Optional
 
@@ -17,13 +18,49 @@ except ImportError as exc:
                       "pip install transformers") from exc
 
 import torch
+import torch.distributed as dist
 
 from offload_ema.averager import Averager
-from offload_ema.integrations import check_callback_args
+from offload_ema.integrations import check_callback_args, is_sharded, on_every_rank, world
 
-__all__ = ["AveragerCallback", "STATE_FILE"]
+__all__ = ["AveragerCallback", "STATE_FILE", "rank_state_file"]
 
 STATE_FILE = "offload_ema_averager.pt"
+
+
+def rank_state_file(rank: int, world_size: int) -> str:
+    """The file in a checkpoint folder that holds global rank ``rank``'s averager state when the
+    averages are sharded over ``world_size`` processes (one file per rank)."""
+    return f"offload_ema_averager-rank{rank:05d}-of-{world_size:05d}.pt"
+
+
+def _state_files(folder: str) -> list:
+    try:
+        return sorted(f for f in os.listdir(folder)
+                      if f.startswith("offload_ema_averager") and f.endswith(".pt"))
+    except OSError:
+        return []
+
+
+def _barrier() -> None:
+    if world()[1] > 1:
+        dist.barrier()
+
+
+def _save_atomic(obj, path: str) -> None:
+    # A name of its own per process: with save_on_each_node several processes may write the same
+    # file on a shared filesystem; each replace is atomic, so readers see one whole file.
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def _innermost(optimizer):
@@ -39,7 +76,11 @@ class AveragerCallback(transformers.TrainerCallback):
     Built at train begin and attached to the optimizer: one snapshot per real optimizer step
     (gradient accumulation respected). The Averager's state is written beside each Trainer
     checkpoint (``checkpoint-N/offload_ema_averager.pt``) and restored when training resumes from
-    that checkpoint, so the averages continue exactly.
+    that checkpoint, so the averages continue exactly. Under torch.distributed with sharded
+    averages (DDP, FSDP2) each rank holds its own share, so each rank writes its own file
+    (``checkpoint-N/offload_ema_averager-rank00001-of-00002.pt``) and reads it back on resume,
+    which must then use the same number of processes. The checkpoint folder is looked up under
+    ``args.output_dir``.
 
     Args:
         averages (Mapping[str, EMA | LAWA]): as for :class:`offload_ema.Averager`.
@@ -65,12 +106,8 @@ class AveragerCallback(transformers.TrainerCallback):
             if self.save_every is not None:
                 self.averager.save_every(self.save_every, self.save_path, keep_last=self.keep_last)
         if state.global_step > 0:  # resuming: the Trainer names checkpoints checkpoint-<step>
-            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(
-                    f"resuming at step {state.global_step} but {path} is missing: the averages "
-                    "cannot continue exactly (was the checkpoint written with this callback?)")
-            self.averager.load_state_dict(torch.load(path, weights_only=False))
+            # Every rank resumes (global_step is the same on all), so every rank gets here.
+            on_every_rank(lambda: self._load(args, state), "restoring the averager state")
         self.averager.detach()
         self.averager.attach(_innermost(optimizer))
 
@@ -78,12 +115,45 @@ class AveragerCallback(transformers.TrainerCallback):
         self.averager.detach()
         self.averager.flush()
 
-    def on_save(self, args, state, control, **kwargs):
+    def _load(self, args, state) -> None:
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if os.path.isdir(folder) and state.is_world_process_zero:
-            tmp = os.path.join(folder, STATE_FILE + ".tmp")
-            torch.save(self.averager.state_dict(), tmp)
-            os.replace(tmp, os.path.join(folder, STATE_FILE))
+        rank, size = world()
+        name = rank_state_file(rank, size) if is_sharded(self.averager) else STATE_FILE
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            found = _state_files(folder)
+            raise FileNotFoundError(
+                f"resuming at step {state.global_step} but {path} is missing: the averages "
+                "cannot continue exactly " + (
+                    f"(the checkpoint holds {', '.join(found)}, written by a different number of "
+                    f"processes than this run's {size}). Resume with as many processes as wrote "
+                    "it: with sharded averages each rank holds, and reads back, its own share"
+                    if found else "(was the checkpoint written with this callback?)"))
+        self.averager.load_state_dict(torch.load(path, weights_only=False))
+
+    def on_save(self, args, state, control, **kwargs):
+        # The Trainer calls on_save on every rank after its _save_checkpoint. Rank 0 may be the
+        # only one that creates the folder (save_only_model=True skips the per-rank RNG files that
+        # make every rank create it), so wait until every rank has got here, rank 0 included.
+        _barrier()
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+
+        def write():
+            # No folder under output_dir: the Trainer saved elsewhere (a hyperparameter-search
+            # run directory); nothing to write beside. Resuming from there reports the missing file.
+            if self.averager is None or not os.path.isdir(folder):
+                return
+            if is_sharded(self.averager):  # each rank holds a disjoint share: a file per rank
+                rank, size = world()
+                _save_atomic(self.averager.state_dict(),
+                             os.path.join(folder, rank_state_file(rank, size)))
+            elif args.should_save:  # replicated or one process: one file, beside the Trainer's
+                _save_atomic(self.averager.state_dict(), os.path.join(folder, STATE_FILE))
+
+        # Its all-gather doubles as the closing barrier: the checkpoint is whole (every rank's file
+        # in place) before any rank goes on, e.g. to rank 0 deleting checkpoints beyond
+        # save_total_limit at the end of training; and a rank whose write failed fails them all.
+        on_every_rank(write, "saving the averager state")
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, eval_dataloader=None,
                     **kwargs):

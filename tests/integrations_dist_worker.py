@@ -1,0 +1,159 @@
+"""One rank of the 2-process integration tests (tests/test_integrations_distributed.py launches
+it per rank): python integrations_dist_worker.py FRAMEWORK PHASE RANK WORLD INIT_FILE OUT_DIR
+
+FRAMEWORK is "lightning" or "transformers"; PHASE "straight" trains N steps with a checkpoint at
+N/2, "resume" starts from that checkpoint in fresh processes and trains to N. Each rank writes
+what it ends with (the gathered averages, its raw weights, the step count) to
+OUT_DIR/<framework>-<phase>-rank<r>.pt for the test to compare.
+
+The process group is set up here (gloo, file:// rendezvous, so concurrent test runs never race
+for a TCP port) before either framework starts; both then use the existing group, and the
+torchrun-style variables below tell them they run distributed and which rank they are."""
+import datetime
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+STEPS, HALF = 8, 4
+
+
+def specs():
+    import offload_ema as oe
+    return {"ema": oe.EMA(0.8), "lawa": oe.LAWA(3, every=2)}
+
+
+def dump(cb, model, out, framework, phase, rank, extra=None):
+    avg = cb.averager
+    result = {name: avg.averaged_state_dict(name) for name in specs()}  # collective: every rank
+    result.update(raw={k: v.detach().clone() for k, v in model.state_dict().items()},
+                  step=avg.step_count, taken=avg.stats()["snapshots_taken"],
+                  averager_world=avg.stats()["world"], **(extra or {}))
+    torch.save(result, os.path.join(out, f"{framework}-{phase}-rank{rank}.pt"))
+    avg.close()
+
+
+# ---- Lightning ------------------------------------------------------------------------------
+def lightning(phase, rank, out):
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+    from offload_ema.integrations.lightning import AveragerCallback
+
+    class Tiny(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 1))
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+    # 16 samples, 2 ranks, batch 2: 4 steps per epoch, so the checkpoint at step 4 ends an epoch
+    # (Lightning restarts a plain DataLoader's epoch from its start on a mid-epoch resume, which
+    # would not replay the uninterrupted run).
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 6, generator=g)
+    data = DataLoader(TensorDataset(x, x.sum(1, keepdim=True).sin()), batch_size=2, shuffle=False)
+    ckpt_dir = os.path.join(out, "lightning_ckpts")
+    cb = AveragerCallback(specs())
+    # ModelCheckpoint, not a hand-made save: its saves must reach the gather on every rank too.
+    mc = pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=HALF,
+                                      save_top_k=-1)
+    trainer = pl.Trainer(max_steps=STEPS, accelerator="cpu", devices=2, strategy="ddp",
+                         logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=0, callbacks=[cb, mc])
+    module = Tiny()
+    ckpt = os.path.join(ckpt_dir, f"step={HALF}.ckpt") if phase == "resume" else None
+    trainer.fit(module, data, ckpt_path=ckpt)
+    dump(cb, module, out, "lightning", phase, rank)
+
+
+# ---- Hugging Face Trainer -------------------------------------------------------------------
+def transformers_(phase, rank, out):
+    import transformers
+    from offload_ema.integrations.transformers import AveragerCallback
+
+    class Reg(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 1))
+
+        def forward(self, x, labels=None):
+            out = self.net(x)
+            return {"loss": nn.functional.mse_loss(out, labels), "logits": out}
+
+    class Data(torch.utils.data.Dataset):
+        def __init__(self, n, seed):
+            g = torch.Generator().manual_seed(seed)
+            self.x = torch.randn(n, 6, generator=g)
+            self.y = self.x.sum(1, keepdim=True).sin()
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            return {"x": self.x[i], "labels": self.y[i]}
+
+    def make(output_dir, cb):
+        args = transformers.TrainingArguments(
+            output_dir=output_dir, max_steps=STEPS, per_device_train_batch_size=2,
+            learning_rate=0.05, lr_scheduler_type="constant", report_to=[], use_cpu=True,
+            logging_strategy="no", save_strategy="steps", save_steps=HALF,
+            dataloader_num_workers=0, seed=0, data_seed=0, disable_tqdm=True)
+        model = Reg()
+        # 32 samples, 2 ranks, batch 2: the checkpoint at step 4 is mid-epoch (the Trainer
+        # skips the batches it has seen, so the resumed run replays the uninterrupted one).
+        return transformers.Trainer(model=model, args=args, train_dataset=Data(32, 1),
+                                    callbacks=[cb]), model
+
+    extra = {}
+    if phase == "straight":
+        cb = AveragerCallback(specs())
+        trainer, model = make(os.path.join(out, "hf"), cb)
+        trainer.train()
+    else:
+        # The test left a copy of checkpoint-4 without rank 1's file in hf_missing: resuming
+        # from it must fail on both ranks, with the reason, rather than leave rank 0 waiting.
+        bad = AveragerCallback(specs())
+        trainer, _ = make(os.path.join(out, "hf_missing"), bad)
+        try:
+            trainer.train(resume_from_checkpoint=os.path.join(out, "hf_missing", f"checkpoint-{HALF}"))
+            extra["missing_error"] = None
+        except Exception as exc:  # noqa: BLE001 -- reported to the test
+            extra["missing_error"] = f"{type(exc).__name__}: {exc}"
+        if bad.averager is not None:
+            bad.averager.close()
+        cb = AveragerCallback(specs())
+        trainer, model = make(os.path.join(out, "hf_resume"), cb)
+        trainer.train(resume_from_checkpoint=os.path.join(out, "hf_resume", f"checkpoint-{HALF}"))
+    dump(cb, model, out, "transformers", phase, rank, extra)
+
+
+def main():
+    framework, phase, rank, world, init_file, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), \
+        int(sys.argv[4]), sys.argv[5], sys.argv[6]
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world), NODE_RANK="0", MASTER_ADDR="127.0.0.1")
+    # A short timeout: a rank left alone fails soon instead of waiting out the test's limit
+    # (yet long enough for the two ranks' imports to drift apart on a busy 2-core machine).
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
+    {"lightning": lightning, "transformers": transformers_}[framework](phase, rank, out)
+    dist.barrier()
+    dist.destroy_process_group()
+    print("OK", rank, flush=True)
+    sys.stderr.flush()
+    # Results are on disk and every averager closed: skip the interpreter's teardown of torch and
+    # the frameworks, which takes seconds per process here.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

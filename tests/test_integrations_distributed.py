@@ -1,0 +1,110 @@
+"""The Lightning and Hugging Face callbacks under DDP (gloo, 2 processes on the CPU): averages are
+sharded per rank, so checkpoints must hold every rank's share. Each test trains N steps with a
+checkpoint at N/2, resumes from it in fresh processes, trains to N, and compares every rank's
+gathered averages with the uninterrupted run's.
+
+Bit for bit: a resumed run replays the same float32 computation (same weights, optimizer state,
+data and gloo reductions), the averager state is restored by exact copies, and the averages are
+folded in the same order, so nothing leaves room for even a rounding difference. The raw weights
+are compared too, so a failure says whether training or the averages diverged."""
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+WORKER = os.path.join(HERE, "integrations_dist_worker.py")
+HALF = 4
+
+
+def launch(framework, phase, tmp_path, world=2, timeout=150):
+    """Runs one phase on `world` ranks; kills every rank if one hangs. Returns per-rank results."""
+    init = tmp_path / f"pg_init_{framework}_{phase}"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1", OFFLOAD_EMA_NUM_THREADS="1",
+               PYTHONWARNINGS="ignore")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)  # the worker sets its own
+    procs = [subprocess.Popen([sys.executable, WORKER, framework, phase, str(r), str(world),
+                               str(init), str(tmp_path)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                              cwd=str(tmp_path))
+             for r in range(world)]
+    deadline = time.monotonic() + timeout
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=max(1, deadline - time.monotonic()))
+            results.append((p.returncode, out, err))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{framework} {phase}: a rank hung past {timeout}s")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for r, (code, out, err) in enumerate(results):
+        assert code == 0 and out.strip().endswith(f"OK {r}"), \
+            f"{framework} {phase}: rank {r} failed (exit {code}):\n" + "\n".join(
+                f"--- rank {q} ---\n{e[-3000:]}" for q, (_, _, e) in enumerate(results))
+    return [torch.load(tmp_path / f"{framework}-{phase}-rank{r}.pt", weights_only=False)
+            for r in range(world)]
+
+
+def assert_same(straight, resumed):
+    for r, (a, b) in enumerate(zip(straight, resumed)):
+        assert a["averager_world"] == 2  # sharded: each rank held its own share
+        assert (b["step"], b["taken"]) == (a["step"], a["taken"]) == (2 * HALF, 2 * HALF)
+        for k in a["raw"]:
+            assert torch.equal(a["raw"][k], b["raw"][k]), f"rank {r}: training diverged at {k}"
+        for name in ("ema", "lawa"):
+            assert list(a[name]) == list(b[name])
+            for k in a[name]:
+                assert torch.equal(a[name][k], b[name][k]), \
+                    f"rank {r}: {name} {k} differs by {(a[name][k] - b[name][k]).abs().max()}"
+    # Gathered: every rank reports the same full averages.
+    for name in ("ema", "lawa"):
+        for k in straight[0][name]:
+            assert torch.equal(straight[0][name][k], straight[1][name][k])
+
+
+def test_lightning_ddp_checkpoint_holds_every_rank_and_resume_matches(tmp_path):
+    pytest.importorskip("lightning.pytorch")
+    straight = launch("lightning", "straight", tmp_path)
+    ckpt = torch.load(tmp_path / "lightning_ckpts" / f"step={HALF}.ckpt", weights_only=False)
+    (state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("offload_ema.")]
+    assert state["world"] == 2 and [s["rank"] for s in state["averager_ranks"]] == [0, 1]
+    assert all(s["world"] == 2 and s["step"] == HALF for s in state["averager_ranks"])
+    resumed = launch("lightning", "resume", tmp_path)
+    assert_same(straight, resumed)
+
+
+def test_transformers_ddp_each_rank_saves_and_resumes_its_own_file(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from offload_ema.integrations.transformers import STATE_FILE, rank_state_file
+
+    straight = launch("transformers", "straight", tmp_path)
+    folder = tmp_path / "hf" / f"checkpoint-{HALF}"
+    names = sorted(p.name for p in folder.iterdir() if p.name.startswith("offload_ema"))
+    assert names == [rank_state_file(0, 2), rank_state_file(1, 2)]
+    assert STATE_FILE not in names
+    for r in range(2):
+        s = torch.load(folder / rank_state_file(r, 2), weights_only=False)
+        assert (s["rank"], s["world"], s["step"]) == (r, 2, HALF)
+    # The resume reads copies: one whole, one without rank 1's file.
+    shutil.copytree(folder, tmp_path / "hf_resume" / folder.name)
+    shutil.copytree(folder, tmp_path / "hf_missing" / folder.name)
+    os.remove(tmp_path / "hf_missing" / folder.name / rank_state_file(1, 2))
+    resumed = launch("transformers", "resume", tmp_path)
+    assert resumed[1]["missing_error"].startswith("FileNotFoundError")
+    assert rank_state_file(1, 2) in resumed[1]["missing_error"]
+    # Rank 0 had its file, yet fails too, saying why, instead of waiting for rank 1 forever.
+    assert resumed[0]["missing_error"].startswith("RuntimeError")
+    assert "failed on rank 1" in resumed[0]["missing_error"]
+    assert_same(straight, resumed)
