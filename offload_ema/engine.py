@@ -1,26 +1,27 @@
-"""The asynchronous path of a snapshot: parameters -> pinned staging -> averages in host memory.
+"""The asynchronous path of a snapshot: parameters -> staging -> averages in host memory.
 
     optimizer.step() on the main stream
-      -> Averager.step: record E_ready; the side stream waits on it and copies the parameters
-         (non_blocking) into a staging buffer, then records E_copied          (submit)
-      -> worker thread: E_copied.synchronize(), then the ops kernels update every average due at
-         that step from the staging buffer, and the buffer is freed           (_process)
-      -> before the next in-place change of the parameters, the main stream waits on E_copied
-         (a stream wait, not a host block), so the copy never reads half-updated weights (fence)
+      -> submit (training thread): record E_ready; the side stream waits on it and copies the
+         parameters (non_blocking) into a staging buffer, then records E_copied
+      -> worker thread: waits for E_copied, then the ops kernels update every average due at
+         that step from the staging buffer, and the buffer is freed
+      -> fence (training thread, before the next in-place change of the parameters): the main
+         stream waits on E_copied (a stream wait, not a host block), so the copy never reads
+         half-updated weights
 
-Staging is a fixed set of buffers allocated once. When one buffer holds a whole snapshot, up to
-``len(buffers)`` snapshots are in flight. When the byte budget is smaller than a snapshot, two
-buffers take it in chunks: the worker issues the copies of later chunks as it frees buffers, and
-the fence must first wait on the host until the last chunk's copy has been issued, i.e. until the
-worker has applied all chunks but the last two. That wait is reported as ``fence_wait_seconds``.
+Streams, events and copies come from ``offload_ema.device`` (CUDA, host, or the simulated copy
+engine of ``offload_ema.testing``). Staging is a fixed set of buffers allocated once (pinned on a
+GPU). When one buffer holds a whole snapshot, up to ``len(buffers)`` snapshots are in flight.
+When the byte budget is smaller than a snapshot, two buffers take it in chunks: the worker issues
+the copies of later chunks as it frees buffers, and the fence must first wait on the host until
+the last chunk's copy has been issued (``fence_wait_seconds``). On a CPU-only model the worker
+does the copy itself (host memcpy) and the fence waits until it has.
 
-On a CPU-only model the same engine runs with the worker doing the copy itself (host memcpy into
-the buffer); the fence then waits until that copy is complete.
-
-Ownership: the worker thread alone writes the averages' buffers and their worker-side counters
-(``AverageState.applied``, ``last_step``, the LAWA ring's ``order`` / ``next_pos``); the training
-thread alone writes the schedule fields (``scheduled``, ``coalesced``). Fields shared by both
-(``_free``, ``_tickets``, ``in_flight``, ``error``, ``stats``) are read and written under ``cond``.
+Ownership: the worker thread alone writes the averages (:class:`AverageBuffers`); the training
+thread alone calls ``busy`` / ``wait_capacity`` / ``submit`` / ``fence``. What both touch (free
+buffers and tickets, ``_in_flight``, ``_error``, ``_stats``) is guarded by ``_cond``. The averages
+are read (``values``, ``export_state``) only while the worker is idle (after ``flush``) or from a
+``run_after`` callable, which runs on the worker.
 """
 from __future__ import annotations
 
@@ -28,15 +29,14 @@ import collections
 import queue
 import threading
 import time
-from typing import Deque, Dict, List, Optional, Tuple
+from typing import Deque, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
+from offload_ema import device as device_mod
 from offload_ema import ops
 from offload_ema.averages import EMA
-from offload_ema.layout import ALIGN, Layout, is_dtensor, local_tensor
-
-BUSY_POLICIES = ("block", "skip", "coalesce")
+from offload_ema.layout import ALIGN, Entry, Layout, is_dtensor, local_tensor
 
 
 def _per_thread_intraop() -> bool:
@@ -45,59 +45,62 @@ def _per_thread_intraop() -> bool:
     return "parallel backend: OpenMP" in torch.__config__.parallel_info()
 
 
-class AverageState:
-    """One average's host buffers and counters. Buffers and ``applied`` / ``last_step`` /
-    ``order`` / ``next_pos`` are written only by the worker; ``scheduled`` and ``coalesced`` only by
-    the training thread."""
+class AverageBuffers:
+    """One average's host memory and the counters that go with it. Worker-owned."""
 
-    def __init__(self, name: str, spec, layout: Layout):
-        self.name = name
+    def __init__(self, spec, layout: Layout):
         self.spec = spec
-        self.scheduled = 0   # snapshots handed to the engine               (training thread)
-        self.coalesced = 0   # due snapshots merged into the next one (EMA)  (training thread)
-        self.applied = 0     # snapshots applied                            (worker)
-        self.last_step = 0   # step of the last applied snapshot            (worker)
+        self.applied = 0     # snapshots applied
+        self.last_step = 0   # step of the last applied snapshot
+        self._layout = layout
         if isinstance(spec, EMA):
             self.acc = [torch.zeros(g.numel, dtype=torch.float32) for g in layout.groups]
         else:
-            # The LAWA ring: ``window`` entries, filled as the window fills. The worker picks the
-            # entry to overwrite when it applies a snapshot, so a snapshot that is dropped (e.g.
-            # non-finite gradients) never leaves a hole or a stale entry in the mean.
+            # The LAWA ring: ``window`` entries, allocated as the window fills. The worker picks
+            # the entry to overwrite when it applies a snapshot (the oldest once full), so a
+            # dropped snapshot (non-finite gradients) leaves no hole or stale entry in the mean.
             self.ring: List[Optional[List[torch.Tensor]]] = [None] * spec.window
             self.order: Deque[int] = collections.deque(maxlen=spec.window)  # oldest first
             self.next_pos = 0
-        self._layout = layout
 
     def ring_entry(self, pos: int) -> List[torch.Tensor]:
         if self.ring[pos] is None:
             self.ring[pos] = [torch.empty(g.numel, dtype=g.dtype) for g in self._layout.groups]
         return self.ring[pos]
 
+    def nbytes(self) -> int:
+        """Host bytes held; read under the engine's lock (``order`` changes under it)."""
+        if isinstance(self.spec, EMA):
+            return sum(a.numel() * 4 for a in self.acc)
+        entry = sum(g.numel * torch.empty((), dtype=g.dtype).element_size()
+                    for g in self._layout.groups)
+        return len(self.order) * entry
+
 
 class Job:
     """One snapshot: the step, what it feeds, and its copies."""
 
-    def __init__(self, step: int, emas, lawas, found_inf: Optional[torch.Tensor] = None):
+    def __init__(self, step: int, emas, lawas, found_inf: Optional[torch.Tensor]):
         self.step = step
-        # (state, weight): the weight of this snapshot for an EMA that is already initialised;
-        # the worker initialises an EMA (copy) from the first snapshot it applies to it.
-        self.emas: List[Tuple[AverageState, float]] = emas
-        self.lawas: List[AverageState] = lawas
-        self.lawa_pos: Dict[int, int] = {}  # id(state) -> ring entry, chosen by the worker
+        # (buffers, weight): the weight of this snapshot for an EMA already initialised; the
+        # worker initialises an EMA (copy) from the first snapshot it applies to it.
+        self.emas: List[Tuple[AverageBuffers, float]] = emas
+        self.lawas: List[AverageBuffers] = lawas
+        self.lawa_pos: Dict[int, int] = {}  # id(buffers) -> ring entry, chosen by the worker
         # GradScaler's found_inf for a fused optimizer's step (which runs the post-hook even when
         # it skipped the update): the snapshot of a step with non-finite gradients is dropped.
         self.found_inf = found_inf
-        self.dropped: Optional[bool] = None  # decided by the worker before the first update
+        self.dropped: Optional[bool] = None  # decided by the worker
         self.ticket: Optional[int] = None    # per-job resources: buffer staging, found_inf flag
-        self.prepared = None        # [(chunk, buffer, start event, done event)] issued by submit
-        self.buffers_event = None   # CUDA event after the averaged module buffers' copy
-        self.flag_event = None      # CUDA event after found_inf's copy into a pinned flag
-        self.ready_event = None     # CUDA event after the optimizer step (chunked copies)
-        self.copy_event = None      # CUDA event after the last copy: what the fence waits on
-        self.issued = threading.Event()  # every copy issued (CUDA) / done (CPU)
+        self.prepared = None        # [(chunk, staging buffer, start, done)] issued by submit
+        self.buffers_event = None   # after the averaged module buffers' copy
+        self.flag_event = None      # after found_inf's copy into its flag
+        self.ready_event = None     # after the optimizer step (chunked copies)
+        self.copy_event = None      # after the last copy: what the fence waits on
+        self.issued = threading.Event()  # every copy issued (async) / done (host)
         self.held: List[int] = []   # staging buffers this job holds
-        # Sources of side-stream copies, kept alive until the copy has completed: a parameter
-        # whose storage is replaced meanwhile (model.half(), load_state_dict(assign=True), FSDP2
+        # Sources of deferred copies, kept alive until the copy has completed: a parameter whose
+        # storage is replaced meanwhile (model.half(), load_state_dict(assign=True), FSDP2
         # resharding) would otherwise return its block to the caching allocator, which can hand
         # it to the main stream while the side stream still reads it.
         self.sources: List[torch.Tensor] = []
@@ -107,19 +110,21 @@ class Job:
 
 
 class Engine:
-    """Staging, copies, the copy fence and the worker thread of one Averager.
+    """Staging, copies, the copy fence, the worker thread and the averages' host memory.
 
-    Interface: ``busy`` / ``wait_capacity`` / ``submit`` / ``fence`` (training thread), ``run_after``
+    Training thread: ``busy``, ``wait_capacity``, ``submit``, ``fence``. Any thread: ``run_after``
     (a callable run on the worker once everything submitted before it is applied), ``flush``,
-    ``close``, ``stats_snapshot``, ``error``.
+    ``close``, ``stats``, ``raise_error``. Reads of the averages: ``applied``, ``values``,
+    ``export_state`` / ``import_state``, ``host_bytes`` (worker idle, or from ``run_after``).
     """
 
-    def __init__(self, layout: Layout, staging_bytes: Optional[int] = None):
+    def __init__(self, layout: Layout, specs: Mapping[str, object],
+                 staging_bytes: Optional[int] = None):
         self.layout = layout
-        self.device = layout.device
-        self.cuda = self.device.type == "cuda"
+        self._ops = device_mod.ops_for(layout.device)
+        self.asynchronous = self._ops.asynchronous
         # A rank that owns no tensor (DDP with fewer tensors than ranks) still runs the schedule;
-        # its staging is the minimum so that every size below stays valid.
+        # its staging is the minimum, so that every size below stays valid.
         snapshot = max(layout.nbytes, ALIGN)
         if staging_bytes is None:
             staging_bytes = 2 * snapshot
@@ -130,38 +135,41 @@ class Engine:
             n_buffers, buffer_bytes = staging_bytes // snapshot, snapshot
         else:
             n_buffers, buffer_bytes = 2, staging_bytes // 2
-        self.chunks = layout.plan(buffer_bytes)
-        # Snapshots that may be in flight at once: one per buffer when a buffer holds a snapshot;
-        # one in chunked mode (its chunks take both buffers in turn).
-        self.capacity = n_buffers if len(self.chunks) <= 1 else 1
-        self.staging = [torch.empty(buffer_bytes, dtype=torch.uint8, pin_memory=self.cuda)
-                        for _ in range(n_buffers)]
+        pin = self._ops.pin_memory
+        self._chunks = layout.plan(buffer_bytes)
+        # Snapshots in flight at once: one per buffer when a buffer holds a snapshot; one in
+        # chunked mode (its chunks take both buffers in turn).
+        self.capacity = n_buffers if len(self._chunks) <= 1 else 1
+        self._staging = [torch.empty(buffer_bytes, dtype=torch.uint8, pin_memory=pin)
+                         for _ in range(n_buffers)]
         self._copy_plans: Dict[int, tuple] = {}  # id(views) -> what _copy needs, built once
-        self._views = {(s, c): self._make_views(self.staging[s], self.chunks[c])
-                       for s in range(n_buffers) for c in range(len(self.chunks))}
+        self._views = {(s, c): self._make_views(self._staging[s], self._chunks[c])
+                       for s in range(n_buffers) for c in range(len(self._chunks))}
         # Averaged module buffers change in place during the next forward, long before the
-        # fence: they are copied at once, on the main thread / stream, into an area of their own
-        # (one per in-flight snapshot, like the found_inf flags).
+        # fence: they are copied at once, on the main stream, into an area of their own (one per
+        # in-flight snapshot, like the found_inf flags).
         buf_bytes = layout.buffers_nbytes
-        self.buffer_staging = [torch.empty(buf_bytes, dtype=torch.uint8, pin_memory=self.cuda)
-                               for _ in range(self.capacity if buf_bytes else 0)]
+        self._buffer_staging = [torch.empty(buf_bytes, dtype=torch.uint8, pin_memory=pin)
+                                for _ in range(self.capacity if buf_bytes else 0)]
         buf_chunks = layout.plan(max(buf_bytes, 1), buffers=True)
-        self._buffer_views = [self._make_views(t, buf_chunks[0]) for t in self.buffer_staging]
-        self._flags = torch.zeros(self.capacity, dtype=torch.float32, pin_memory=self.cuda)
-        self._tickets: Deque[int] = collections.deque(range(self.capacity))
-        # Host staging in all (pinned on a GPU): the parameter buffers within the budget, plus the
-        # averaged module buffers' small area.
-        self.staging_nbytes = sum(t.numel() for t in self.staging + self.buffer_staging)
-        self._free: Deque[int] = collections.deque(range(n_buffers))
-        self.side = torch.cuda.Stream(self.device) if self.cuda else None
+        self._buffer_views = [self._make_views(t, buf_chunks[0]) for t in self._buffer_staging]
+        self._flags = torch.zeros(self.capacity, dtype=torch.float32, pin_memory=pin)
+        self.staging_nbytes = sum(t.numel() for t in self._staging + self._buffer_staging)
+        self.pinned_nbytes = self.staging_nbytes if pin else 0
+        self.n_staging = n_buffers
+        self.chunks_per_snapshot = len(self._chunks)
 
-        self.cond = threading.Condition()
-        self.in_flight = 0
-        self.pending_calls = 0
-        self.error: Optional[BaseException] = None
-        self.error_reported = False
-        self.stats: Dict[str, float] = collections.defaultdict(float)
-        self._unfenced: Optional[Job] = None
+        self.averages: Dict[str, AverageBuffers] = {
+            n: AverageBuffers(spec, layout) for n, spec in specs.items()}  # worker-owned
+        self._cond = threading.Condition()
+        self._free: Deque[int] = collections.deque(range(n_buffers))        # under _cond
+        self._tickets: Deque[int] = collections.deque(range(self.capacity))  # under _cond
+        self._in_flight = 0                                                 # under _cond
+        self._pending_calls = 0                                             # under _cond
+        self._error: Optional[BaseException] = None                         # under _cond
+        self._error_reported = False                                        # training thread
+        self._stats: Dict[str, float] = collections.defaultdict(float)     # under _cond
+        self._unfenced: Optional[Job] = None                                # training thread
         self._queue: "queue.SimpleQueue" = queue.SimpleQueue()  # Job, callable, None (stop)
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="offload_ema-worker", daemon=True)
@@ -183,9 +191,9 @@ class Engine:
             out.append((piece, flat, parts))
         return out
 
-    def _copy(self, views, job: Optional[Job] = None) -> None:
-        """Copies the live tensors into staging views (async on the current stream when they
-        are on a GPU; then ``job`` keeps the sources alive until the copy has completed)."""
+    def _copy(self, views, stream=None, job: Optional[Job] = None) -> None:
+        """Copies the live tensors into staging views, on ``stream`` (deferred when the
+        device is asynchronous; then ``job`` keeps the sources alive until the copy is done)."""
         plan = self._copy_plans.get(id(views))
         if plan is None:  # built once per views list: the per-step work is one foreach call
             dsts, srcs, dynamic = [], [], []
@@ -200,151 +208,219 @@ class Engine:
                     dsts.append(dst)
             plan = self._copy_plans[id(views)] = (dsts, srcs, dynamic)
         dsts, srcs, dynamic = plan
-        with torch.no_grad():  # no autograd nodes for FSDP2's to_local() / slices
+        with torch.no_grad():  # no autograd nodes for FSDP2's to_local() or slices
             if dynamic:
                 srcs = list(srcs)
                 for i, part in dynamic:
                     t = local_tensor(part.entry.tensor).detach()
                     srcs[i] = t if part.whole else t.reshape(-1)[part.start:part.end]
-            torch._foreach_copy_(dsts, srcs, non_blocking=self.cuda)
-        if job is not None and self.cuda:
+            self._ops.copy(stream, dsts, srcs)
+        if job is not None and self.asynchronous:
             job.sources.extend(s.detach() for s in srcs)  # the storages as read now
 
-    # ---- main thread ----------------------------------------------------------------------
+    # ---- training thread --------------------------------------------------------------------
     def busy(self) -> bool:
-        with self.cond:
-            return self.in_flight >= self.capacity
+        with self._cond:
+            return self._in_flight >= self.capacity
 
     def wait_capacity(self) -> None:
-        with self.cond:
-            self.cond.wait_for(lambda: self.in_flight < self.capacity or self.error is not None)
+        with self._cond:
+            self._cond.wait_for(lambda: self._in_flight < self.capacity or self._error is not None)
 
-    def submit(self, job: Job) -> None:
-        """Hands a snapshot to the engine. The caller has checked capacity. If this raises
-        (e.g. out of memory while issuing a copy), nothing of the job remains: its staging and
-        ticket are returned and the fence does not wait for it."""
-        with self.cond:
-            if self.in_flight >= self.capacity:
+    def is_capturing(self) -> bool:
+        return self._ops.is_capturing()
+
+    def submit(self, step: int, emas: List[Tuple[str, float]], lawas: List[str],
+               found_inf: Optional[torch.Tensor] = None) -> None:
+        """Hands the snapshot of ``step`` to the worker for the EMAs ``emas`` (name, weight) and
+        the LAWAs ``lawas``. The caller has checked ``busy()``. If this raises (e.g. out of memory
+        while issuing a copy), nothing of the job remains: its staging and ticket are returned
+        and the fence does not wait for it."""
+        job = Job(step, [(self.averages[n], w) for n, w in emas],
+                  [self.averages[n] for n in lawas], found_inf)
+        with self._cond:
+            if self._in_flight >= self.capacity:
                 raise RuntimeError("submit called with no staging free (check busy() first)")
-            self.in_flight += 1
+            self._in_flight += 1
             job.ticket = self._tickets.popleft()
-            if self.cuda and len(self.chunks) == 1:
+            if self.asynchronous and len(self._chunks) == 1:
                 job.held.append(self._free.popleft())
         try:
             self._issue(job)
         except BaseException:
-            with self.cond:
+            with self._cond:
                 self._free.extend(job.held)
-                job.held.clear()
                 self._tickets.append(job.ticket)
-                self.in_flight -= 1
-                self.cond.notify_all()
+                self._in_flight -= 1
+                self._cond.notify_all()
             raise
-        self.stats_add("bytes_copied", self.layout.nbytes)
+        with self._cond:
+            self._stats["bytes_copied"] += self.layout.nbytes
         self._unfenced = job
         self._queue.put(job)
 
     def _issue(self, job: Job) -> None:
-        """The training thread's part of a snapshot: what must happen on the main stream now."""
-        main = torch.cuda.current_stream(self.device) if self.cuda else None
-        if self.cuda and job.found_inf is not None:
-            # On the main stream, after the step that computed it; read by the worker after
-            # flag_event (no host sync here).
-            flag = self._flags[job.ticket:job.ticket + 1]
-            flag.copy_(job.found_inf.detach().reshape(-1)[:1], non_blocking=True)
-            job.flag_event = torch.cuda.Event(blocking=True)
-            job.flag_event.record(main)
+        """The training thread's part of a snapshot: what must be ordered on the main stream."""
+        dev = self._ops
+        main = dev.main_stream() if self.asynchronous else None
+        if self.asynchronous and job.found_inf is not None:
+            # After the step that computed it; read by the worker after flag_event (no host sync
+            # on this thread).
+            dev.copy(main, [self._flags[job.ticket:job.ticket + 1]],
+                     [job.found_inf.detach().reshape(-1)[:1]])
+            job.flag_event = dev.record(main)
         if self._buffer_views:
-            # On the current stream: ordered after the optimizer step and before the next forward
-            # that updates the buffers in place.
-            self._copy(self._buffer_views[job.ticket])
-            if self.cuda:
-                job.buffers_event = torch.cuda.Event(blocking=True)
-                job.buffers_event.record(main)
-        if not self.chunks:  # this rank averages no parameters (DDP): nothing to copy
+            # Ordered after the optimizer step and before the next forward, which updates the
+            # module buffers in place.
+            self._copy(self._buffer_views[job.ticket], main)
+            if self.asynchronous:
+                job.buffers_event = dev.record(main)
+        if not self._chunks:  # this rank averages no parameters (DDP): nothing to copy
             job.issued.set()
             return
-        if not self.cuda:
+        if not self.asynchronous:
             return  # the worker copies (and the fence waits for it)
-        ready = torch.cuda.Event()
-        ready.record(main)  # after the optimizer step's kernels
-        if len(self.chunks) > 1:
+        ready = dev.record(main)  # after the optimizer step's kernels
+        if len(self._chunks) > 1:
             job.ready_event = ready  # the worker issues the chunks as buffers free up
             return
         buf = job.held[0]
-        # The copy must start only after the optimizer step has written the parameters.
-        self.side.wait_event(ready)
+        dev.stream_wait(dev.side, ready)  # the copy reads what the optimizer step wrote
         start, done = self._copy_on_side(self._views[(buf, 0)], job)
         job.prepared = [(0, buf, start, done)]
         job.copy_event = done
         job.issued.set()
 
     def _copy_on_side(self, views, job: Job):
-        """Records a start event, issues the copy and records a done event on the side stream."""
-        with torch.cuda.stream(self.side):
-            start = torch.cuda.Event(enable_timing=True, blocking=True)
-            done = torch.cuda.Event(enable_timing=True, blocking=True)
-            start.record(self.side)
-            self._copy(views, job)
-            done.record(self.side)
-        return start, done
+        dev = self._ops
+        start = dev.record(dev.side, timing=True)
+        self._copy(views, dev.side, job)
+        return start, dev.record(dev.side, timing=True)
 
     def fence(self) -> None:
-        """Makes the parameters safe to change: the last snapshot's copy is complete (CPU) or
-        ordered before anything later on the current stream (CUDA)."""
+        """Makes the parameters safe to change: the last snapshot's copy is complete (host) or
+        ordered before anything later on the main stream (asynchronous devices)."""
         job, self._unfenced = self._unfenced, None
         if job is None:
             return
         t0 = time.perf_counter()
-        job.issued.wait()  # chunked / CPU: the worker issues (CPU: performs) the copies
-        if self.cuda and job.copy_event is not None:
+        job.issued.wait()  # chunked / host: the worker issues (host: performs) the copies
+        if self.asynchronous and job.copy_event is not None:
             # Stream wait, not a host block: the next optimizer step's kernels queue behind the
             # copy; forward and backward before it already overlapped with it.
-            torch.cuda.current_stream(self.device).wait_event(job.copy_event)
-        self.stats_add("fence_wait_seconds", time.perf_counter() - t0)
+            self._ops.stream_wait(self._ops.main_stream(), job.copy_event)
+        with self._cond:
+            self._stats["fence_wait_seconds"] += time.perf_counter() - t0
 
+    # ---- any thread ---------------------------------------------------------------------------
     def run_after(self, fn) -> None:
         """Runs ``fn()`` on the worker after every snapshot submitted so far is applied (it sees
         the averages at a consistent step). ``fn`` reports its own errors."""
-        with self.cond:
-            self.pending_calls += 1
+        with self._cond:
+            self._pending_calls += 1
         self._queue.put(fn)
 
     def flush(self) -> None:
-        with self.cond:
-            self.cond.wait_for(lambda: self.in_flight == 0 and self.pending_calls == 0)
+        with self._cond:
+            self._cond.wait_for(lambda: self._in_flight == 0 and self._pending_calls == 0)
 
-    def stats_add(self, key: str, value: float) -> None:
-        with self.cond:
-            self.stats[key] += value
-
-    def stats_snapshot(self) -> Tuple[Dict[str, float], int]:
+    def stats(self) -> Tuple[Dict[str, float], int]:
         """(a copy of the counters, snapshots in flight), read together under the lock."""
-        with self.cond:
-            return dict(self.stats), self.in_flight
+        with self._cond:
+            return dict(self._stats), self._in_flight
+
+    def set_last_applied_step(self, step: int) -> None:
+        with self._cond:
+            self._stats["last_applied_step"] = step
+
+    @property
+    def failed(self) -> bool:
+        with self._cond:
+            return self._error is not None
+
+    def raise_error(self, only_unreported: bool = False) -> None:
+        """Raises the worker's error: the first time as it was (with the worker's traceback),
+        later as a RuntimeError that points to it (unless ``only_unreported``)."""
+        with self._cond:
+            error = self._error
+        if error is None or (only_unreported and self._error_reported):
+            return
+        if not self._error_reported:
+            self._error_reported = True
+            raise error
+        raise RuntimeError("the Averager's worker failed earlier (see the first error); build a "
+                           "new Averager") from error
+
+    def unreported_error(self) -> Optional[BaseException]:
+        with self._cond:
+            return None if self._error_reported else self._error
 
     def close(self) -> None:
         """Applies what is in flight, stops the worker and releases the staging. Idempotent;
-        safe from the worker itself (a garbage collection there): it then only asks it to stop."""
+        from the worker itself (a garbage collection there) it only asks it to stop."""
         if self._closed:
             return
         self._closed = True
         self._queue.put(None)
         if threading.current_thread() is not self._thread:
             self._thread.join()
-        self._release_staging()
-
-    def _release_staging(self) -> None:
         self._copy_plans.clear()
         self._views.clear()
         self._buffer_views.clear()
-        self.staging = []
-        self.buffer_staging = []
+        self._staging, self._buffer_staging = [], []
+
+    # ---- reading the averages (worker idle, or on the worker) -------------------------------
+    def applied(self, name: str) -> int:
+        return self.averages[name].applied
+
+    def values(self, name: str) -> Iterator[Tuple[Entry, torch.Tensor]]:
+        """(entry, float32 CPU tensor of its average) for this rank's entries: EMA accumulators
+        as views, LAWA means computed now."""
+        b = self.averages[name]
+        if isinstance(b.spec, EMA):
+            for e in self.layout.entries:
+                yield e, b.acc[e.group][e.offset:e.offset + e.numel].view(e.shape)
+        else:
+            ring = [b.ring[pos] for pos in b.order]
+            for e in self.layout.entries:
+                out = torch.empty(e.shape, dtype=torch.float32)
+                ops.mean_(out.view(-1), [r[e.group][e.offset:e.offset + e.numel] for r in ring])
+                yield e, out
+
+    def export_state(self, name: str) -> dict:
+        b = self.averages[name]
+        d = {"applied": b.applied, "last_step": b.last_step}
+        if isinstance(b.spec, EMA):
+            d["acc"] = [a.clone() for a in b.acc]
+        else:
+            d["slots"] = {pos: [t.clone() for t in b.ring[pos]] for pos in b.order}
+            d["order"] = list(b.order)
+            d["next_pos"] = b.next_pos
+        return d
+
+    def import_state(self, name: str, d: dict) -> None:
+        b = self.averages[name]
+        b.applied, b.last_step = d["applied"], d["last_step"]
+        if isinstance(b.spec, EMA):
+            for a, saved in zip(b.acc, d["acc"]):
+                a.copy_(saved)
+        else:
+            b.ring = [None] * b.spec.window
+            b.order.clear()
+            for pos in d["order"]:
+                for t, saved in zip(b.ring_entry(pos), d["slots"][pos]):
+                    t.copy_(saved)
+                b.order.append(pos)
+            b.next_pos = d["next_pos"]
+
+    def host_bytes(self) -> int:
+        """Host memory held: averages (LAWA entries filled so far) and staging."""
+        with self._cond:
+            return self.staging_nbytes + sum(b.nbytes() for b in self.averages.values())
 
     # ---- worker thread ----------------------------------------------------------------------
     def _run(self) -> None:
-        if self.cuda:
-            torch.cuda.set_device(self.device)
+        self._ops.thread_init()
         if _per_thread_intraop():
             # The worker's own torch ops (staging copies) are small; run them on this thread
             # instead of waking an OpenMP team that competes with training for the cores. The
@@ -361,50 +437,50 @@ class Engine:
                     # A run_after callable may hold its Averager: not kept while idle, or a
                     # dropped Averager could never be collected (and this thread never end).
                     job = None
-                    with self.cond:
-                        self.pending_calls -= 1
-                        self.cond.notify_all()
+                    with self._cond:
+                        self._pending_calls -= 1
+                        self._cond.notify_all()
                 continue
             try:
-                if self.error is None:
+                if self._error is None:
                     self._process(job)
             except BaseException as exc:  # reaches the user at the next step / flush / close
-                with self.cond:
-                    if self.error is None:
-                        self.error = exc
+                with self._cond:
+                    if self._error is None:
+                        self._error = exc
             finally:
-                with self.cond:
+                with self._cond:
                     self._free.extend(job.held)
                     job.held.clear()
                     self._tickets.append(job.ticket)
                     job.sources = []
                     job.issued.set()  # nobody may wait on a copy that will never be issued
-                    self.in_flight -= 1
-                    self.cond.notify_all()
+                    self._in_flight -= 1
+                    self._cond.notify_all()
                 job = None
 
     def _process(self, job: Job) -> None:
-        for st in job.lawas:  # the ring entry this snapshot fills: the oldest once full
-            job.lawa_pos[id(st)] = st.next_pos
+        for b in job.lawas:  # the ring entry this snapshot fills: the oldest once full
+            job.lawa_pos[id(b)] = b.next_pos
         if self._buffer_views:
             if job.buffers_event is not None:
-                job.buffers_event.synchronize()  # the module buffers' bytes are in staging
+                self._ops.host_wait(job.buffers_event)  # the buffers' bytes are in staging
             self._update(job, self._buffer_views[job.ticket])
         if job.prepared is not None:
             for chunk, buf, start, done in job.prepared:
                 self._apply(job, chunk, buf, start, done)
         else:
             issued: Deque[Tuple[int, int, object, object]] = collections.deque()
-            last = len(self.chunks) - 1
-            for chunk in range(len(self.chunks)):
+            last = len(self._chunks) - 1
+            for chunk in range(len(self._chunks)):
                 while not self._free:
                     self._apply(job, *issued.popleft())
-                with self.cond:
+                with self._cond:
                     buf = self._free.popleft()
                     job.held.append(buf)
-                if self.cuda:
-                    if chunk == 0:
-                        self.side.wait_event(job.ready_event)  # after the optimizer step
+                if self.asynchronous:
+                    if chunk == 0:  # after the optimizer step
+                        self._ops.stream_wait(self._ops.side, job.ready_event)
                     start, done = self._copy_on_side(self._views[(buf, chunk)], job)
                     issued.append((chunk, buf, start, done))
                     if chunk == last:
@@ -420,30 +496,25 @@ class Engine:
                 self._apply(job, *issued.popleft())
         self._complete(job)
 
-    def _release(self, job: Job, buf: int) -> None:
-        with self.cond:
-            job.held.remove(buf)
-            self._free.append(buf)
-            self.cond.notify_all()
-
     def _apply(self, job: Job, chunk: int, buf: int, start=None, done=None) -> None:
         """Updates every average the job feeds from one chunk in a buffer, then frees it."""
         if done is not None:
-            # The buffer's bytes are valid only once its copy has landed. A blocking-sync event:
-            # the worker sleeps instead of spinning a core that training's data loader needs.
-            done.synchronize()
-            job.copy_s += start.elapsed_time(done) / 1e3
+            self._ops.host_wait(done)  # the buffer's bytes are valid only once the copy landed
+            job.copy_s += self._ops.elapsed_seconds(start, done)
         self._update(job, self._views[(buf, chunk)])
-        self._release(job, buf)
+        with self._cond:
+            job.held.remove(buf)
+            self._free.append(buf)
+            self._cond.notify_all()
 
     def _is_dropped(self, job: Job) -> bool:
         """Whether the job's step had non-finite gradients (its optimizer skipped the update)."""
         if job.dropped is None:
             if job.found_inf is None:
                 job.dropped = False
-            elif self.cuda:
+            elif self.asynchronous:
                 # The flag's bytes have landed (long since, if a parameter copy already has).
-                job.flag_event.synchronize()
+                self._ops.host_wait(job.flag_event)
                 job.dropped = bool(self._flags[job.ticket].item() != 0)
             else:
                 job.dropped = bool(job.found_inf.reshape(-1)[0].item() != 0)
@@ -456,35 +527,35 @@ class Engine:
         for piece, flat, _ in views:
             g, lo, hi = piece.group, piece.start, piece.end
             accs, weights = [], []
-            for state, w in job.emas:
-                acc = state.acc[g][lo:hi]
-                if state.applied == 0:
+            for b, w in job.emas:
+                acc = b.acc[g][lo:hi]
+                if b.applied == 0:
                     acc.copy_(flat)  # the first applied snapshot initialises the EMA exactly
                 else:
                     accs.append(acc)
                     weights.append(w)
             if accs:
                 ops.ema_update_multi_(accs, flat, weights)
-            for state in job.lawas:
-                state.ring_entry(job.lawa_pos[id(state)])[g][lo:hi].copy_(flat)
+            for b in job.lawas:
+                b.ring_entry(job.lawa_pos[id(b)])[g][lo:hi].copy_(flat)
         job.update_s += time.perf_counter() - t0
 
     def _complete(self, job: Job) -> None:
         dropped = self._is_dropped(job)  # also on a rank with nothing to copy (DDP)
-        with self.cond:
-            st = self.stats
+        with self._cond:
+            st = self._stats
             if dropped:
                 st["snapshots_dropped_nonfinite"] += 1
                 return
-            for state, _ in job.emas:
-                state.applied += 1
-                state.last_step = job.step
-            for state in job.lawas:
-                pos = job.lawa_pos[id(state)]
-                state.order.append(pos)
-                state.next_pos = (pos + 1) % state.spec.window
-                state.applied += 1
-                state.last_step = job.step
+            for b, _ in job.emas:
+                b.applied += 1
+                b.last_step = job.step
+            for b in job.lawas:
+                pos = job.lawa_pos[id(b)]
+                b.order.append(pos)
+                b.next_pos = (pos + 1) % b.spec.window
+                b.applied += 1
+                b.last_step = job.step
             st["snapshots_applied"] += 1
             st["update_seconds"] += job.update_s
             st["copy_seconds"] += job.copy_s

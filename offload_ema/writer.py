@@ -1,45 +1,178 @@
-"""The snapshot writer: one thread that writes snapshot files in the background, its futures and
-its error reporting.
+"""The snapshot writer: ``save`` and ``save_every`` of an Averager, on a thread of its own.
 
-The thread is our own (not a ``concurrent.futures`` pool): a pool refuses new work once the
-interpreter starts shutting down (``threading._shutdown`` runs before ``atexit``), and a save the
-worker hands over while a script exits must still be written. ``close()`` writes everything
-queued before it returns.
+A save takes its copy of the average on the engine's worker, once every snapshot taken before it
+is applied (the training loop does not wait), then this module's thread writes the file
+(``snapshots.write_atomic``: temporary, fsync, rename, directory fsync), the sharded-files index
+and, for periodic saves, prunes old files. Its future carries the result or the error; an error
+nobody looked at is handed out once by :meth:`SnapshotWriter.unseen_error`.
+
+The thread is our own, not a ``concurrent.futures`` pool: a pool refuses new work once the
+interpreter starts shutting down (``threading._shutdown`` runs before ``atexit``), and a save
+handed over while a script exits must still be written. ``close()`` writes everything queued.
 """
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
 from typing import Callable, Dict, List, Optional
 
-from offload_ema.snapshots import SnapshotFuture
+import torch
+
+from offload_ema.averages import EMA
+from offload_ema.layout import Layout
+from offload_ema.snapshots import (Retention, SnapshotFuture, metadata, write_atomic, write_dcp,
+                                   write_index)
 
 __all__ = ["SnapshotWriter"]
 
 
 class SnapshotWriter:
-    """Writes snapshot files on a thread of its own, in submission order.
+    """Writes an Averager's snapshot files. ``save`` / ``save_every`` / ``due`` / ``unseen_error``
+    / ``close`` are called by the training thread; the copies run on the engine's worker; files
+    are written by this writer's thread. Counters are guarded by ``_lock``."""
 
-    Owned by the training thread (``track``, ``unseen_error``, ``close``); ``submit`` may also be
-    called from the Averager's worker. Counters are written by the writer thread under ``_lock``.
-    """
-
-    def __init__(self):
+    def __init__(self, engine, layout: Layout, strategy):
+        self._engine, self._layout, self._strategy = engine, layout, strategy
         self._queue: "queue.SimpleQueue" = queue.SimpleQueue()
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
         self._closed = False
-        self._futures: List[SnapshotFuture] = []  # not yet known to be fine (training thread)
-        self._stats = {"saves_written": 0, "save_seconds": 0.0, "save_bytes": 0}
+        self._futures: List[SnapshotFuture] = []  # not yet known to be fine   (training thread)
+        self._stats = {"saves_written": 0, "save_seconds": 0.0, "save_bytes": 0}  # under _lock
+        self._dcp_seq = 0      # equal on every rank: the same saves in the same order
+        self.periodic = None   # (every, Retention, names, dtype)                (training thread)
 
-    def track(self, fut: SnapshotFuture) -> None:
-        """Remembers a save's future, so that an error nobody looked at is raised later."""
+    # ---- training thread ------------------------------------------------------------------
+    def save(self, name: str, spec, path: str, step: int, *, dtype: torch.dtype,
+             format: str = "safetensors", retention: Optional[Retention] = None
+             ) -> SnapshotFuture:
+        """Queues the average ``name`` at ``step`` for writing; the caller checked the name."""
+        if format not in ("safetensors", "dcp"):
+            raise ValueError(f"format must be 'safetensors' or 'dcp', got {format!r}")
+        if format == "dcp" and not hasattr(self._strategy, "dcp_group"):
+            raise ValueError("format='dcp' is for FSDP2 (DTensor) averages; elsewhere tensors "
+                             "are whole on one rank and safetensors files hold them")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"directory of the snapshot path does not exist: {directory}")
+        strategy, layout = self._strategy, self._layout
+        file_path, index_path = strategy.file_paths(path)
+        index = strategy.index(layout, path)
+        if format == "dcp":
+            file_path, index_path = path, None
+            self._dcp_seq += 1
+            tag = f"{step}-{self._dcp_seq}"
+        fut = SnapshotFuture(file_path)
+        fut.set_running_or_notify_cancel()
         self._futures.append(fut)
+        # Entries that are not averaged are taken now, on this thread: they may change at the
+        # next step. Sharded, rank 0 writes them.
+        others = ({k: t.detach().to("cpu", copy=True) for k, t in layout.passthrough.items()}
+                  if strategy.writes_passthrough() else {})
 
-    def submit(self, fut: SnapshotFuture, write: Callable[[], int]) -> None:
-        """Runs ``write()`` (returns the bytes written) on the writer thread and settles ``fut``
-        with its path, or with the error it raised."""
+        def take_copy():  # on the worker: the averages are at `step` here
+            try:
+                tensors = self._copy_average(name, spec, dtype, others)
+                meta = metadata(name, spec.config(), step, self._engine.applied(name), dtype)
+                meta.update(strategy.file_meta(layout))
+            except BaseException as exc:
+                fut.set_exception(exc)
+                return
+            self._submit(fut, lambda: write(tensors, meta))
+
+        def write(tensors, meta) -> int:  # on the writer thread
+            if format == "dcp":
+                return write_dcp(file_path, strategy.as_dtensors(layout, tensors), meta,
+                                 strategy.dcp_group, strategy.rank, tag)
+            nbytes = write_atomic(file_path, tensors, meta)
+            if index_path is not None and strategy.rank == 0:
+                write_index(index_path, index[0], meta, index[1])
+            if retention is not None:
+                retention.prune(name)
+            return nbytes
+
+        self._engine.run_after(take_copy)
+        return fut
+
+    def save_every(self, every: int, template: str, names: List[str], keep_last: Optional[int],
+                   dtype: torch.dtype) -> None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be an int >= 1, got {every!r}")
+        if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int)
+                                      or keep_last < 1):
+            raise ValueError(f"keep_last must be None or an int >= 1, got {keep_last!r}")
+        if len(names) > 1 and "{name}" not in template:
+            raise ValueError("path template must contain {name} when several averages are saved")
+        try:
+            template.format(name="x", step=0)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"path template {template!r} must use only {{name}} and "
+                             f"{{step}}: {exc}") from exc
+        self.periodic = (every, Retention(template, keep_last), names, dtype)
+
+    def due(self, step: int):
+        """[(name, path, dtype, retention)] of the periodic saves due after ``step``."""
+        if self.periodic is None or step % self.periodic[0]:
+            return []
+        _, retention, names, dtype = self.periodic
+        return [(n, retention.template.format(name=n, step=step), dtype, retention)
+                for n in names]
+
+    def _copy_average(self, name: str, spec, dtype: torch.dtype, others) -> Dict[str, torch.Tensor]:
+        out = {}
+        for e, value in self._engine.values(name):
+            if not self._strategy.writes_entry(e):
+                continue
+            # EMA values are views of the live accumulators: copied; LAWA means are fresh.
+            t = value.to(dtype, copy=True) if (isinstance(spec, EMA) or dtype != torch.float32) \
+                else value
+            out[e.name] = t
+            for alias in e.aliases:
+                out[alias] = t.clone()  # a file holds no two names for one memory
+        for k, t in others.items():
+            out[k] = t.to(dtype) if t.is_floating_point() else t
+        return {n: out[n].contiguous() for n in self._layout.names if n in out}
+
+    def unseen_error(self) -> Optional[BaseException]:
+        """The first error of a finished save that nobody has looked at (marked seen now); saves
+        known to be done are forgotten."""
+        keep, error = [], None
+        for fut in self._futures:
+            if not fut.done():
+                keep.append(fut)
+                continue
+            exc = None if fut.cancelled() else fut._exception_unseen()
+            if exc is not None and error is None:
+                error = exc
+                fut.observed = True
+        self._futures = keep
+        return error
+
+    def stats(self) -> Dict[str, float]:
+        with self._lock:
+            return dict(self._stats)
+
+    def close(self) -> None:
+        """Writes everything queued, then stops the thread. Idempotent; from the writer thread
+        itself (a garbage collection there) it only asks it to stop."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            thread = self._thread
+        if thread is None:
+            return
+        self._queue.put(None)
+        if threading.current_thread() is not thread:
+            thread.join()
+
+    # ---- writer thread ----------------------------------------------------------------------
+    def _submit(self, fut: SnapshotFuture, write: Callable[[], int]) -> None:
         with self._lock:
             if self._closed:
                 fut.set_exception(RuntimeError("the snapshot writer is closed"))
@@ -71,36 +204,3 @@ class SnapshotWriter:
                 self._stats["save_seconds"] += fut.seconds
                 self._stats["save_bytes"] += nbytes
             fut.set_result(fut.path)
-
-    def stats(self) -> Dict[str, float]:
-        with self._lock:
-            return dict(self._stats)
-
-    def unseen_error(self) -> Optional[BaseException]:
-        """The first error of a finished save that nobody has looked at (marked seen now), and
-        forgets the saves known to be done."""
-        keep, error = [], None
-        for fut in self._futures:
-            if not fut.done():
-                keep.append(fut)
-                continue
-            exc = None if fut.cancelled() else fut._exception_unseen()
-            if exc is not None and error is None:
-                error = exc
-                fut.observed = True
-        self._futures = keep
-        return error
-
-    def close(self) -> None:
-        """Writes everything queued, then stops the thread. Idempotent; from the writer thread
-        itself (a garbage collection there) it only asks it to stop."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            thread = self._thread
-        if thread is None:
-            return
-        self._queue.put(None)
-        if threading.current_thread() is not thread:
-            thread.join()

@@ -77,7 +77,7 @@ def fsdp2_root(rank, world, out):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    import offload_ema.averager as averager_mod
+    import offload_ema.writer as writer_mod
 
     mesh = init_device_mesh("cpu", (world,))
     torch.manual_seed(0)
@@ -107,12 +107,12 @@ def fsdp2_root(rank, world, out):
     assert torch.equal(after, raw), f"after swapped: {after} != raw {raw}"
     # DCP exports use the Averager's own gloo group, never the default (training's) group.
     seen = []
-    real = averager_mod.write_dcp
+    real = writer_mod.write_dcp
 
     def recording(path, state, meta, group, *a, **k):
         seen.append(group)
         return real(path, state, meta, group, *a, **k)
-    averager_mod.write_dcp = recording
+    writer_mod.write_dcp = recording
     avg.save(os.path.join(out, f"root.dcp"), "ema", format="dcp").result(timeout=60)
     assert seen and seen[0] is not None
     assert seen[0] != dist.distributed_c10d._get_default_group()
@@ -147,13 +147,43 @@ def tiny(rank, world, out):
     avg.close()
 
 
+def ddp_lazy(rank, world, out):
+    """Owner-sharded DDP averaging on the simulated copy engine, over several seeds: deferred
+    copies on every rank, gathers and swaps against a float64 reference."""
+    from offload_ema.testing import lazy_device
+
+    for seed in range(5):
+        torch.manual_seed(0)
+        model = TinyNet(width=24)
+        ddp = DDP(model)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+        refs = {"ema": RefEMA(0.8), "lawa": RefLAWA(2)}
+        with lazy_device(seed=seed):
+            with oe.Averager(ddp, {"ema": oe.EMA(0.8), "lawa": oe.LAWA(2, every=1)}) as avg:
+                avg.attach(opt)
+                for s in range(1, 9):
+                    g = torch.Generator().manual_seed(100 * rank + s)
+                    ddp(torch.randn(4, 8, generator=g)).pow(2).mean().backward()
+                    opt.step()
+                    opt.zero_grad()
+                    for r in refs.values():
+                        r.update(snapshot(model))
+                for n, r in refs.items():
+                    assert_matches(avg.averaged_state_dict(n), r.avg, rtol=1e-5, atol=1e-7)
+                with avg.swapped(ddp, "lawa"):
+                    for k, p in model.named_parameters():
+                        torch.testing.assert_close(p.detach().double(), refs["lawa"].avg[k],
+                                                   rtol=1.2e-7, atol=1e-30)
+
+
 def main():
     scenario, rank, world, init_file, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), \
         sys.argv[4], sys.argv[5]
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=20))
-    if scenario in ("fsdp2", "fsdp2_root", "tiny"):
-        {"fsdp2": fsdp2, "fsdp2_root": fsdp2_root, "tiny": tiny}[scenario](rank, world, out)
+    scenarios = {"fsdp2": fsdp2, "fsdp2_root": fsdp2_root, "tiny": tiny, "ddp_lazy": ddp_lazy}
+    if scenario in scenarios:
+        scenarios[scenario](rank, world, out)
         dist.barrier()
         dist.destroy_process_group()
         print("OK", rank, flush=True)

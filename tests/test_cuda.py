@@ -80,7 +80,7 @@ def test_pinned_staging_is_bounded_and_never_allocated_per_step(monkeypatch):
     with oe.Averager(model, {"ema": oe.EMA(0.9), "lawa": oe.LAWA(2, every=2)},
                      staging_bytes=budget) as avg:
         avg.attach(opt)
-        ptrs = [t.data_ptr() for t in avg._engine.slots]
+        ptrs = [t.data_ptr() for t in avg._engine._staging]
         pinned_calls = []
         real_empty = torch.empty
 
@@ -96,7 +96,7 @@ def test_pinned_staging_is_bounded_and_never_allocated_per_step(monkeypatch):
             opt.step()
         avg.flush()
         st = avg.stats()
-        assert [t.data_ptr() for t in avg._engine.slots] == ptrs
+        assert [t.data_ptr() for t in avg._engine._staging] == ptrs
     assert not pinned_calls, f"pinned allocations during training: {pinned_calls[:3]}"
     assert 0 < st["pinned_bytes"] <= budget
 

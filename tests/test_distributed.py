@@ -121,3 +121,7 @@ def test_ddp_rank_that_owns_no_tensor_works(tmp_path):
     _check_ranks(launch("tiny", tmp_path))
     tensors, meta = oe.load_snapshot(tmp_path / "tiny.safetensors")
     assert list(tensors) == ["weight"] and meta["world"] == 2
+
+
+def test_ddp_on_the_simulated_copy_engine_over_several_seeds(tmp_path):
+    _check_ranks(launch("ddp_lazy", tmp_path))

@@ -29,7 +29,7 @@ def _python(code, tmp_path, timeout=120):
 # ends: it must be written before the process exits.
 _EXIT_SCRIPT = """
 import sys, time, torch, offload_ema as oe
-import offload_ema.averager as averager_mod
+
 real = oe.ops.ema_update_multi_
 def slow(*a, **k):
     time.sleep(0.2)
@@ -38,7 +38,8 @@ oe.ops.ema_update_multi_ = slow
 if sys.argv[2] == "fail":
     def disk_full(*a, **k):
         raise OSError(28, "No space left on device")
-    averager_mod.write_atomic = disk_full
+    import offload_ema.writer as writer_mod
+    writer_mod.write_atomic = disk_full
 m = torch.nn.Linear(64, 64)
 opt = torch.optim.SGD(m.parameters(), lr=0.1)
 avg = oe.Averager(m, {"ema": oe.EMA(0.9)}, staging_bytes=1 << 20).attach(opt)
@@ -249,7 +250,7 @@ def test_a_dropped_averager_releases_its_worker_and_staging(tmp_path):
     for s in range(1, 4):
         train_step(model, opt, s)
     avg.save(tmp_path / "ema.safetensors", "ema").result(timeout=60)
-    staging = weakref.ref(avg._engine.staging[0])
+    staging = weakref.ref(avg._engine._staging[0])
     assert len(_worker_threads()) == before + 2  # worker and writer
     del avg
     gc.collect()

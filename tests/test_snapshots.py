@@ -263,8 +263,8 @@ def test_unwritable_directory_is_reported_by_the_future(tmp_path):
 def test_a_failing_write_reaches_flush_and_close(tmp_path, monkeypatch):
     model, opt, avg = trained()
     monkeypatch.setattr(snapshots, "write_atomic", lambda *a: 1 / 0)
-    import offload_ema.averager as averager_mod
-    monkeypatch.setattr(averager_mod, "write_atomic", lambda *a: 1 / 0)
+    import offload_ema.writer as writer_mod
+    monkeypatch.setattr(writer_mod, "write_atomic", lambda *a: 1 / 0)
     avg.save(tmp_path / "e.safetensors", "ema")
     time.sleep(0.2)
     with pytest.raises(ZeroDivisionError):

@@ -1,0 +1,98 @@
+"""Stream, event and asynchronous-copy operations, for the engine, behind one small interface.
+
+Three implementations:
+
+- :class:`CudaOps`: a side CUDA stream, CUDA events (blocking-sync: a host wait sleeps instead of
+  spinning a core), ``non_blocking`` copies into pinned memory.
+- :class:`HostOps`: CPU training. There are no streams: the worker copies the parameters itself
+  (a plain host copy) and the copy fence waits until it has.
+- ``offload_ema.testing.LazyOps``: a simulated copy engine for tests. CPU models behave as on a
+  GPU: every asynchronous copy is deferred and run later, so an ordering mistake in the engine
+  gives wrong averages on the CPU.
+
+The engine's calls, in order, for one snapshot (asynchronous implementations)::
+
+    main = ops.main_stream()
+    ready = ops.record(main)                 # training thread, after the optimizer step
+    ops.stream_wait(ops.side, ready)
+    start = ops.record(ops.side, timing=True)
+    ops.copy(ops.side, dsts, srcs)           # deferred: the sources are read later
+    done = ops.record(ops.side, timing=True)
+    ops.host_wait(done)                      # worker, before reading staging
+    ops.stream_wait(main, done)              # fence, before the next in-place change
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+
+class HostOps:
+    """CPU training: the worker copies synchronously; nothing is deferred."""
+
+    asynchronous = False
+    pin_memory = False
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.side = None
+
+    def thread_init(self) -> None:
+        pass
+
+    def is_capturing(self) -> bool:
+        return False
+
+    def copy(self, stream, dsts: List[torch.Tensor], srcs: List[torch.Tensor]) -> None:
+        torch._foreach_copy_(dsts, srcs)
+
+
+class CudaOps:
+    """One CUDA device: the current stream is training's, a side stream carries the copies."""
+
+    asynchronous = True
+    pin_memory = True
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.side = torch.cuda.Stream(device)
+
+    def thread_init(self) -> None:
+        torch.cuda.set_device(self.device)  # the worker's events and syncs use this device
+
+    def is_capturing(self) -> bool:
+        return torch.cuda.is_current_stream_capturing()
+
+    def main_stream(self):
+        return torch.cuda.current_stream(self.device)
+
+    def record(self, stream, timing: bool = False):
+        event = torch.cuda.Event(enable_timing=timing, blocking=True)
+        event.record(stream)
+        return event
+
+    def stream_wait(self, stream, event) -> None:
+        stream.wait_event(event)
+
+    def copy(self, stream, dsts: List[torch.Tensor], srcs: List[torch.Tensor]) -> None:
+        with torch.cuda.stream(stream):
+            torch._foreach_copy_(dsts, srcs, non_blocking=True)
+
+    def host_wait(self, event) -> None:
+        event.synchronize()
+
+    def elapsed_seconds(self, start, done) -> float:
+        return start.elapsed_time(done) / 1e3
+
+
+_override: Optional[object] = None  # set by offload_ema.testing.lazy_device()
+
+
+def ops_for(device: torch.device):
+    """The operations the engine uses for parameters on ``device``."""
+    if _override is not None and device.type == "cpu":
+        return _override.make(device)
+    if device.type == "cuda":
+        return CudaOps(device)
+    return HostOps(device)

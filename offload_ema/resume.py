@@ -1,0 +1,51 @@
+"""An Averager's state for exact resume: the schedule's counters (training thread) and the
+engine's averages (read while the worker is idle), with the checks that refuse another model,
+other averages or another rank."""
+from __future__ import annotations
+
+from offload_ema._version import __version__
+
+FORMAT = 1
+
+
+def export(schedule, engine, layout, strategy) -> dict:
+    averages = {name: {"config": spec.config(), **schedule.state(name), **engine.export_state(name)}
+                for name, spec in schedule.specs.items()}
+    return {"format": FORMAT, "version": __version__, "step": schedule.step,
+            "layout": layout.signature(), "averages": averages, "counts": dict(schedule.counts),
+            "rank": strategy.rank, "world": strategy.world}
+
+
+def restore(state: dict, schedule, engine, layout, strategy) -> None:
+    """Checks ``state`` against this Averager, then restores it (nothing changes on a mismatch)."""
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"state is not an offload_ema Averager state_dict (format {FORMAT})")
+    saved_world, saved_rank = state.get("world", 1), state.get("rank", 0)
+    if (saved_world, saved_rank) != (strategy.world, strategy.rank):
+        raise ValueError(
+            f"state was saved by rank {saved_rank} of {saved_world}; this Averager is rank "
+            f"{strategy.rank} of {strategy.world}. Resume at the same world size, each rank with "
+            "its own state (averages are sharded across ranks)")
+    saved = [tuple(x[:1]) + (tuple(x[1]),) + tuple(x[2:]) for x in state["layout"]]
+    mine = layout.signature()
+    if saved != mine:
+        diff = next(((a, b) for a, b in zip(saved, mine) if a != b), None)
+        raise ValueError("state was saved for a different model: "
+                         + (f"saved {diff[0]}, this model has {diff[1]}" if diff else
+                            f"saved {len(saved)} averaged tensors, this model has {len(mine)}"))
+    if set(state["averages"]) != set(schedule.specs):
+        raise ValueError(f"state holds averages {sorted(state['averages'])}, this Averager has "
+                         f"{sorted(schedule.specs)}")
+    for name, d in state["averages"].items():
+        mine_cfg = schedule.specs[name].config()
+        if d["config"] != mine_cfg:
+            raise ValueError(f"average {name!r} was saved as {d['config']}, this Averager has "
+                             f"{mine_cfg}")
+    for name, d in state["averages"].items():
+        schedule.load(name, d)
+        engine.import_state(name, d)
+    schedule.step = int(state["step"])
+    schedule.counts = dict(state.get("counts", schedule.counts))
+    if schedule.step:
+        engine.set_last_applied_step(max((d["last_step"] for d in state["averages"].values()),
+                                         default=0))

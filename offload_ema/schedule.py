@@ -1,0 +1,64 @@
+"""What is due at each step, what a busy worker means (the busy policy), the weight of each
+snapshot, and the counts. Owned by the training thread: nothing here is read by another thread.
+"""
+from __future__ import annotations
+
+import time
+from typing import Dict, List, Mapping, Optional
+
+import torch
+
+from offload_ema.averages import EMA
+
+BUSY_POLICIES = ("block", "skip", "coalesce")
+
+
+class Schedule:
+    """The training thread's side of the averages: the step counter, for each average the
+    snapshots handed to the engine (``scheduled``) and the due snapshots merged into the next
+    one (``coalesced``, EMAs under ``on_busy="coalesce"``), and the counters of :meth:`stats`."""
+
+    def __init__(self, specs: Mapping[str, object], on_busy: str):
+        if on_busy not in BUSY_POLICIES:
+            raise ValueError(f"on_busy must be one of {', '.join(BUSY_POLICIES)}, got {on_busy!r}")
+        self.specs = dict(specs)
+        self.on_busy = on_busy
+        self.step = 0
+        self.scheduled: Dict[str, int] = {n: 0 for n in self.specs}
+        self.coalesced: Dict[str, int] = {n: 0 for n in self.specs}
+        self.counts = {"snapshots_taken": 0, "snapshots_skipped": 0, "snapshots_coalesced": 0}
+        self.busy_wait_seconds = 0.0
+
+    def due(self, step: int) -> List[str]:
+        return [n for n, spec in self.specs.items() if spec.is_due(step)]
+
+    def take(self, engine, step: int, due: List[str], found_inf: Optional[torch.Tensor]) -> None:
+        """Hands the snapshot of ``step`` to ``engine`` for the averages ``due``, or applies the
+        busy policy. If the engine refuses the job (raises), nothing here has changed."""
+        if engine.busy():
+            if self.on_busy == "skip":
+                self.counts["snapshots_skipped"] += 1
+                return
+            if self.on_busy == "coalesce":
+                for n in due:
+                    self.coalesced[n] += 1
+                self.counts["snapshots_coalesced"] += 1
+                return
+            t0 = time.perf_counter()
+            engine.wait_capacity()
+            self.busy_wait_seconds += time.perf_counter() - t0
+            engine.raise_error()
+        emas = [(n, self.specs[n].weight(1 + self.coalesced[n])) for n in due
+                if isinstance(self.specs[n], EMA)]
+        lawas = [n for n in due if not isinstance(self.specs[n], EMA)]
+        engine.submit(step, emas, lawas, found_inf)
+        for n in due:  # only once the engine holds the job
+            self.coalesced[n] = 0
+            self.scheduled[n] += 1
+        self.counts["snapshots_taken"] += 1
+
+    def state(self, name: str) -> dict:
+        return {"scheduled": self.scheduled[name], "pending": self.coalesced[name]}
+
+    def load(self, name: str, d: dict) -> None:
+        self.scheduled[name], self.coalesced[name] = d["scheduled"], d["pending"]

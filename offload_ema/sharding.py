@@ -1,0 +1,291 @@
+"""Where averages live across processes: one strategy object per Averager, chosen once.
+
+- :class:`Local`: one process (or ``shard=False``): this process averages every tensor.
+- :class:`OwnerSharded`: replicated parameters under torch.distributed (DDP): each rank averages a
+  disjoint, byte-balanced share of whole tensors (``layout.shard_owners``), so host memory and
+  transfers per rank are about 1/world of the model. Full tensors are put together over the
+  process group only when asked for.
+- :class:`FSDP2Shards`: DTensor parameters (``fully_shard``): each rank averages its local shards.
+
+Each answers the same questions: which rank this is, how full tensors are gathered, how an
+average is put into the live model and taken out again, which file holds what.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from offload_ema.layout import DTensor, Layout, is_dtensor, local_tensor, unwrap_model
+from offload_ema.snapshots import shard_paths
+
+__all__ = ["Local", "OwnerSharded", "FSDP2Shards", "choose"]
+
+
+def choose(model: nn.Module, shard: Optional[bool], process_group=None):
+    """The strategy for ``model``: FSDP2 shards when its parameters are DTensors; owner-sharded
+    when torch.distributed runs with more than one process (or ``shard=True``); else local."""
+    initialised = dist.is_available() and dist.is_initialized()
+    if any(is_dtensor(p) for p in unwrap_model(model).parameters()):
+        return FSDP2Shards(process_group)
+    if shard is None:
+        shard = initialised and dist.get_world_size(process_group) > 1
+    if not shard:
+        return Local()
+    if not initialised:
+        raise RuntimeError("shard=True needs torch.distributed to be initialised first")
+    return OwnerSharded(process_group)
+
+
+class Local:
+    """Every tensor averaged here; files hold whole models."""
+
+    rank, world = 0, 1
+    owner_sharded = False   # whole tensors assigned to ranks (DDP)
+    sharded_files = False   # per-rank files plus an index
+
+    def gather(self, layout: Layout, values: Dict[str, torch.Tensor], dst: Optional[int]
+               ) -> Optional[Dict[str, torch.Tensor]]:
+        """Full float32 CPU tensors of every averaged entry from this rank's ``values``; None on
+        a rank other than ``dst`` (when given)."""
+        return values
+
+    def before_swap(self, model: nn.Module) -> None:
+        pass
+
+    def after_write(self, layout: Layout, targets: List[torch.Tensor]) -> None:
+        """After this rank wrote its averages into ``targets``: make every replica agree."""
+
+    def after_restore(self, model: nn.Module) -> None:
+        pass
+
+    def writes_entry(self, entry) -> bool:
+        """Whether this rank's snapshot file holds the entry's average."""
+        return True
+
+    def writes_passthrough(self) -> bool:
+        """Whether this rank's file holds the entries that are not averaged (buffers, frozen)."""
+        return True
+
+    def file_paths(self, path: str) -> Tuple[str, Optional[str]]:
+        return path, None
+
+    def file_meta(self, layout: Layout) -> Dict[str, str]:
+        return {}
+
+    def index(self, layout: Layout, path: str):
+        """(weight_map, split map) for the sharded-files index, or None."""
+        return None
+
+
+class OwnerSharded(Local):
+    """Replicated parameters (DDP): each whole tensor is averaged by one owner rank."""
+
+    owner_sharded = True
+    sharded_files = True
+
+    def __init__(self, process_group=None):
+        self.group = process_group
+        self.rank, self.world = dist.get_rank(process_group), dist.get_world_size(process_group)
+
+    def gather(self, layout, values, dst):
+        out = _gather_entries(layout.all_entries, layout.owner, values, self.rank, self.group,
+                              dst=dst, device=layout.device)
+        return out if dst is None or dst == self.rank else None
+
+    def after_write(self, layout, targets):
+        _broadcast_into(targets, [layout.owner[e.name] for e in layout.all_entries], self.group)
+
+    def writes_passthrough(self):
+        return self.rank == 0
+
+    def file_paths(self, path):
+        return shard_paths(path, self.rank, self.world)
+
+    def file_meta(self, layout):
+        return {"rank": str(self.rank), "world": str(self.world)}
+
+    def index(self, layout, path):
+        files = [os.path.basename(shard_paths(path, r, self.world)[0]) for r in range(self.world)]
+        return _weight_map(layout, lambda e: files[layout.owner[e.name]], files[0]), {}
+
+
+class FSDP2Shards(OwnerSharded):
+    """FSDP2 (DTensor parameters): each rank averages its local shard of every tensor."""
+
+    owner_sharded = False
+
+    def __init__(self, process_group=None):
+        super().__init__(process_group)
+        self.dcp_group, self.dcp_mesh = _writer_mesh(process_group)
+
+    def gather(self, layout, values, dst):
+        out = {e.name: (_full_tensor(values[e.name], e.tensor) if is_dtensor(e.tensor)
+                        else values[e.name]) for e in layout.all_entries}
+        return out if dst is None or dst == self.rank else None
+
+    def before_swap(self, model):
+        # FSDP2 keeps a module's gathered (unsharded) parameters after a forward that does not
+        # reshard (the root's, by default): writing the local shards would not reach them.
+        _reshard(model)
+
+    def after_write(self, layout, targets):
+        pass  # the next forward gathers the local shards
+
+    def after_restore(self, model):
+        _reshard(model)  # what the body gathered holds the average: dropped before training
+
+    def writes_entry(self, entry):
+        return is_dtensor(entry.tensor) or self.rank == 0  # replicated: rank 0 writes it
+
+    def file_meta(self, layout):
+        import json
+        meta = super().file_meta(layout)
+        # Where this rank's part of each split tensor sits in the full tensor.
+        meta["shards"] = json.dumps({n: v[self.rank] for n, v in _split_map(layout).items()})
+        return meta
+
+    def index(self, layout, path):
+        files = [os.path.basename(shard_paths(path, r, self.world)[0]) for r in range(self.world)]
+        return (_weight_map(layout, lambda e: files if is_dtensor(e.tensor) else files[0],
+                            files[0]), _split_map(layout))
+
+    def as_dtensors(self, layout, tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """This rank's file tensors for torch.distributed.checkpoint: split tensors as DTensors
+        on the writer's CPU mesh; whole ones (rank 0's) as plain tensors."""
+        by_name = {n: e for e in layout.all_entries for n in [e.name, *e.aliases]}
+        out = {}
+        for n, t in tensors.items():
+            e = by_name.get(n)
+            if e is not None and is_dtensor(e.tensor):
+                out[n] = DTensor.from_local(t, self.dcp_mesh, e.tensor.placements,
+                                            run_check=False, shape=e.tensor.shape,
+                                            stride=e.tensor.stride())
+            else:
+                out[n] = t
+        return out
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+def _weight_map(layout: Layout, where, passthrough_file) -> Dict[str, object]:
+    out: Dict[str, object] = {}
+    for e in layout.all_entries:
+        for n in [e.name, *e.aliases]:
+            out[n] = where(e)
+    for n in layout.passthrough:
+        out[n] = passthrough_file
+    return {n: out[n] for n in layout.names}
+
+
+def _split_map(layout: Layout) -> Dict[str, list]:
+    """FSDP2: for each split tensor (and alias), per rank [first row, global shape]."""
+    out = {}
+    for e in layout.all_entries:
+        if not is_dtensor(e.tensor):
+            continue
+        rows = _dim0_offsets(e.tensor)
+        for n in [e.name, *e.aliases]:
+            out[n] = [[r, list(e.tensor.shape)] for r in rows]
+    return out
+
+
+def _writer_mesh(process_group):
+    """A gloo group and a 1-D CPU mesh over it, of the Averager's own, for
+    torch.distributed.checkpoint exports: they run on the writer thread, so their collectives
+    must not run on training's group (NCCL on GPUs: init_device_mesh("cpu") over the world hands
+    back the default group when its backend is not gloo, and the writer thread never set a CUDA
+    device). Created at construction, where every rank is (creating a group is a collective)."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    ranks = dist.get_process_group_ranks(process_group or dist.group.WORLD)
+    group = dist.new_group(ranks=ranks, backend="gloo")
+    return group, DeviceMesh.from_group(group, "cpu")
+
+
+def _reshard(model: nn.Module) -> None:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import FSDPModule
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def _global_rank(group, rank: int) -> int:
+    return rank if group is None else dist.get_global_rank(group, rank)
+
+
+def _comm_device(group, like: torch.device) -> torch.device:
+    """NCCL moves CUDA tensors only; gloo moves CPU tensors (and CUDA ones via the host)."""
+    backend = dist.get_backend(group)
+    return like if "nccl" in str(backend).lower() else torch.device("cpu")
+
+
+def _gather_entries(entries: Iterable, owner: Dict[str, int], local: Dict[str, torch.Tensor],
+                    rank: int, group=None, dst: Optional[int] = None,
+                    device: torch.device = torch.device("cpu")) -> Dict[str, torch.Tensor]:
+    """Full float32 CPU tensors of every entry from its owner: on every rank (broadcasts) or, with
+    ``dst``, on that rank only (point to point). Every rank must call this with the same entries
+    in the same order."""
+    comm = _comm_device(group, device)
+    out: Dict[str, torch.Tensor] = {}
+    for e in entries:
+        src = owner[e.name]
+        if dst is not None and src == dst and rank != dst:
+            continue  # the destination already has it
+        if src == rank:
+            buf = local[e.name].to(comm, torch.float32)
+        else:
+            buf = torch.empty(e.shape, dtype=torch.float32, device=comm)
+        if dst is None:
+            dist.broadcast(buf, _global_rank(group, src), group=group)
+        elif src != dst:
+            if rank == src:
+                dist.send(buf, _global_rank(group, dst), group=group)
+            elif rank == dst:
+                dist.recv(buf, _global_rank(group, src), group=group)
+        if dst is None or rank == dst:
+            out[e.name] = buf.to("cpu") if buf.device.type != "cpu" else buf
+    return out
+
+
+def _broadcast_into(tensors, owner_ranks, group=None) -> None:
+    """Broadcasts each live tensor from its owner into every rank's replica, in place."""
+    for t, src in zip(tensors, owner_ranks):
+        comm = _comm_device(group, t.device)
+        if t.device == comm:
+            dist.broadcast(t.data, _global_rank(group, src), group=group)
+        else:
+            buf = t.detach().to(comm)
+            dist.broadcast(buf, _global_rank(group, src), group=group)
+            with torch.no_grad():
+                t.copy_(buf)
+
+
+def _full_tensor(local_avg: torch.Tensor, like) -> torch.Tensor:
+    """The full float32 CPU tensor of an FSDP2 parameter's average, gathered from every rank's
+    local average (a collective over the parameter's device mesh)."""
+    comm = _comm_device(like.device_mesh.get_group(), like.device)
+    d = DTensor.from_local(local_avg.to(comm), like.device_mesh, like.placements, run_check=False,
+                           shape=like.shape, stride=like.stride())
+    return d.full_tensor().to("cpu", torch.float32)
+
+
+def _dim0_offsets(dt) -> list:
+    """First row of each rank's shard of an FSDP2 parameter (1-D mesh, Shard(0), the layout
+    fully_shard uses: torch.chunk of dim 0 into world pieces)."""
+    from torch.distributed.tensor.placement_types import Shard
+    mesh, placements = dt.device_mesh, dt.placements
+    if mesh.ndim != 1 or len(placements) != 1 or not isinstance(placements[0], Shard) or \
+            placements[0].dim != 0:
+        raise NotImplementedError(
+            f"snapshots of DTensor parameters need a 1-D mesh with Shard(0) (fully_shard's "
+            f"default), got mesh of {mesh.ndim} dims and placements {placements}")
+    n, world = dt.shape[0], mesh.size()
+    chunk = -(-n // world)
+    return [min(n, r * chunk) for r in range(world)]

@@ -1,0 +1,160 @@
+"""Test tools: a simulated device that makes CPU models behave, for the engine, as on a GPU.
+
+Under :func:`lazy_device`, an Averager built on a CPU model takes the engine's asynchronous path
+(streams, events, deferred copies) with a simulated copy engine behind it: every copy issued on
+the side stream is queued and run by the copy engine's thread after a seeded random delay, in
+stream order. A host wait or a stream wait on an event blocks until the copy engine has reached
+it. The training thread's own work is the "main stream": it runs at once, in program order.
+
+So a missing fence (the next optimizer step changes the parameters while their copy is still
+queued), a read of staging before its copy landed, or a staging buffer reused too early gives
+wrong averages on the CPU, for some seed.
+
+    >>> from offload_ema.testing import lazy_device
+    >>> with lazy_device(seed=3):
+    ...     avg = oe.Averager(cpu_model, {"ema": oe.EMA(0.9)})
+"""
+from __future__ import annotations
+
+import contextlib
+import queue
+import random
+import threading
+import time
+from typing import List
+
+import torch
+
+from offload_ema import device as device_mod
+
+__all__ = ["lazy_device", "LazyOps"]
+
+_MAIN = "main"
+
+
+class _Event:
+    """Complete once the copy engine (side stream) or the host (main stream) reached it."""
+
+    def __init__(self):
+        self._done = threading.Event()
+        self.time = 0.0
+
+    def complete(self) -> None:
+        self.time = time.perf_counter()
+        self._done.set()
+
+    def wait(self, timeout: float = 60.0) -> None:
+        if not self._done.wait(timeout):
+            raise RuntimeError("simulated device: an event was never reached (a copy engine "
+                               "queue was never run: was the engine's thread stopped?)")
+
+
+class _CopyEngine:
+    """Runs the side stream's queued operations in order, each after a seeded random delay."""
+
+    def __init__(self, seed: int, max_delay: float):
+        self._rng = random.Random(seed)
+        self._max_delay = max_delay
+        self._queue: "queue.SimpleQueue" = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self.error = None
+        self._thread = threading.Thread(target=self._run, name="lazy-copy-engine", daemon=True)
+        self._thread.start()
+
+    def enqueue(self, op) -> None:
+        self._queue.put(op)
+
+    def _delay(self) -> float:
+        with self._lock:
+            r = self._rng.random()
+            # Mostly prompt, sometimes late: late enough to outlast a training step.
+            return 0.0 if r < 0.4 else self._rng.uniform(0, self._max_delay)
+
+    def _run(self) -> None:
+        while True:
+            op = self._queue.get()
+            if op is None:
+                return
+            time.sleep(self._delay())
+            try:
+                op()
+            except BaseException as exc:  # a broken copy: reported by the next wait
+                if self.error is None:
+                    self.error = exc
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+
+class LazyOps:
+    """The engine's device operations on the simulated copy engine (see the module doc)."""
+
+    asynchronous = True
+    pin_memory = False
+
+    def __init__(self, device: torch.device, engine: _CopyEngine):
+        self.device = device
+        self._engine = engine
+        self.side = "side"
+
+    def thread_init(self) -> None:
+        pass
+
+    def is_capturing(self) -> bool:
+        return False
+
+    def main_stream(self):
+        return _MAIN
+
+    def record(self, stream, timing: bool = False) -> _Event:
+        event = _Event()
+        if stream == _MAIN:
+            event.complete()
+        else:
+            self._engine.enqueue(event.complete)
+        return event
+
+    def stream_wait(self, stream, event: _Event) -> None:
+        if stream == _MAIN:
+            self.host_wait(event)  # the main stream is the host's program order
+        # The side stream waiting on a main-stream event: complete when recorded. On itself:
+        # in order anyway.
+
+    def copy(self, stream, dsts: List[torch.Tensor], srcs: List[torch.Tensor]) -> None:
+        if stream == _MAIN:
+            torch._foreach_copy_(dsts, srcs)
+        else:
+            # The sources are read when the copy engine gets to it, as a GPU would.
+            self._engine.enqueue(lambda: torch._foreach_copy_(dsts, srcs))
+
+    def host_wait(self, event: _Event) -> None:
+        event.wait()
+        if self._engine.error is not None:
+            raise RuntimeError("simulated device: a copy failed") from self._engine.error
+
+    def elapsed_seconds(self, start: _Event, done: _Event) -> float:
+        return max(0.0, done.time - start.time)
+
+
+class _Factory:
+    def __init__(self, seed: int, max_delay: float):
+        self.engine = _CopyEngine(seed, max_delay)
+
+    def make(self, device: torch.device) -> LazyOps:
+        return LazyOps(device, self.engine)
+
+
+@contextlib.contextmanager
+def lazy_device(seed: int = 0, max_delay: float = 0.004):
+    """Averagers built on CPU models inside this block use the simulated copy engine (seeded
+    delays of up to ``max_delay`` seconds per queued operation). Close them inside the block."""
+    if device_mod._override is not None:
+        raise RuntimeError("lazy_device() blocks do not nest")
+    factory = _Factory(seed, max_delay)
+    device_mod._override = factory
+    try:
+        yield factory
+    finally:
+        device_mod._override = None
+        factory.engine.stop()
