@@ -49,8 +49,6 @@ struct VecAvx2 {
 
   OE_INLINE_AVX2 D lo(F v) { return _mm256_cvtps_pd(_mm256_castps256_ps128(v)); }
   OE_INLINE_AVX2 D hi(F v) { return _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)); }
-  OE_INLINE_AVX2 D dload(const double* p) { return _mm256_loadu_pd(p); }
-  OE_INLINE_AVX2 void dstore(double* p, D v) { _mm256_storeu_pd(p, v); }
   OE_INLINE_AVX2 D dadd(D a, D b) { return _mm256_add_pd(a, b); }
   OE_INLINE_AVX2 D ddiv(D a, D b) { return _mm256_div_pd(a, b); }
   OE_INLINE_AVX2 D dset1(double x) { return _mm256_set1_pd(x); }
@@ -86,8 +84,6 @@ struct VecAvx512 {
     // AVX512F has no 256-bit float extract (that is AVX512DQ); go through the integer view.
     return _mm512_cvtps_pd(_mm256_castsi256_ps(_mm512_extracti64x4_epi64(_mm512_castps_si512(v), 1)));
   }
-  OE_INLINE_AVX512 D dload(const double* p) { return _mm512_loadu_pd(p); }
-  OE_INLINE_AVX512 void dstore(double* p, D v) { _mm512_storeu_pd(p, v); }
   OE_INLINE_AVX512 D dadd(D a, D b) { return _mm512_add_pd(a, b); }
   OE_INLINE_AVX512 D ddiv(D a, D b) { return _mm512_div_pd(a, b); }
   OE_INLINE_AVX512 D dset1(double x) { return _mm512_set1_pd(x); }
@@ -120,8 +116,6 @@ struct VecNeon {
 
   OE_INLINE_NEON D lo(F v) { return vcvt_f64_f32(vget_low_f32(v)); }
   OE_INLINE_NEON D hi(F v) { return vcvt_high_f64_f32(v); }
-  OE_INLINE_NEON D dload(const double* p) { return vld1q_f64(p); }
-  OE_INLINE_NEON void dstore(double* p, D v) { vst1q_f64(p, v); }
   OE_INLINE_NEON D dadd(D a, D b) { return vaddq_f64(a, b); }
   OE_INLINE_NEON D ddiv(D a, D b) { return vdivq_f64(a, b); }
   OE_INLINE_NEON D dset1(double x) { return vdupq_n_f64(x); }

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 __all__ = ["EMA", "LAWA"]
 
 
-def _check_int(value, name, minimum):
+def check_int(value, name: str, minimum: int) -> int:
+    """``value`` as an int, or a ValueError naming the argument and what was expected."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return int(value)
@@ -61,8 +62,8 @@ class EMA(_Schedule):
                 0.0 <= float(self.beta) < 1.0):
             raise ValueError(f"beta must be in [0, 1), got {self.beta!r}")
         object.__setattr__(self, "beta", float(self.beta))
-        object.__setattr__(self, "every", _check_int(self.every, "every", 1))
-        object.__setattr__(self, "start", _check_int(self.start, "start", 0))
+        object.__setattr__(self, "every", check_int(self.every, "every", 1))
+        object.__setattr__(self, "start", check_int(self.start, "start", 0))
 
     kind = "ema"
 
@@ -96,9 +97,9 @@ class LAWA(_Schedule):
     start: int = 0
 
     def __post_init__(self):
-        object.__setattr__(self, "window", _check_int(self.window, "window", 1))
-        object.__setattr__(self, "every", _check_int(self.every, "every", 1))
-        object.__setattr__(self, "start", _check_int(self.start, "start", 0))
+        object.__setattr__(self, "window", check_int(self.window, "window", 1))
+        object.__setattr__(self, "every", check_int(self.every, "every", 1))
+        object.__setattr__(self, "start", check_int(self.start, "start", 0))
 
     kind = "lawa"
 

@@ -17,6 +17,7 @@ Run it as ``offload-ema bench`` (or ``python bench/overhead.py``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -26,7 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 import torch
 
@@ -65,7 +66,7 @@ class Mode:
     def close(self):
         pass
 
-    def counters(self) -> dict:
+    def counters(self, wait: bool = True) -> dict:
         return {"applied": 0, "skipped": 0, "coalesced": 0, "pinned_bytes": 0}
 
 
@@ -92,7 +93,7 @@ class Naive(Mode):
         self.update_s += time.perf_counter() - t1
         self.applied += 1
 
-    def counters(self):
+    def counters(self, wait=True):
         return dict(super().counters(), applied=self.applied)
 
 
@@ -111,7 +112,7 @@ class SwaUtils(Mode):
         self.avg.update_parameters(self.module)
         self.update_s += time.perf_counter() - t0
 
-    def counters(self):
+    def counters(self, wait=True):
         return dict(super().counters(), applied=int(self.avg.n_averaged))
 
 
@@ -127,7 +128,7 @@ class GpuForeach(Mode):
         torch._foreach_lerp_(self.acc, [p.detach().float() for p in self.params], 1 - BETA)
         self.applied += 1
 
-    def counters(self):
+    def counters(self, wait=True):
         return dict(super().counters(), applied=self.applied)
 
 
@@ -159,9 +160,10 @@ class Offload(Mode):
     def close(self):
         self.avg.close()
 
-    def counters(self):
-        for f in self.saves:
-            f.result()  # written (a failed write fails the benchmark)
+    def counters(self, wait=True):
+        if wait:  # a partial record between rounds reports the saves done so far
+            for f in self.saves:
+                f.result()  # written (a failed write fails the benchmark)
         st = self.avg.stats()
         self.fence_s, self.copy_s, self.update_s = (
             st["fence_wait_seconds"], st["copy_seconds"], st["update_seconds"])
@@ -181,6 +183,81 @@ class OffloadMulti(Offload):
 
 MODE_CLASSES = {"none": Mode, "naive": Naive, "swa_utils": SwaUtils, "gpu_foreach": GpuForeach,
                 "offload": Offload, "offload_multi": OffloadMulti}
+
+
+class MemoryMeter:
+    """Each mode's GPU memory, from three queries: memory allocated now, the peak since the last
+    reset, reset the peak (CUDA's in a run; plain callables in a test).
+
+    A mode's cost is what its construction allocated plus the highest rise, over its rounds, of
+    the peak above the memory allocated just before that round's ``begin()``. Every mode's
+    buffers stay allocated for the whole run, so a baseline is only fair when it is taken right
+    before the mode it belongs to: comparing peaks instead (as before) put gpu_foreach's
+    accumulator into the peak of ``none`` from round 2 on, and gpu_foreach came out nearly free.
+    """
+
+    def __init__(self, allocated: Callable[[], int], max_allocated: Callable[[], int],
+                 reset_peak: Callable[[], None]):
+        self._allocated, self._max, self._reset = allocated, max_allocated, reset_peak
+        self.held: Dict[str, int] = {}
+        self.rise: Dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def constructing(self, mode: str):
+        before = self._allocated()
+        yield
+        self.held[mode] = self._allocated() - before
+
+    @contextlib.contextmanager
+    def running(self, mode: str):
+        self._reset()
+        before = self._allocated()
+        yield
+        self.rise[mode] = max(self.rise.get(mode, 0), self._max() - before)
+
+    def cost(self, mode: str) -> int:
+        return self.held.get(mode, 0) + self.rise.get(mode, 0)
+
+    def delta(self, mode: str, reference: str = "none") -> int:
+        """``mode``'s cost beyond ``reference``'s (a plain training step's own transient peak);
+        its whole cost when the reference has not run."""
+        return self.cost(mode) - (self.cost(reference) if reference in self.rise else 0)
+
+
+def cuda_memory_meter(device: torch.device) -> MemoryMeter:
+    # Synchronised: the caching allocator counts a block as freed when the free is issued, and
+    # the side stream's copies must have been issued and finished before a figure is read.
+    def allocated():
+        torch.cuda.synchronize(device)
+        return torch.cuda.memory_allocated(device)
+
+    def max_allocated():
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+
+    def reset_peak():
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+    return MemoryMeter(allocated, max_allocated, reset_peak)
+
+
+def no_memory_meter() -> MemoryMeter:
+    """On the CPU: every figure is 0, and the same bookkeeping runs as on a GPU."""
+    return MemoryMeter(lambda: 0, lambda: 0, lambda: None)
+
+
+def write_json(path: str, rows: List[dict]) -> None:
+    """Writes ``rows`` to ``path`` through a temporary file and ``os.replace``, so that a run cut
+    off (a device command's time limit, Ctrl-C) leaves the last complete file, never half a one."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(rows, f, indent=1)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 class Progress:
@@ -263,65 +340,76 @@ def run(args, rank: int = 0, world: int = 1) -> List[dict]:
 
     objs: Dict[str, Mode] = {}
     times: Dict[str, List[float]] = {m: [] for m in modes}
-    peak: Dict[str, int] = {m: 0 for m in modes}
+    meter = cuda_memory_meter(device) if cuda else no_memory_meter()
     rss_delta: Dict[str, int] = {}
+
+    def records(final: bool) -> List[dict]:
+        base = statistics.median(times["none"]) if times.get("none") else float("nan")
+        rows = []
+        for m in modes:
+            ts = times[m]
+            if not ts:
+                continue
+            med = statistics.median(ts)
+            c = objs[m].counters(wait=final)
+            o = objs[m]
+            snaps = max(c["applied"], 1)
+            rows.append({
+                "mode": m, "preset": args.preset, "device": str(device), "params": n_params,
+                "dtype": args.dtype, "step_ms_median": med * 1e3,
+                "step_ms_p90": _percentile(ts, 0.9) * 1e3,
+                "overhead_pct": 100 * (med / base - 1),
+                "gpu_mem_delta_bytes": meter.delta(m),
+                "rss_delta_bytes": rss_delta[m], "pinned_bytes": c["pinned_bytes"],
+                "applied": c["applied"], "skipped": c["skipped"], "coalesced": c["coalesced"],
+                "fence_ms_per_snapshot": o.fence_s / snaps * 1e3,
+                "copy_ms_per_snapshot": o.copy_s / snaps * 1e3,
+                "update_ms_per_snapshot": o.update_s / snaps * 1e3,
+                "round_medians_ms": [statistics.median(ts[i:i + args.steps]) * 1e3
+                                     for i in range(0, len(ts), args.steps)],
+                "rounds": args.rounds, "partial": not final,
+            })
+            for k in ("snapshot_bytes", "host_bytes", "saves", "save_seconds", "save_bytes"):
+                if k in c:
+                    rows[-1][k] = c[k]
+            if c.get("saves") and c["save_seconds"] > 0:
+                rows[-1]["save_gbps"] = c["save_bytes"] / c["save_seconds"] / 1e9
+        return rows
+
     progress = Progress(args.rounds * len(modes) * (args.steps + args.warmup))
     progress.on = progress.on and rank == 0
-    for r in range(args.rounds):
-        for m in modes:
-            first = m not in objs
-            if first:
-                rss0 = _rss()
-                objs[m] = MODE_CLASSES[m](model, opt, args)
-            mode = objs[m]
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats(device)
-            mode.begin()
-            for i in range(args.warmup + args.steps):
-                t0 = time.perf_counter()
-                train_step()
-                mode.after_step()
-                sync()
-                if i >= args.warmup:  # the first steps of a round re-warm this mode's path
-                    times[m].append(time.perf_counter() - t0)
-                progress.tick(f"round {r + 1}/{args.rounds} {m}")
-            mode.end()
-            if cuda:
-                torch.cuda.synchronize()
-                peak[m] = max(peak[m], torch.cuda.max_memory_allocated(device))
-            if first:
-                rss_delta[m] = _rss() - rss0
-    progress.close()
-
-    base = statistics.median(times["none"]) if "none" in times else float("nan")
-    rows = []
-    for m in modes:
-        ts = times[m]
-        med = statistics.median(ts)
-        c = objs[m].counters()
-        o = objs[m]
-        snaps = max(c["applied"], 1)
-        rows.append({
-            "mode": m, "preset": args.preset, "device": str(device), "params": n_params,
-            "dtype": args.dtype, "step_ms_median": med * 1e3, "step_ms_p90": _percentile(ts, 0.9) * 1e3,
-            "overhead_pct": 100 * (med / base - 1),
-            "gpu_mem_delta_bytes": peak[m] - peak.get("none", 0) if cuda else 0,
-            "rss_delta_bytes": rss_delta[m], "pinned_bytes": c["pinned_bytes"],
-            "applied": c["applied"], "skipped": c["skipped"], "coalesced": c["coalesced"],
-            "fence_ms_per_snapshot": o.fence_s / snaps * 1e3,
-            "copy_ms_per_snapshot": o.copy_s / snaps * 1e3,
-            "update_ms_per_snapshot": o.update_s / snaps * 1e3,
-            "round_medians_ms": [statistics.median(ts[i:i + args.steps]) * 1e3
-                                 for i in range(0, len(ts), args.steps)],
-        })
-        for k in ("snapshot_bytes", "host_bytes", "saves", "save_seconds", "save_bytes"):
-            if k in c:
-                rows[-1][k] = c[k]
-        if c.get("saves"):
-            rows[-1]["save_gbps"] = c["save_bytes"] / c["save_seconds"] / 1e9
-    for o in objs.values():
-        o.close()
+    try:
+        for r in range(args.rounds):
+            for m in modes:
+                first = m not in objs
+                if first:
+                    rss0 = _rss()
+                    with meter.constructing(m):
+                        objs[m] = MODE_CLASSES[m](model, opt, args)
+                mode = objs[m]
+                with meter.running(m):
+                    mode.begin()
+                    for i in range(args.warmup + args.steps):
+                        t0 = time.perf_counter()
+                        train_step()
+                        mode.after_step()
+                        sync()
+                        if i >= args.warmup:  # the first steps of a round re-warm this mode's path
+                            times[m].append(time.perf_counter() - t0)
+                        progress.tick(f"round {r + 1}/{args.rounds} {m}")
+                    mode.end()
+                if first:
+                    rss_delta[m] = _rss() - rss0
+                if args.json and rank == 0:
+                    # Outside the timed steps; a run cut short still leaves what it measured.
+                    write_json(args.json, records(final=False))
+        progress.close()
+        rows = records(final=True)
+    finally:
+        # Averagers hold worker threads and, under DDP, take part in collectives: stop them
+        # here, on every rank, also when a mode failed, rather than at interpreter exit.
+        for o in objs.values():
+            o.close()
     if world > 1:
         import torch.distributed as dist
         mine = {r["mode"]: (r["rss_delta_bytes"], r.get("host_bytes", 0)) for r in rows}
@@ -505,14 +593,15 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit("--nproc must be >= 1")
     if args.nproc > 1 and on_gpu and torch.cuda.device_count() < args.nproc:
         raise SystemExit(f"--nproc {args.nproc}: only {torch.cuda.device_count()} GPUs")
+    if args.json:
+        args.json = os.path.abspath(args.json)  # rank processes write the partial records
     with tempfile.TemporaryDirectory(prefix="offload_ema_bench_") as tmp:
         if args.save_every and args.save_dir is None:
             args.save_dir = tmp
         rows = run(args) if args.nproc == 1 else _spawn(args, tmp)
     report(rows)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        write_json(args.json, rows)
         print(f"wrote {len(rows)} records to {args.json}")
     if args.plot:
         plot(rows, args.plot)

@@ -35,7 +35,7 @@ import torch
 
 from offload_ema import device as device_mod
 from offload_ema import ops
-from offload_ema.averages import EMA
+from offload_ema.averages import EMA, check_int
 from offload_ema.layout import ALIGN, Entry, Layout, is_dtensor, local_tensor
 
 
@@ -128,9 +128,7 @@ class Engine:
         snapshot = max(layout.nbytes, ALIGN)
         if staging_bytes is None:
             staging_bytes = 2 * snapshot
-        if isinstance(staging_bytes, bool) or not isinstance(staging_bytes, int) or (
-                staging_bytes < 2 * ALIGN):
-            raise ValueError(f"staging_bytes must be an int >= {2 * ALIGN}, got {staging_bytes!r}")
+        staging_bytes = check_int(staging_bytes, "staging_bytes", 2 * ALIGN)
         if staging_bytes >= snapshot:
             n_buffers, buffer_bytes = staging_bytes // snapshot, snapshot
         else:
@@ -227,8 +225,13 @@ class Engine:
         with self._cond:
             self._cond.wait_for(lambda: self._in_flight < self.capacity or self._error is not None)
 
-    def is_capturing(self) -> bool:
-        return self._ops.is_capturing()
+    def check_not_capturing(self) -> None:
+        if self._ops.is_capturing():
+            raise RuntimeError(
+                "an Averager cannot run inside CUDA graph capture (its copies, events and worker "
+                "live outside the graph, and a replay would take no snapshot): capture forward "
+                "and backward only and run optimizer.step() outside the graph, or call "
+                "avg.step() after each replay instead of attach()")
 
     def submit(self, step: int, emas: List[Tuple[str, float]], lawas: List[str],
                found_inf: Optional[torch.Tensor] = None) -> None:
@@ -328,6 +331,24 @@ class Engine:
         """(a copy of the counters, snapshots in flight), read together under the lock."""
         with self._cond:
             return dict(self._stats), self._in_flight
+
+    def report(self, step: int) -> Dict[str, object]:
+        """The engine's part of ``Averager.stats()`` at training step ``step``."""
+        s, in_flight = self.stats()
+        applied_step = int(s.get("last_applied_step", 0))
+        return {
+            "snapshots_applied": int(s.get("snapshots_applied", 0)),
+            "snapshots_dropped_nonfinite": int(s.get("snapshots_dropped_nonfinite", 0)),
+            "in_flight": in_flight,
+            "lag_steps": step - applied_step if applied_step else 0,
+            "bytes_copied": int(s.get("bytes_copied", 0)),
+            **{k: s.get(k, 0.0) for k in ("copy_seconds", "update_seconds", "fence_wait_seconds",
+                                          "lag_seconds_last", "lag_seconds_max")},
+            "snapshot_bytes": self.layout.nbytes, "staging_bytes": self.staging_nbytes,
+            "pinned_bytes": self.pinned_nbytes, "staging_buffers": self.n_staging,
+            "chunks_per_snapshot": self.chunks_per_snapshot, "host_bytes": self.host_bytes(),
+            "averaged_tensors": len(self.layout.entries), "device": str(self.layout.device),
+        }
 
     def set_last_applied_step(self, step: int) -> None:
         with self._cond:

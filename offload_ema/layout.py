@@ -130,7 +130,6 @@ class Layout:
         if buffers not in ("copy", "average"):
             raise ValueError(f"buffers must be 'copy' or 'average', got {buffers!r}")
         self.model = unwrap_model(model)
-        self.rank, self.world = rank, world
         state = self.model.state_dict(keep_vars=True)
         param_ids = {id(p) for p in self.model.parameters()}
         self.names: List[str] = []                         # every state_dict name, in order
@@ -277,6 +276,18 @@ class Layout:
                 "by none of the optimizers given to attach(): pass every optimizer that updates "
                 "the model in one call (attach(opt_a, opt_b)), or set requires_grad=False on "
                 "parameters that are not trained")
+
+    def full_state_dict(self, values: Dict[str, "torch.Tensor"]) -> Dict[str, "torch.Tensor"]:
+        """Every state_dict name of the model: the averaged ``values`` (by entry name, under each
+        alias too), the other entries as current float32 / own-dtype CPU copies."""
+        out = {}
+        for e in self.all_entries:
+            for n in [e.name, *e.aliases]:
+                out[n] = values[e.name]
+        for n, t in self.passthrough.items():
+            t = t.detach().to("cpu", copy=True)
+            out[n] = t.float() if t.is_floating_point() else t
+        return {n: out[n] for n in self.names}
 
     def resolve(self, model: nn.Module, entries: Optional[List[Entry]] = None) -> List[torch.Tensor]:
         """The live tensors of ``model`` (this model or a wrapper of it) for each entry (this

@@ -8,7 +8,7 @@ from typing import Dict, List, Mapping, Optional
 
 import torch
 
-from offload_ema.averages import EMA
+from offload_ema.averages import EMA, LAWA
 
 BUSY_POLICIES = ("block", "skip", "coalesce")
 
@@ -19,6 +19,15 @@ class Schedule:
     one (``coalesced``, EMAs under ``on_busy="coalesce"``), and the counters of :meth:`stats`."""
 
     def __init__(self, specs: Mapping[str, object], on_busy: str):
+        if not isinstance(specs, Mapping) or not specs:
+            raise ValueError("averages must be a non-empty mapping of name -> EMA or LAWA, got "
+                             f"{specs!r}")
+        for name, spec in specs.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"average names must be non-empty strings, got {name!r}")
+            if not isinstance(spec, (EMA, LAWA)):
+                raise TypeError(f"averages[{name!r}] must be an EMA or LAWA, got "
+                                f"{type(spec).__name__}")
         if on_busy not in BUSY_POLICIES:
             raise ValueError(f"on_busy must be one of {', '.join(BUSY_POLICIES)}, got {on_busy!r}")
         self.specs = dict(specs)
@@ -28,6 +37,16 @@ class Schedule:
         self.coalesced: Dict[str, int] = {n: 0 for n in self.specs}
         self.counts = {"snapshots_taken": 0, "snapshots_skipped": 0, "snapshots_coalesced": 0}
         self.busy_wait_seconds = 0.0
+
+    def check_name(self, name: str) -> None:
+        if name not in self.specs:
+            raise ValueError(f"no average named {name!r}; this Averager has: "
+                             f"{', '.join(self.specs)}")
+
+    def raise_no_snapshot(self, name: str) -> None:
+        spec = self.specs[name]
+        raise RuntimeError(f"average {name!r} has no snapshot yet (first due after step "
+                           f"{spec.start + spec.every}, now at step {self.step})")
 
     def due(self, step: int) -> List[str]:
         return [n for n, spec in self.specs.items() if spec.is_due(step)]

@@ -12,6 +12,7 @@ average is put into the live model and taken out again, which file holds what.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -53,6 +54,28 @@ class Local:
         a rank other than ``dst`` (when given)."""
         return values
 
+    @contextlib.contextmanager
+    def swapped(self, model: nn.Module, layout: Layout, values: Dict[str, torch.Tensor]):
+        """Writes this rank's averaged ``values`` into ``model`` in place (every rank: the
+        replicas or shards agree after), and restores the exact previous values on exit."""
+        self.before_swap(model)
+        targets = layout.resolve(model, layout.all_entries)
+        backups = []
+        try:
+            with torch.no_grad():
+                for e, t in zip(layout.all_entries, targets):
+                    t = local_tensor(t)  # FSDP2: this rank's shard
+                    backups.append((t, t.detach().to("cpu", copy=True)))
+                    if e.name in values:
+                        t.copy_(values[e.name])
+            self.after_write(layout, targets)
+            yield
+        finally:
+            with torch.no_grad():
+                for t, saved in backups:
+                    t.copy_(saved)
+            self.after_restore(model)
+
     def before_swap(self, model: nn.Module) -> None:
         pass
 
@@ -77,7 +100,8 @@ class Local:
         return {}
 
     def index(self, layout: Layout, path: str):
-        """(weight_map, split map) for the sharded-files index, or None."""
+        """The sharded-files index's weight map (name -> file, or the list of files holding a
+        split tensor's row blocks), or None for a single file."""
         return None
 
 
@@ -110,7 +134,7 @@ class OwnerSharded(Local):
 
     def index(self, layout, path):
         files = [os.path.basename(shard_paths(path, r, self.world)[0]) for r in range(self.world)]
-        return _weight_map(layout, lambda e: files[layout.owner[e.name]], files[0]), {}
+        return _weight_map(layout, lambda e: files[layout.owner[e.name]], files[0])
 
 
 class FSDP2Shards(OwnerSharded):
@@ -150,8 +174,8 @@ class FSDP2Shards(OwnerSharded):
 
     def index(self, layout, path):
         files = [os.path.basename(shard_paths(path, r, self.world)[0]) for r in range(self.world)]
-        return (_weight_map(layout, lambda e: files if is_dtensor(e.tensor) else files[0],
-                            files[0]), _split_map(layout))
+        return _weight_map(layout, lambda e: files if is_dtensor(e.tensor) else files[0],
+                           files[0])
 
     def as_dtensors(self, layout, tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """This rank's file tensors for torch.distributed.checkpoint: split tensors as DTensors

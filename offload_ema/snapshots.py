@@ -157,8 +157,7 @@ def shard_paths(path: str, rank: int, world: int) -> Tuple[str, str]:
     return f"{stem}-{rank + 1:05d}-of-{world:05d}.safetensors", f"{stem}.safetensors.index.json"
 
 
-def write_index(path: str, weight_map: Dict[str, object], meta: Dict[str, str],
-                split: Optional[Dict[str, list]] = None) -> None:
+def write_index(path: str, weight_map: Dict[str, object], meta: Dict[str, str]) -> None:
     """Writes the sharded-files index atomically. ``weight_map`` maps each name to its file, or
     (a tensor split across ranks) to the list of files holding its row blocks."""
     meta = {k: v for k, v in meta.items() if k not in ("rank", "shards")}

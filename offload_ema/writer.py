@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from offload_ema.averages import EMA
+from offload_ema.averages import EMA, check_int
 from offload_ema.layout import Layout
 from offload_ema.snapshots import (Retention, SnapshotFuture, metadata, write_atomic, write_dcp,
                                    write_index)
@@ -91,7 +91,7 @@ class SnapshotWriter:
                                  strategy.dcp_group, strategy.rank, tag)
             nbytes = write_atomic(file_path, tensors, meta)
             if index_path is not None and strategy.rank == 0:
-                write_index(index_path, index[0], meta, index[1])
+                write_index(index_path, index, meta)
             if retention is not None:
                 retention.prune(name)
             return nbytes
@@ -101,11 +101,9 @@ class SnapshotWriter:
 
     def save_every(self, every: int, template: str, names: List[str], keep_last: Optional[int],
                    dtype: torch.dtype) -> None:
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be an int >= 1, got {every!r}")
-        if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int)
-                                      or keep_last < 1):
-            raise ValueError(f"keep_last must be None or an int >= 1, got {keep_last!r}")
+        check_int(every, "every", 1)
+        if keep_last is not None:
+            check_int(keep_last, "keep_last", 1)
         if len(names) > 1 and "{name}" not in template:
             raise ValueError("path template must contain {name} when several averages are saved")
         try:
@@ -115,13 +113,15 @@ class SnapshotWriter:
                              f"{{step}}: {exc}") from exc
         self.periodic = (every, Retention(template, keep_last), names, dtype)
 
-    def due(self, step: int):
-        """[(name, path, dtype, retention)] of the periodic saves due after ``step``."""
+    def save_due(self, step: int, schedule) -> None:
+        """Queues the periodic saves due after ``step`` (of averages that have a snapshot)."""
         if self.periodic is None or step % self.periodic[0]:
-            return []
+            return
         _, retention, names, dtype = self.periodic
-        return [(n, retention.template.format(name=n, step=step), dtype, retention)
-                for n in names]
+        for n in names:
+            if schedule.scheduled[n]:
+                self.save(n, schedule.specs[n], retention.template.format(name=n, step=step),
+                          step, dtype=dtype, retention=retention)
 
     def _copy_average(self, name: str, spec, dtype: torch.dtype, others) -> Dict[str, torch.Tensor]:
         out = {}

@@ -120,7 +120,7 @@ def test_save_every_rejects_bad_arguments(tmp_path):
             avg.save_every(5, str(tmp_path / "{name}.safetensors"))
         with pytest.raises(ValueError, match="must contain \\{name\\}"):
             avg.save_every(5, str(tmp_path / "x-{step}.safetensors"))
-        with pytest.raises(ValueError, match="keep_last must be None or an int >= 1"):
+        with pytest.raises(ValueError, match="keep_last must be an int >= 1"):
             avg.save_every(5, str(tmp_path / "{name}-{step}"), keep_last=0)
         with pytest.raises(ValueError, match="no average named 'nope'"):
             avg.save(tmp_path / "x.safetensors", "nope")

@@ -1,0 +1,107 @@
+"""Where an Averager meets the outside world's callbacks: ``optimizer.step`` pre- and post-hooks
+(``OptimizerHooks``), the interpreter's exit, and garbage collection of an unclosed Averager."""
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import warnings
+import weakref
+from typing import Dict, Optional, Sequence
+
+import torch
+
+__all__ = ["OptimizerHooks", "close_at_exit", "release"]
+
+
+def _compiler_disable(fn):
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return disable(fn) if disable is not None else fn
+
+
+class OptimizerHooks:
+    """Step hooks on one or more optimizers over one model: the pre-hooks fence the last copy;
+    once every optimizer has stepped, the post-hook takes the step's snapshot (with GradScaler's
+    ``found_inf`` when a fused optimizer carries one). Training thread only."""
+
+    def __init__(self, averager, optimizers: Sequence[torch.optim.Optimizer], layout):
+        if not optimizers:
+            raise TypeError("attach needs at least one optimizer")
+        for i, opt in enumerate(optimizers):
+            if not isinstance(opt, torch.optim.Optimizer):
+                raise TypeError(f"optimizers[{i}] must be a torch.optim.Optimizer, got "
+                                f"{type(opt).__name__}")
+        layout.check_optimizers(optimizers)
+        # Weak: hooks left on a live optimizer do not keep a dropped Averager alive.
+        me, expected = weakref.ref(averager), len(optimizers)
+        stepped: Dict[int, Optional[torch.Tensor]] = {}
+
+        # Disabled for torch.compile: a compiled optimizer step runs the hooks eagerly instead of
+        # tracing the engine's lock, queue and timers into its graph.
+        @_compiler_disable
+        def pre_hook(opt, args, kwargs):
+            avg = me()
+            if avg is not None and not avg._closed:
+                avg.fence()
+
+        @_compiler_disable
+        def post_hook(opt, args, kwargs):
+            avg = me()
+            if avg is None or avg._closed:
+                return
+            stepped[id(opt)] = getattr(opt, "found_inf", None)  # set by GradScaler if fused
+            if len(stepped) < expected:
+                return
+            flags = [f for f in stepped.values() if isinstance(f, torch.Tensor)]
+            stepped.clear()
+            found_inf = None
+            if len(flags) == 1:
+                found_inf = flags[0]
+            elif flags:
+                found_inf = torch.stack([f.reshape(-1)[0].to(flags[0].device) for f in flags]).sum()
+            avg._step(False, found_inf)
+
+        self._handles = []
+        for opt in optimizers:
+            self._handles += [opt.register_step_pre_hook(pre_hook),
+                              opt.register_step_post_hook(post_hook)]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+_open: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def close_at_exit(averager) -> None:
+    """Closes ``averager`` at interpreter exit if it is still open then."""
+    _open.add(averager)
+
+
+@atexit.register
+def _close_open_averagers():
+    # Drain and stop workers, and finish pending saves, before the interpreter tears torch down
+    # under them. A snapshot that could not be written must not end in a silent exit status 0.
+    failed = False
+    for avg in list(_open):
+        try:
+            avg.close()
+        except BaseException as exc:  # the process is exiting: report, never raise
+            failed = True
+            print(f"offload_ema: an Averager failed while closing at exit (a pending snapshot "
+                  f"may be missing): {exc!r}", file=sys.stderr)
+    if failed:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
+
+def release(engine, writer) -> None:
+    """Stops the threads of an Averager garbage-collected unclosed (holds no reference to it)."""
+    engine.close()
+    writer.close()
+    if engine.unreported_error() is not None:
+        warnings.warn(f"an offload_ema Averager was dropped unclosed with an unreported worker "
+                      f"error: {engine.unreported_error()!r}", RuntimeWarning)
