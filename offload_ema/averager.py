@@ -7,6 +7,7 @@ training thread), ``engine.Engine`` (staging, copies, fence, worker, the average
 from __future__ import annotations
 
 import contextlib
+import threading
 import weakref
 from typing import Dict, Mapping, Optional, Union
 
@@ -81,6 +82,7 @@ class Averager:
         self._writer = SnapshotWriter(self._engine, self._layout, self._strategy)
         self._hooks: Optional[OptimizerHooks] = None
         self._closed = False
+        self._training_thread = threading.get_ident()
         # Dropped without close(): its threads stop and its staging is freed when it is
         # garbage-collected (neither the worker nor the writer refers to this object).
         self._finalizer = weakref.finalize(self, release, self._engine, self._writer)
@@ -126,15 +128,22 @@ class Averager:
 
     def _step(self, fence: bool, found_inf: Optional[torch.Tensor]) -> None:
         self._check_open()
+        self._training_thread = threading.get_ident()  # state_dict() there reads the live state
         self._engine.check_not_capturing()
         self._engine.raise_error()
         sched = self._schedule
         s = sched.step + 1
         due = sched.due(s)
-        if due:
-            self._layout.check_shapes()
-            sched.take(self._engine, s, due, found_inf)
-        sched.step = s
+        saved = sched.checkpoint()
+        try:
+            if due:
+                self._layout.check_shapes()
+                sched.take(self._engine, s, due, found_inf)
+            sched.step = s
+            sched.published = sched.snapshot()
+        except BaseException:  # an interrupt, a failed submit: the snapshot is in whole or not
+            sched.restore(saved, s, due, queued=bool(due) and self._engine.recover(s))
+            raise
         if fence:
             self.fence()
         self._writer.save_due(s, sched)  # save_every's files
@@ -224,23 +233,32 @@ class Averager:
 
     @property
     def step_count(self) -> int:
-        return self._schedule.step
+        return self._schedule.published["step"]
 
     def ready(self, name: str) -> bool:
         """Whether the average ``name`` has a snapshot (taken, maybe not applied yet): whether
         ``swapped`` / ``averaged_state_dict`` / ``save`` can be used for it."""
         self._schedule.check_name(name)
-        return self._schedule.scheduled[name] > 0
+        return self._schedule.published["scheduled"][name] > 0
 
     def _local_values(self, name: str) -> Dict[str, torch.Tensor]:
-        """Flushes, then this rank's averaged entries as float32 CPU tensors of their own."""
-        self.flush()
+        """This rank's averaged entries as float32 CPU tensors of their own, taken on the worker
+        once every snapshot taken so far is applied (consistent from any thread)."""
+        self._check_open()
         self._schedule.check_name(name)
-        if self._engine.applied(name) == 0:
-            self._schedule.raise_no_snapshot(name)
         self._layout.check_unchanged()
         copy = isinstance(self._schedule.specs[name], EMA)  # EMA values are the accumulators
-        return {e.name: (v.clone() if copy else v) for e, v in self._engine.values(name)}
+
+        def read():
+            if self._engine.applied(name) == 0:
+                return None
+            return {e.name: (v.clone() if copy else v) for e, v in self._engine.values(name)}
+        values = self._engine.read(read)
+        self._engine.raise_error()
+        self._raise_save_error()
+        if values is None:
+            self._schedule.raise_no_snapshot(name)
+        return values
 
     def averaged_state_dict(self, name: str, *, rank: Optional[int] = None
                             ) -> Dict[str, torch.Tensor]:
@@ -264,17 +282,29 @@ class Averager:
     def stats(self) -> Dict[str, float]:
         """Counters and timings: snapshots taken / applied / skipped / coalesced / dropped, bytes
         copied, copy, update, fence-wait and busy-wait seconds, lag, staging and host sizes."""
-        sched = self._schedule
-        return {"step": sched.step, **sched.counts, "busy_wait_seconds": sched.busy_wait_seconds,
-                **self._engine.report(sched.step), **self._writer.stats(),
+        engine = self._engine.report()  # first: then nothing it counts is newer than the schedule
+        sched = self._schedule.published
+        applied_step = engine.pop("last_applied_step")
+        return {"step": sched["step"], **sched["counts"],
+                "busy_wait_seconds": sched["busy_wait_seconds"],
+                "lag_steps": sched["step"] - applied_step if applied_step else 0,
+                **engine, **self._writer.stats(),
                 "rank": self._strategy.rank, "world": self._strategy.world,
                 "kernels": ops.backend()}
 
     def state_dict(self) -> dict:
         """Everything needed to resume exactly (step counter, schedules, EMA accumulators, LAWA
-        ring and its order). Flushes first; tensors are copies."""
-        self.flush()
-        return resume.export(self._schedule, self._engine, self._layout, self._strategy)
+        ring and its order); tensors are copies. On the training thread: the state now (flushes
+        first). From another thread: the state as of the last applied snapshot."""
+        sched, engine = self._schedule, self._engine
+        if threading.get_ident() == self._training_thread:
+            self.flush()
+            return resume.export(sched.snapshot(), sched.specs, engine, self._layout,
+                                 self._strategy)
+        self._check_open()
+        return engine.read(lambda: resume.export(engine.applied_schedule or sched.initial,
+                                                 sched.specs, engine, self._layout,
+                                                 self._strategy))
 
     def load_state_dict(self, state: dict) -> None:
         """Restores :meth:`state_dict` output into an Averager built for the same model and

@@ -18,10 +18,16 @@ the last chunk's copy has been issued (``fence_wait_seconds``). On a CPU-only mo
 does the copy itself (host memcpy) and the fence waits until it has.
 
 Ownership: the worker thread alone writes the averages (:class:`AverageBuffers`); the training
-thread alone calls ``busy`` / ``wait_capacity`` / ``submit`` / ``fence``. What both touch (free
-buffers and tickets, ``_in_flight``, ``_error``, ``_stats``) is guarded by ``_cond``. The averages
-are read (``values``, ``export_state``) only while the worker is idle (after ``flush``) or from a
-``run_after`` callable, which runs on the worker.
+thread alone calls ``busy`` / ``wait_capacity`` / ``submit`` / ``fence`` / ``recover``. What
+both touch (free buffers and tickets, ``_error``, ``_stats``) is guarded by ``_cond``. The
+averages are read (``values``, ``export_state``) only while the worker is idle (after ``flush``)
+or from a ``run_after`` callable, which runs on the worker (``read`` does that for any thread).
+
+Interrupts: a ``KeyboardInterrupt`` (or any exception) may land on any line of the training
+thread's calls. Every counter of work in flight is derived from one atomic step (a ticket taken
+from ``_tickets``; a job put in the queue together with ``_last_queued_step`` on one line, where
+Python cannot deliver a signal in between), so ``recover`` can tell whether the interrupted step's
+job reached the worker and give back what an unqueued job held.
 """
 from __future__ import annotations
 
@@ -99,6 +105,7 @@ class Job:
         self.copy_event = None      # after the last copy: what the fence waits on
         self.issued = threading.Event()  # every copy issued (async) / done (host)
         self.held: List[int] = []   # staging buffers this job holds
+        self.schedule = None        # the schedule's state once this job was taken
         # Sources of deferred copies, kept alive until the copy has completed: a parameter whose
         # storage is replaced meanwhile (model.half(), load_state_dict(assign=True), FSDP2
         # resharding) would otherwise return its block to the caching allocator, which can hand
@@ -162,12 +169,14 @@ class Engine:
         self._cond = threading.Condition()
         self._free: Deque[int] = collections.deque(range(n_buffers))        # under _cond
         self._tickets: Deque[int] = collections.deque(range(self.capacity))  # under _cond
-        self._in_flight = 0                                                 # under _cond
         self._pending_calls = 0                                             # under _cond
         self._error: Optional[BaseException] = None                         # under _cond
         self._error_reported = False                                        # training thread
         self._stats: Dict[str, float] = collections.defaultdict(float)     # under _cond
+        self.applied_schedule = None  # schedule state of the last job done      (under _cond)
         self._unfenced: Optional[Job] = None                                # training thread
+        self._submitting: Optional[Job] = None                              # training thread
+        self._last_queued_step = 0                                          # training thread
         self._queue: "queue.SimpleQueue" = queue.SimpleQueue()  # Job, callable, None (stop)
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="offload_ema-worker", daemon=True)
@@ -212,18 +221,25 @@ class Engine:
                 for i, part in dynamic:
                     t = local_tensor(part.entry.tensor).detach()
                     srcs[i] = t if part.whole else t.reshape(-1)[part.start:part.end]
-            self._ops.copy(stream, dsts, srcs)
+            try:
+                self._ops.copy(stream, dsts, srcs)
+            except RuntimeError as exc:
+                self.layout.check_shapes(during_copy=True)  # says which tensor, if one changed
+                raise RuntimeError(
+                    f"copying the parameters into staging failed ({exc}): did a parameter change "
+                    "shape or storage while its snapshot was being copied? Call avg.fence() "
+                    "before changing parameters in place") from exc
         if job is not None and self.asynchronous:
             job.sources.extend(s.detach() for s in srcs)  # the storages as read now
 
     # ---- training thread --------------------------------------------------------------------
     def busy(self) -> bool:
         with self._cond:
-            return self._in_flight >= self.capacity
+            return not self._tickets
 
     def wait_capacity(self) -> None:
         with self._cond:
-            self._cond.wait_for(lambda: self._in_flight < self.capacity or self._error is not None)
+            self._cond.wait_for(lambda: self._tickets or self._error is not None)
 
     def check_not_capturing(self) -> None:
         if self._ops.is_capturing():
@@ -234,33 +250,43 @@ class Engine:
                 "avg.step() after each replay instead of attach()")
 
     def submit(self, step: int, emas: List[Tuple[str, float]], lawas: List[str],
-               found_inf: Optional[torch.Tensor] = None) -> None:
+               found_inf: Optional[torch.Tensor] = None, schedule=None) -> None:
         """Hands the snapshot of ``step`` to the worker for the EMAs ``emas`` (name, weight) and
-        the LAWAs ``lawas``. The caller has checked ``busy()``. If this raises (e.g. out of memory
-        while issuing a copy), nothing of the job remains: its staging and ticket are returned
-        and the fence does not wait for it."""
+        the LAWAs ``lawas``; ``schedule`` is the schedule's state once this job is taken (what a
+        consistent read reports with the averages). The caller has checked ``busy()``. If this
+        raises (out of memory while issuing a copy, an interrupt), call ``recover(step)``."""
         job = Job(step, [(self.averages[n], w) for n, w in emas],
                   [self.averages[n] for n in lawas], found_inf)
+        job.schedule = schedule
+        self._submitting = job
         with self._cond:
-            if self._in_flight >= self.capacity:
+            if not self._tickets:
                 raise RuntimeError("submit called with no staging free (check busy() first)")
-            self._in_flight += 1
             job.ticket = self._tickets.popleft()
             if self.asynchronous and len(self._chunks) == 1:
-                job.held.append(self._free.popleft())
-        try:
-            self._issue(job)
-        except BaseException:
-            with self._cond:
-                self._free.extend(job.held)
-                self._tickets.append(job.ticket)
-                self._in_flight -= 1
-                self._cond.notify_all()
-            raise
-        with self._cond:
-            self._stats["bytes_copied"] += self.layout.nbytes
+                job.held = [self._free.popleft()]
+        self._issue(job)
         self._unfenced = job
-        self._queue.put(job)
+        self._queue.put(job); self._last_queued_step = step  # noqa: E702 (one line: see doc)
+        self._submitting = None
+
+    def recover(self, step: int) -> bool:
+        """After ``submit`` (or the step around it) raised: whether the job of ``step`` reached
+        the worker. If it did not, what it held is given back and the fence forgets it."""
+        job, self._submitting = self._submitting, None
+        if self._last_queued_step == step:
+            return True
+        if job is not None:
+            with self._cond:
+                if job.ticket is not None:
+                    self._tickets.append(job.ticket)
+                self._free.extend(job.held)
+                job.held = []
+                self._cond.notify_all()
+            job.issued.set()
+            if self._unfenced is job:
+                self._unfenced = None
+        return False
 
     def _issue(self, job: Job) -> None:
         """The training thread's part of a snapshot: what must be ordered on the main stream."""
@@ -303,7 +329,7 @@ class Engine:
     def fence(self) -> None:
         """Makes the parameters safe to change: the last snapshot's copy is complete (host) or
         ordered before anything later on the main stream (asynchronous devices)."""
-        job, self._unfenced = self._unfenced, None
+        job = self._unfenced
         if job is None:
             return
         t0 = time.perf_counter()
@@ -312,6 +338,8 @@ class Engine:
             # Stream wait, not a host block: the next optimizer step's kernels queue behind the
             # copy; forward and backward before it already overlapped with it.
             self._ops.stream_wait(self._ops.main_stream(), job.copy_event)
+        # Forgotten only now: an interrupted wait leaves the fence to the next call.
+        self._unfenced = None
         with self._cond:
             self._stats["fence_wait_seconds"] += time.perf_counter() - t0
 
@@ -319,28 +347,46 @@ class Engine:
     def run_after(self, fn) -> None:
         """Runs ``fn()`` on the worker after every snapshot submitted so far is applied (it sees
         the averages at a consistent step). ``fn`` reports its own errors."""
-        with self._cond:
-            self._pending_calls += 1
-        self._queue.put(fn)
+        with self._cond:  # one line: an interrupt cannot leave a call counted but not queued
+            self._queue.put(fn); self._pending_calls += 1  # noqa: E702
+
+    def read(self, fn):
+        """``fn()``'s result, computed on the worker after every snapshot submitted so far is
+        applied and before any later one: a consistent read from any thread."""
+        done = threading.Event()
+        result = []
+
+        def call():
+            try:
+                result.append((True, fn()))
+            except BaseException as exc:
+                result.append((False, exc))
+            finally:
+                done.set()
+        self.run_after(call)
+        done.wait()
+        ok, value = result[0]
+        if not ok:
+            raise value
+        return value
 
     def flush(self) -> None:
         with self._cond:
-            self._cond.wait_for(lambda: self._in_flight == 0 and self._pending_calls == 0)
+            self._cond.wait_for(lambda: len(self._tickets) == self.capacity
+                                and self._pending_calls == 0)
 
     def stats(self) -> Tuple[Dict[str, float], int]:
         """(a copy of the counters, snapshots in flight), read together under the lock."""
         with self._cond:
-            return dict(self._stats), self._in_flight
+            return dict(self._stats), self.capacity - len(self._tickets)
 
-    def report(self, step: int) -> Dict[str, object]:
-        """The engine's part of ``Averager.stats()`` at training step ``step``."""
+    def report(self) -> Dict[str, object]:
+        """The engine's part of ``Averager.stats()``, read under the lock."""
         s, in_flight = self.stats()
-        applied_step = int(s.get("last_applied_step", 0))
         return {
             "snapshots_applied": int(s.get("snapshots_applied", 0)),
             "snapshots_dropped_nonfinite": int(s.get("snapshots_dropped_nonfinite", 0)),
-            "in_flight": in_flight,
-            "lag_steps": step - applied_step if applied_step else 0,
+            "in_flight": in_flight, "last_applied_step": int(s.get("last_applied_step", 0)),
             "bytes_copied": int(s.get("bytes_copied", 0)),
             **{k: s.get(k, 0.0) for k in ("copy_seconds", "update_seconds", "fence_wait_seconds",
                                           "lag_seconds_last", "lag_seconds_max")},
@@ -409,6 +455,7 @@ class Engine:
                 yield e, out
 
     def export_state(self, name: str) -> dict:
+        """One average's state (copies), with the counters it goes with."""
         b = self.averages[name]
         d = {"applied": b.applied, "last_step": b.last_step}
         if isinstance(b.spec, EMA):
@@ -472,11 +519,13 @@ class Engine:
             finally:
                 with self._cond:
                     self._free.extend(job.held)
-                    job.held.clear()
+                    job.held = []
                     self._tickets.append(job.ticket)
                     job.sources = []
                     job.issued.set()  # nobody may wait on a copy that will never be issued
-                    self._in_flight -= 1
+                    self._stats["bytes_copied"] += self.layout.nbytes
+                    if job.schedule is not None:
+                        self.applied_schedule = job.schedule
                     self._cond.notify_all()
                 job = None
 

@@ -223,14 +223,18 @@ class Layout:
             chunks.append(Chunk(pieces, filled))
         return chunks
 
-    def check_shapes(self) -> None:
-        """Raises if an averaged tensor changed shape (an in-place reshape, ``.data = ...``)."""
+    def check_shapes(self, during_copy: bool = False) -> None:
+        """Raises if an averaged tensor changed shape (an in-place reshape, ``.data = ...``);
+        ``during_copy``: the change met a snapshot's copy still running."""
         for e in self.entries:
             if local_tensor(e.tensor).shape != e.shape:
+                when = ("while its snapshot was being copied, without avg.fence() first (attach() "
+                        "fences before each optimizer step; call fence() yourself before other "
+                        "in-place changes)" if during_copy else "after the Averager was built")
                 raise RuntimeError(
                     f"parameter {e.name!r} changed shape from {list(e.shape)} to "
-                    f"{list(local_tensor(e.tensor).shape)} after the Averager was built; build a "
-                    "new Averager for the new model")
+                    f"{list(local_tensor(e.tensor).shape)} {when}; build a new Averager for the "
+                    "new model")
 
     def check_unchanged(self) -> None:
         """Raises if averaged tensors changed shape or device, or the model now holds other

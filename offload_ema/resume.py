@@ -8,12 +8,17 @@ from offload_ema._version import __version__
 FORMAT = 1
 
 
-def export(schedule, engine, layout, strategy) -> dict:
-    averages = {name: {"config": spec.config(), **schedule.state(name), **engine.export_state(name)}
-                for name, spec in schedule.specs.items()}
-    return {"format": FORMAT, "version": __version__, "step": schedule.step,
-            "layout": layout.signature(), "averages": averages, "counts": dict(schedule.counts),
-            "rank": strategy.rank, "world": strategy.world}
+def export(schedule_state, specs, engine, layout, strategy) -> dict:
+    """``schedule_state``: a ``Schedule.snapshot()`` consistent with the engine's averages."""
+    averages = {name: {"config": spec.config(),
+                       "scheduled": schedule_state["scheduled"][name],
+                       "pending": schedule_state["coalesced"][name],
+                       **engine.export_state(name)}
+                for name, spec in specs.items()}
+    return {"format": FORMAT, "version": __version__, "step": schedule_state["step"],
+            "layout": layout.signature(), "averages": averages,
+            "counts": dict(schedule_state["counts"]), "rank": strategy.rank,
+            "world": strategy.world}
 
 
 def restore(state: dict, schedule, engine, layout, strategy) -> None:
@@ -46,6 +51,7 @@ def restore(state: dict, schedule, engine, layout, strategy) -> None:
         engine.import_state(name, d)
     schedule.step = int(state["step"])
     schedule.counts = dict(state.get("counts", schedule.counts))
+    schedule.published = schedule.snapshot()
     if schedule.step:
         engine.set_last_applied_step(max((d["last_step"] for d in state["averages"].values()),
                                          default=0))

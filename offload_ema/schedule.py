@@ -1,9 +1,12 @@
 """What is due at each step, what a busy worker means (the busy policy), the weight of each
-snapshot, and the counts. Owned by the training thread: nothing here is read by another thread.
+snapshot, and the counts. Owned by the training thread; other threads read only ``published``,
+an immutable copy replaced (one assignment) after every step.
 """
 from __future__ import annotations
 
+import copy
 import time
+from types import MappingProxyType
 from typing import Dict, List, Mapping, Optional
 
 import torch
@@ -37,6 +40,26 @@ class Schedule:
         self.coalesced: Dict[str, int] = {n: 0 for n in self.specs}
         self.counts = {"snapshots_taken": 0, "snapshots_skipped": 0, "snapshots_coalesced": 0}
         self.busy_wait_seconds = 0.0
+        self.published = self.initial = self.snapshot()
+
+    def snapshot(self):
+        """An immutable copy of the state: what other threads may read."""
+        return MappingProxyType({"step": self.step, "scheduled": dict(self.scheduled),
+                                 "coalesced": dict(self.coalesced), "counts": dict(self.counts),
+                                 "busy_wait_seconds": self.busy_wait_seconds})
+
+    def checkpoint(self):
+        return copy.deepcopy((self.step, self.scheduled, self.coalesced, self.counts,
+                              self.busy_wait_seconds))
+
+    def restore(self, saved, step: int, due: List[str], queued: bool) -> None:
+        """After an interrupted step: back to ``saved``, then, if the step's job reached the
+        engine (``queued``), the step counted and its snapshot committed, as if uninterrupted."""
+        self.step, self.scheduled, self.coalesced, self.counts, self.busy_wait_seconds = saved
+        if queued:
+            self._commit(due)
+            self.step = step
+        self.published = self.snapshot()
 
     def check_name(self, name: str) -> None:
         if name not in self.specs:
@@ -70,14 +93,20 @@ class Schedule:
         emas = [(n, self.specs[n].weight(1 + self.coalesced[n])) for n in due
                 if isinstance(self.specs[n], EMA)]
         lawas = [n for n in due if not isinstance(self.specs[n], EMA)]
-        engine.submit(step, emas, lawas, found_inf)
-        for n in due:  # only once the engine holds the job
+        # The state once the engine holds the job: what a read consistent with it reports.
+        after = MappingProxyType({
+            "step": step, "scheduled": {n: v + (n in due) for n, v in self.scheduled.items()},
+            "coalesced": {n: 0 if n in due else v for n, v in self.coalesced.items()},
+            "counts": dict(self.counts, snapshots_taken=self.counts["snapshots_taken"] + 1),
+            "busy_wait_seconds": self.busy_wait_seconds})
+        engine.submit(step, emas, lawas, found_inf, schedule=after)
+        self._commit(due)  # only once the engine holds the job
+
+    def _commit(self, due: List[str]) -> None:
+        for n in due:
             self.coalesced[n] = 0
             self.scheduled[n] += 1
         self.counts["snapshots_taken"] += 1
-
-    def state(self, name: str) -> dict:
-        return {"scheduled": self.scheduled[name], "pending": self.coalesced[name]}
 
     def load(self, name: str, d: dict) -> None:
         self.scheduled[name], self.coalesced[name] = d["scheduled"], d["pending"]

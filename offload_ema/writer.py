@@ -39,7 +39,7 @@ class SnapshotWriter:
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
         self._closed = False
-        self._futures: List[SnapshotFuture] = []  # not yet known to be fine   (training thread)
+        self._futures: List[SnapshotFuture] = []  # not yet known to be fine        (under _lock)
         self._stats = {"saves_written": 0, "save_seconds": 0.0, "save_bytes": 0}  # under _lock
         self._dcp_seq = 0      # equal on every rank: the same saves in the same order
         self.periodic = None   # (every, Retention, names, dtype)                (training thread)
@@ -69,7 +69,8 @@ class SnapshotWriter:
             tag = f"{step}-{self._dcp_seq}"
         fut = SnapshotFuture(file_path)
         fut.set_running_or_notify_cancel()
-        self._futures.append(fut)
+        with self._lock:
+            self._futures.append(fut)
         # Entries that are not averaged are taken now, on this thread: they may change at the
         # next step. Sharded, rank 0 writes them.
         others = ({k: t.detach().to("cpu", copy=True) for k, t in layout.passthrough.items()}
@@ -142,15 +143,16 @@ class SnapshotWriter:
         """The first error of a finished save that nobody has looked at (marked seen now); saves
         known to be done are forgotten."""
         keep, error = [], None
-        for fut in self._futures:
-            if not fut.done():
-                keep.append(fut)
-                continue
-            exc = None if fut.cancelled() else fut._exception_unseen()
-            if exc is not None and error is None:
-                error = exc
-                fut.observed = True
-        self._futures = keep
+        with self._lock:  # saves may be made and checked from more than one thread
+            for fut in self._futures:
+                if not fut.done():
+                    keep.append(fut)
+                    continue
+                exc = None if fut.cancelled() else fut._exception_unseen()
+                if exc is not None and error is None:
+                    error = exc
+                    fut.observed = True
+            self._futures = keep
         return error
 
     def stats(self) -> Dict[str, float]:

@@ -486,6 +486,7 @@ def test_a_parameter_that_changes_shape_is_reported():
     with oe.Averager(model, {"ema": oe.EMA(0.9)}) as avg:
         avg.attach(opt)
         run(model, opt, avg, 1)
+        avg.fence()  # the contract: parameters change in place only after the fence
         model.fc2.bias.data = torch.zeros(7)
         with pytest.raises(RuntimeError, match="'fc2.bias' changed shape from \\[4\\] to \\[7\\]"):
             avg.step()
