@@ -530,6 +530,9 @@ class Engine:
                 job = None
 
     def _process(self, job: Job) -> None:
+        # A parameter replaced, frozen or added since the Averager was built: stop with a clear
+        # error instead of averaging a tensor training no longer changes.
+        self.layout.check_model()
         for b in job.lawas:  # the ring entry this snapshot fills: the oldest once full
             job.lawa_pos[id(b)] = b.next_pos
         if self._buffer_views:

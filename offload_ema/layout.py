@@ -181,6 +181,20 @@ class Layout:
                 "Averager handles one device: build one per device, or under torch.distributed "
                 "one per rank")
         self.device = torch.device(devices[0]) if devices else torch.device("cpu")
+        # Where each averaged tensor hangs in the module tree, and how many tensors each module
+        # holds: check_model() compares these with the model as it is now.
+        averaged = {id(e.tensor): e for e in self.all_entries}
+        self._homes = []
+        self._counts = []
+        for mod_name, module in self.model.named_modules():
+            self._counts.append((mod_name, module, len(module._parameters), len(module._buffers),
+                                 len(module._modules)))
+            for kind in ("_parameters", "_buffers"):
+                for attr, t in getattr(module, kind).items():
+                    if t is not None and id(t) in averaged and self.owner.get(
+                            averaged[id(t)].name) == rank:
+                        self._homes.append((module, kind, attr, t,
+                                            normalise_name(f"{mod_name}.{attr}".lstrip("."))))
         if self.device.type == "meta":
             raise ValueError("model parameters are on the meta device; materialise them first")
 
@@ -247,12 +261,31 @@ class Layout:
                     f"parameter {e.name!r} is {t.dtype} on {t.device}, but was {e.dtype} on "
                     f"{self.device} when the Averager was built (model.to() / .cuda() / .half() "
                     "after building it?); build the Averager after moving or converting the model")
-        current = {id(t) for t in self.model.state_dict(keep_vars=True).values()}
-        for e in self.entries:
-            if id(e.tensor) not in current:
+        self.check_model()
+
+    def check_model(self) -> None:
+        """Raises if the model no longer holds the averaged tensors as built: a parameter
+        replaced by another object, one frozen (``requires_grad=False``), or a parameter, buffer
+        or submodule added or removed. Cheap (no state_dict): safe on the worker every snapshot."""
+        for module, kind, attr, t, name in self._homes:
+            now = getattr(module, kind).get(attr)
+            if now is not t:
                 raise RuntimeError(
-                    f"parameter {e.name!r} was replaced by another tensor after the Averager "
-                    "was built; build a new Averager for the new model")
+                    f"parameter {name!r} was replaced by another tensor after the Averager was "
+                    "built (the old one would go on being averaged): build a new Averager for the "
+                    "changed model, or change values in place (after avg.fence())")
+            if kind == "_parameters" and not t.requires_grad:
+                raise RuntimeError(
+                    f"parameter {name!r} was frozen (requires_grad=False) after the Averager was "
+                    "built: frozen parameters are not averaged; build a new Averager after "
+                    "freezing")
+        for mod_name, module, n_params, n_buffers, n_modules in self._counts:
+            if (len(module._parameters), len(module._buffers), len(module._modules)) != (
+                    n_params, n_buffers, n_modules):
+                raise RuntimeError(
+                    f"module {mod_name or '<root>'!r} gained or lost parameters, buffers or "
+                    "submodules after the Averager was built (they would be missing from the "
+                    "averages): build a new Averager for the changed model")
 
     def check_optimizers(self, optimizers) -> None:
         """Raises unless the optimizers update exactly the averaged tensors' objects: an

@@ -61,6 +61,7 @@ class SnapshotWriter:
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"directory of the snapshot path does not exist: {directory}")
         strategy, layout = self._strategy, self._layout
+        layout.check_unchanged()  # never a file of tensors the model no longer has
         file_path, index_path = strategy.file_paths(path)
         index = strategy.index(layout, path)
         if format == "dcp":
