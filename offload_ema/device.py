@@ -23,6 +23,7 @@ The engine's calls, in order, for one snapshot (asynchronous implementations)::
 """
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional
 
 import torch
@@ -47,6 +48,12 @@ class HostOps:
     def copy(self, stream, dsts: List[torch.Tensor], srcs: List[torch.Tensor]) -> None:
         torch._foreach_copy_(dsts, srcs)
 
+    def stream_context(self, stream):
+        return contextlib.nullcontext()
+
+    def drain(self) -> None:
+        pass
+
 
 class CudaOps:
     """One CUDA device: the current stream is training's, a side stream carries the copies."""
@@ -59,7 +66,13 @@ class CudaOps:
         self.side = torch.cuda.Stream(device)
 
     def thread_init(self) -> None:
-        torch.cuda.set_device(self.device)  # the worker's events and syncs use this device
+        """For the worker: its events, syncs and any kernel it launches belong to this device
+        and the side stream (never the legacy default stream, which is not ordered with the side
+        stream). And graph capture on another thread in the default "global" mode must not be
+        invalidated by this thread's CUDA calls: this thread's capture mode is thread-local."""
+        torch.cuda.set_device(self.device)
+        torch.cuda.set_stream(self.side)
+        _thread_local_capture_mode()
 
     def is_capturing(self) -> bool:
         return torch.cuda.is_current_stream_capturing()
@@ -79,11 +92,29 @@ class CudaOps:
         with torch.cuda.stream(stream):
             torch._foreach_copy_(dsts, srcs, non_blocking=True)
 
+    def stream_context(self, stream):
+        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+    def drain(self) -> None:
+        self.side.synchronize()
+
     def host_wait(self, event) -> None:
         event.synchronize()
 
     def elapsed_seconds(self, start, done) -> float:
         return start.elapsed_time(done) / 1e3
+
+
+def _thread_local_capture_mode() -> None:
+    """cuThreadExchangeStreamCaptureMode(CU_STREAM_CAPTURE_MODE_THREAD_LOCAL) for this thread,
+    as PyTorch does for its NCCL watchdog; best effort (the driver library may be named
+    differently, or absent on a build without CUDA)."""
+    import ctypes
+    try:
+        mode = ctypes.c_int(1)  # CU_STREAM_CAPTURE_MODE_THREAD_LOCAL
+        ctypes.CDLL("libcuda.so.1").cuThreadExchangeStreamCaptureMode(ctypes.byref(mode))
+    except (OSError, AttributeError):
+        pass
 
 
 _override: Optional[object] = None  # set by offload_ema.testing.lazy_device()

@@ -215,12 +215,20 @@ class Engine:
                     dsts.append(dst)
             plan = self._copy_plans[id(views)] = (dsts, srcs, dynamic)
         dsts, srcs, dynamic = plan
-        with torch.no_grad():  # no autograd nodes for FSDP2's to_local() or slices
+        # No autograd nodes for FSDP2's to_local() or slices. On the copy's stream: reshape(-1)
+        # of a non-contiguous parameter (channels_last) runs a kernel whose output the copy
+        # reads; on another stream nothing would order the two.
+        with torch.no_grad(), self._ops.stream_context(stream):
             if dynamic:
                 srcs = list(srcs)
                 for i, part in dynamic:
                     t = local_tensor(part.entry.tensor).detach()
                     srcs[i] = t if part.whole else t.reshape(-1)[part.start:part.end]
+            if job is not None and self.asynchronous:
+                # Taken before the copy is issued: a storage swapped in between must not be
+                # freed while the deferred copy reads it.
+                srcs = [s.detach() for s in srcs]
+                job.sources.extend(srcs)
             try:
                 self._ops.copy(stream, dsts, srcs)
             except RuntimeError as exc:
@@ -229,8 +237,6 @@ class Engine:
                     f"copying the parameters into staging failed ({exc}): did a parameter change "
                     "shape or storage while its snapshot was being copied? Call avg.fence() "
                     "before changing parameters in place") from exc
-        if job is not None and self.asynchronous:
-            job.sources.extend(s.detach() for s in srcs)  # the storages as read now
 
     # ---- training thread --------------------------------------------------------------------
     def busy(self) -> bool:
@@ -277,6 +283,7 @@ class Engine:
         if self._last_queued_step == step:
             return True
         if job is not None:
+            self._ops.drain()  # copies it issued may still read its sources / write its staging
             with self._cond:
                 if job.ticket is not None:
                     self._tickets.append(job.ticket)
@@ -295,8 +302,10 @@ class Engine:
         if self.asynchronous and job.found_inf is not None:
             # After the step that computed it; read by the worker after flag_event (no host sync
             # on this thread).
-            dev.copy(main, [self._flags[job.ticket:job.ticket + 1]],
-                     [job.found_inf.detach().reshape(-1)[:1]])
+            # On this device's main stream (a copy from another device would run on that
+            # device's stream, which flag_event does not cover).
+            flag = job.found_inf.detach().reshape(-1)[:1].to(self.layout.device, non_blocking=True)
+            dev.copy(main, [self._flags[job.ticket:job.ticket + 1]], [flag])
             job.flag_event = dev.record(main)
         if self._buffer_views:
             # Ordered after the optimizer step and before the next forward, which updates the
@@ -516,6 +525,9 @@ class Engine:
                 with self._cond:
                     if self._error is None:
                         self._error = exc
+                # Copies of this job may still be running: its staging and sources are released
+                # below, so wait for them first.
+                self._ops.drain()
             finally:
                 with self._cond:
                     self._free.extend(job.held)

@@ -128,6 +128,13 @@ class LazyOps:
             # The sources are read when the copy engine gets to it, as a GPU would.
             self._engine.enqueue(lambda: torch._foreach_copy_(dsts, srcs))
 
+    def stream_context(self, stream):
+        return contextlib.nullcontext()
+
+    def drain(self) -> None:
+        done = self.record(self.side)
+        done.wait()
+
     def host_wait(self, event: _Event) -> None:
         event.wait()
         if self._engine.error is not None:

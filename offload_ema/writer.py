@@ -187,6 +187,10 @@ class SnapshotWriter:
             self._queue.put((fut, write))
 
     def _run(self) -> None:
+        if self._layout.device.type == "cuda":
+            # torch.distributed.checkpoint's writer syncs the current CUDA stream: this device's,
+            # not device 0's (which would also get a context of this process).
+            torch.cuda.set_device(self._layout.device)
         while True:
             item = self._queue.get()
             if item is None:

@@ -231,3 +231,27 @@ def test_attach_refuses_a_model_moved_to_the_gpu_after_the_averager_was_built():
     with pytest.raises(RuntimeError, match="on cuda:0, but was torch.float32 on cpu"):
         avg.attach(torch.optim.SGD(model.parameters(), lr=0.1))
     avg.close()
+
+
+def test_chunked_staging_with_a_non_contiguous_parameter_matches_reference():
+    """A channels_last weight split across chunks is flattened by a kernel on the side stream
+    (the copy's stream), never on another stream the copy is not ordered with."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 32, 3), nn.Conv2d(32, 8, 3)).cuda()
+    model = model.to(memory_format=torch.channels_last)
+    assert not model[0].weight.is_contiguous()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    nbytes = sum(p.numel() * 4 for p in model.parameters())
+    acc = None
+    with oe.Averager(model, {"ema": oe.EMA(0.5)}, staging_bytes=nbytes // 3) as avg:
+        avg.attach(opt)
+        for _ in range(20):
+            model(torch.randn(2, 16, 12, 12, device="cuda")).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            snap = {n: p.detach().double().cpu() for n, p in model.named_parameters()}
+            acc = snap if acc is None else {n: acc[n] + 0.5 * (snap[n] - acc[n]) for n in snap}
+        assert avg.stats()["chunks_per_snapshot"] > 1
+        sd = avg.averaged_state_dict("ema")
+    for n, v in acc.items():
+        torch.testing.assert_close(sd[n].double(), v, rtol=1e-6, atol=1e-6)
