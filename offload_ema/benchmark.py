@@ -192,8 +192,8 @@ class MemoryMeter:
     A mode's cost is what its construction allocated plus the highest rise, over its rounds, of
     the peak above the memory allocated just before that round's ``begin()``. Every mode's
     buffers stay allocated for the whole run, so a baseline is only fair when it is taken right
-    before the mode it belongs to: comparing peaks instead (as before) put gpu_foreach's
-    accumulator into the peak of ``none`` from round 2 on, and gpu_foreach came out nearly free.
+    before the mode it belongs to. Comparing whole peaks puts gpu_foreach's accumulator into the
+    peak of ``none`` from round 2 on, and gpu_foreach comes out nearly free.
     """
 
     def __init__(self, allocated: Callable[[], int], max_allocated: Callable[[], int],
@@ -225,8 +225,8 @@ class MemoryMeter:
 
 
 def cuda_memory_meter(device: torch.device) -> MemoryMeter:
-    # Synchronised: the caching allocator counts a block as freed when the free is issued, and
-    # the side stream's copies must have been issued and finished before a figure is read.
+    # Synchronised, like the timed steps: a figure read while a stream still has work queued
+    # would depend on how far that work got.
     def allocated():
         torch.cuda.synchronize(device)
         return torch.cuda.memory_allocated(device)
@@ -429,7 +429,18 @@ def run(args, rank: int = 0, world: int = 1) -> List[dict]:
 
 
 def _rank_main(rank: int, args, tmp: str) -> None:
+    import gc
+    import importlib
+
     import torch.distributed as dist
+    # Before the group exists: torch.distributed.nn.functional binds ``group.WORLD`` as default
+    # arguments when it is imported, and DDP imports it lazily (through torch.distributed._shard).
+    # Imported after init_process_group, it keeps the default group referenced for good, so
+    # destroy_process_group leaves the gloo group and its worker threads running into interpreter
+    # exit. A worker that drops a collective's last tensor there needs the GIL, Python ends it
+    # with pthread_exit, and unwinding through C++ aborts the process (SIGABRT, "terminate called
+    # without an active exception"), now and then.
+    importlib.import_module("torch.distributed.nn")
     cuda = torch.device(args.device).type == "cuda"
     if cuda:
         torch.cuda.set_device(rank)
@@ -442,6 +453,9 @@ def _rank_main(rank: int, args, tmp: str) -> None:
             with open(os.path.join(tmp, "rows.json"), "w") as f:
                 json.dump(rows, f)
     finally:
+        # The DDP reducer holds the group from C++: a reducer left in a reference cycle would
+        # keep it past destroy_process_group, into exit, just the same.
+        gc.collect()
         dist.destroy_process_group()
 
 
@@ -567,7 +581,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="directory for --save-every files (default: a temporary directory)")
     p.add_argument("--nproc", type=int, default=1,
                    help="DDP processes (gloo on the CPU, NCCL on GPUs); averages are sharded")
-    p.add_argument("--json", metavar="PATH", help="write one record per mode")
+    p.add_argument("--json", metavar="PATH",
+                   help="write one record per mode; rewritten after each mode of each round "
+                        "(records say partial: true until the run has finished)")
     p.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of the overheads")
 
 

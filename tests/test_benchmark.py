@@ -81,3 +81,148 @@ def test_bench_nproc_2_halves_the_averager_host_memory_per_rank(tmp_path):
     assert len(two) == 2
     for b in two:
         assert 0.4 < b / one < 0.6, (one, two)
+
+
+class FakeAllocator:
+    """CUDA's three memory queries over a simulated allocator."""
+
+    def __init__(self):
+        self.now = self.peak = 0
+
+    def alloc(self, n):
+        self.now += n
+        self.peak = max(self.peak, self.now)
+
+    def free(self, n):
+        self.now -= n
+
+    def reset_peak(self):
+        self.peak = self.now
+
+
+def test_gpu_memory_of_each_mode_is_measured_from_just_before_it_started():
+    """gpu_foreach keeps a 400-byte accumulator from its construction on; every training step
+    peaks 1000 bytes above what is allocated. Over several rounds, none's figure must not take
+    in that accumulator (it did: gpu_foreach came out at 0 from round 2 on)."""
+    from offload_ema.benchmark import MemoryMeter
+
+    mem = FakeAllocator()
+    mem.alloc(5000)  # model, AdamW state
+    meter = MemoryMeter(lambda: mem.now, lambda: mem.peak, mem.reset_peak)
+
+    def step(extra=0):
+        mem.alloc(1000 + extra)  # activations, gradients (+ the mode's temporaries)
+        mem.free(1000 + extra)
+
+    for rnd in range(3):
+        if rnd == 0:
+            with meter.constructing("none"):
+                pass
+        with meter.running("none"):
+            step()
+        if rnd == 0:
+            with meter.constructing("gpu_foreach"):
+                mem.alloc(400)
+        with meter.running("gpu_foreach"):
+            step(extra=30)
+        if rnd == 0:
+            with meter.constructing("offload"):
+                pass
+        with meter.running("offload"):
+            step()
+        assert meter.delta("none") == 0
+        assert meter.delta("gpu_foreach") == 430, rnd
+        assert meter.delta("offload") == 0
+    assert meter.cost("none") == 1000
+
+
+def test_memory_meter_without_a_reference_reports_the_whole_cost():
+    from offload_ema.benchmark import MemoryMeter
+
+    mem = FakeAllocator()
+    meter = MemoryMeter(lambda: mem.now, lambda: mem.peak, mem.reset_peak)
+    with meter.constructing("gpu_foreach"):
+        mem.alloc(64)
+    with meter.running("gpu_foreach"):
+        mem.alloc(8)
+        mem.free(8)
+    assert meter.delta("gpu_foreach") == 72
+
+
+def test_write_json_replaces_the_file_whole(tmp_path):
+    from offload_ema.benchmark import write_json
+
+    path = tmp_path / "o.json"
+    write_json(str(path), [{"mode": "none"}])
+    write_json(str(path), [{"mode": "none"}, {"mode": "offload"}])
+    assert [r["mode"] for r in json.loads(path.read_text())] == ["none", "offload"]
+    assert [p.name for p in tmp_path.iterdir()] == ["o.json"]  # no temporary file left
+
+
+def test_a_run_cut_after_its_first_round_leaves_that_round_in_the_json(tmp_path, monkeypatch):
+    from offload_ema import benchmark
+
+    begun = []
+
+    def begin(self):
+        begun.append(self.name)
+        if len(begun) > 2:  # round 2 of none: as if the device command's time ran out
+            raise KeyboardInterrupt
+    monkeypatch.setattr(benchmark.Mode, "begin", begin)
+    js = tmp_path / "o.json"
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["bench", "--layers", "1", "--width", "64", "--rounds", "3", "--steps", "2",
+                  "--warmup", "0", "--modes", "none,naive", "--json", str(js)])
+    rows = json.loads(js.read_text())
+    assert [r["mode"] for r in rows] == ["none", "naive"]
+    for r in rows:
+        assert r["partial"] and r["rounds"] == 3 and len(r["round_medians_ms"]) == 1
+        assert KEYS <= set(r), KEYS - set(r)
+    assert rows[1]["applied"] == 2
+
+
+def test_bench_records_are_marked_complete(tmp_path):
+    js = tmp_path / "o.json"
+    assert cli.main(["bench", "--layers", "1", "--width", "64", "--rounds", "2", "--steps", "1",
+                     "--warmup", "0", "--modes", "none,offload", "--json", str(js)]) == 0
+    rows = json.loads(js.read_text())
+    assert [r["partial"] for r in rows] == [False, False]
+    assert [len(r["round_medians_ms"]) for r in rows] == [2, 2]
+
+
+_RANK_TEARDOWN = r"""
+import glob, json, sys, types
+import torch
+from offload_ema import benchmark
+
+def gloo_threads():
+    names = [open(t + "/comm").read().strip() for t in glob.glob("/proc/self/task/*")]
+    return sorted(n for n in names if "gloo" in n)
+
+seen = {}
+def run(args, rank, world):  # what the benchmark's DDP modes hold, without the timing
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    model = DDP(torch.nn.Linear(8, 8))
+    model(torch.randn(2, 8)).sum().backward()
+    seen["during"] = gloo_threads()
+    return []
+benchmark.run = run
+benchmark._rank_main(0, types.SimpleNamespace(device="cpu", nproc=1), sys.argv[1])
+print(json.dumps({"during": seen["during"], "after": gloo_threads()}))
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="thread names from /proc")
+def test_rank_teardown_stops_the_gloo_group_before_exit(tmp_path):
+    """A gloo group still alive at interpreter exit aborted the --nproc runs now and then
+    (SIGABRT, "terminate called without an active exception", from a gloo worker thread that
+    needed the GIL during finalization): DDP's lazy import of torch.distributed.nn kept the
+    default group referenced past destroy_process_group."""
+    r = subprocess.run([sys.executable, "-c", _RANK_TEARDOWN, str(tmp_path)], capture_output=True,
+                       text=True, timeout=120,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 0, r.stderr
+    threads = json.loads(r.stdout.strip().splitlines()[-1])
+    if not threads["during"]:
+        pytest.skip("this torch does not name its gloo threads")
+    assert threads["after"] == [], threads
