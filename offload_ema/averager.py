@@ -172,6 +172,7 @@ class Averager:
             self._hooks.remove()
             self._hooks = None
         self._finalizer()
+        self._strategy.close()
         self._engine.raise_error(only_unreported=True)
         self._raise_save_error()
 

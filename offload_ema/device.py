@@ -89,8 +89,8 @@ class CudaOps:
         stream.wait_event(event)
 
     def copy(self, stream, dsts: List[torch.Tensor], srcs: List[torch.Tensor]) -> None:
-        with torch.cuda.stream(stream):
-            torch._foreach_copy_(dsts, srcs, non_blocking=True)
+        # One line: an interrupt cannot leave the training thread on the side stream.
+        with torch.cuda.stream(stream): torch._foreach_copy_(dsts, srcs, non_blocking=True)  # noqa: E701,E501
 
     def stream_context(self, stream):
         return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()

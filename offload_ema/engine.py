@@ -18,16 +18,19 @@ the last chunk's copy has been issued (``fence_wait_seconds``). On a CPU-only mo
 does the copy itself (host memcpy) and the fence waits until it has.
 
 Ownership: the worker thread alone writes the averages (:class:`AverageBuffers`); the training
-thread alone calls ``busy`` / ``wait_capacity`` / ``submit`` / ``fence`` / ``recover``. What
-both touch (free buffers and tickets, ``_error``, ``_stats``) is guarded by ``_cond``. The
-averages are read (``values``, ``export_state``) only while the worker is idle (after ``flush``)
-or from a ``run_after`` callable, which runs on the worker (``read`` does that for any thread).
+thread alone calls ``busy`` / ``wait_capacity`` / ``submit`` / ``fence`` / ``recover``. They
+share the tickets (one per snapshot in flight, a ``queue.SimpleQueue``) and the free staging
+buffers (a deque): single atomic operations, no lock. The worker's counters (``_stats``,
+``_pending_calls``) are guarded by ``_cond``. The averages are read (``values``,
+``export_state``) only while the worker is idle (after ``flush``) or from a ``run_after``
+callable, which runs on the worker (``read`` does that for any thread).
 
 Interrupts: a ``KeyboardInterrupt`` (or any exception) may land on any line of the training
-thread's calls. Every counter of work in flight is derived from one atomic step (a ticket taken
-from ``_tickets``; a job put in the queue together with ``_last_queued_step`` on one line, where
-Python cannot deliver a signal in between), so ``recover`` can tell whether the interrupted step's
-job reached the worker and give back what an unqueued job held.
+thread's calls, so the step path holds no Python-level lock (an exception between acquire and
+release would leave it held, and the worker waiting forever). Work in flight is counted by
+tickets taken, each in one atomic operation, and a job is put in the queue together with
+``_last_queued_step`` on one line: ``recover`` can tell whether the interrupted step's job
+reached the worker, and give back what an unqueued job held.
 """
 from __future__ import annotations
 
@@ -167,10 +170,14 @@ class Engine:
         self.averages: Dict[str, AverageBuffers] = {
             n: AverageBuffers(spec, layout) for n, spec in specs.items()}  # worker-owned
         self._cond = threading.Condition()
-        self._free: Deque[int] = collections.deque(range(n_buffers))        # under _cond
-        self._tickets: Deque[int] = collections.deque(range(self.capacity))  # under _cond
+        self._free: Deque[int] = collections.deque(range(n_buffers))        # atomic ops only
+        self._tickets: "queue.SimpleQueue[int]" = queue.SimpleQueue()       # atomic ops only
+        for t in range(self.capacity):
+            self._tickets.put(t)
+        self._ticket_back = threading.Event()  # set by the worker when it returns a ticket
         self._pending_calls = 0                                             # under _cond
-        self._error: Optional[BaseException] = None                         # under _cond
+        self._error: Optional[BaseException] = None  # set once by the worker (under _cond)
+        self._fence_wait = 0.0                                              # training thread
         self._error_reported = False                                        # training thread
         self._stats: Dict[str, float] = collections.defaultdict(float)     # under _cond
         self.applied_schedule = None  # schedule state of the last job done      (under _cond)
@@ -214,38 +221,43 @@ class Engine:
                         srcs.append(None)
                     dsts.append(dst)
             plan = self._copy_plans[id(views)] = (dsts, srcs, dynamic)
-        dsts, srcs, dynamic = plan
         # No autograd nodes for FSDP2's to_local() or slices. On the copy's stream: reshape(-1)
         # of a non-contiguous parameter (channels_last) runs a kernel whose output the copy
-        # reads; on another stream nothing would order the two.
-        with torch.no_grad(), self._ops.stream_context(stream):
-            if dynamic:
-                srcs = list(srcs)
-                for i, part in dynamic:
-                    t = local_tensor(part.entry.tensor).detach()
-                    srcs[i] = t if part.whole else t.reshape(-1)[part.start:part.end]
-            if job is not None and self.asynchronous:
-                # Taken before the copy is issued: a storage swapped in between must not be
-                # freed while the deferred copy reads it.
-                srcs = [s.detach() for s in srcs]
-                job.sources.extend(srcs)
-            try:
-                self._ops.copy(stream, dsts, srcs)
-            except RuntimeError as exc:
-                self.layout.check_shapes(during_copy=True)  # says which tensor, if one changed
-                raise RuntimeError(
-                    f"copying the parameters into staging failed ({exc}): did a parameter change "
-                    "shape or storage while its snapshot was being copied? Call avg.fence() "
-                    "before changing parameters in place") from exc
+        # reads; on another stream nothing would order the two. One line: an interrupt cannot
+        # leave grad mode off or the stream switched on the training thread.
+        with torch.no_grad(), self._ops.stream_context(stream): self._copy_plan(plan, stream, job)  # noqa: E701,E501
+
+    def _copy_plan(self, plan, stream, job: Optional[Job]) -> None:
+        dsts, srcs, dynamic = plan
+        if dynamic:
+            srcs = list(srcs)
+            for i, part in dynamic:
+                t = local_tensor(part.entry.tensor).detach()
+                srcs[i] = t if part.whole else t.reshape(-1)[part.start:part.end]
+        if job is not None and self.asynchronous:
+            # Taken before the copy is issued: a storage swapped in between must not be freed
+            # while the deferred copy reads it.
+            srcs = [s.detach() for s in srcs]
+            job.sources.extend(srcs)
+        try:
+            self._ops.copy(stream, dsts, srcs)
+        except RuntimeError as exc:
+            self.layout.check_shapes(during_copy=True)  # says which tensor, if one changed
+            raise RuntimeError(
+                f"copying the parameters into staging failed ({exc}): did a parameter change "
+                "shape or storage while its snapshot was being copied? Call avg.fence() before "
+                "changing parameters in place") from exc
 
     # ---- training thread --------------------------------------------------------------------
     def busy(self) -> bool:
-        with self._cond:
-            return not self._tickets
+        return self._tickets.empty()
 
     def wait_capacity(self) -> None:
-        with self._cond:
-            self._cond.wait_for(lambda: self._tickets or self._error is not None)
+        # Re-checks the real condition each time: a wake-up lost between wait() and clear()
+        # costs at most the timeout.
+        while self._tickets.empty() and self._error is None:
+            self._ticket_back.wait(0.05)
+            self._ticket_back.clear()
 
     def check_not_capturing(self) -> None:
         if self._ops.is_capturing():
@@ -265,12 +277,12 @@ class Engine:
                   [self.averages[n] for n in lawas], found_inf)
         job.schedule = schedule
         self._submitting = job
-        with self._cond:
-            if not self._tickets:
-                raise RuntimeError("submit called with no staging free (check busy() first)")
-            job.ticket = self._tickets.popleft()
-            if self.asynchronous and len(self._chunks) == 1:
-                job.held = [self._free.popleft()]
+        try:
+            job.ticket = self._tickets.get_nowait()
+        except queue.Empty:
+            raise RuntimeError("submit called with no staging free (check busy() first)") from None
+        if self.asynchronous and len(self._chunks) == 1:
+            job.held = [self._free.popleft()]
         self._issue(job)
         self._unfenced = job
         self._queue.put(job); self._last_queued_step = step  # noqa: E702 (one line: see doc)
@@ -284,12 +296,13 @@ class Engine:
             return True
         if job is not None:
             self._ops.drain()  # copies it issued may still read its sources / write its staging
-            with self._cond:
-                if job.ticket is not None:
-                    self._tickets.append(job.ticket)
-                self._free.extend(job.held)
-                job.held = []
-                self._cond.notify_all()
+            self._free.extend(job.held)
+            job.held = []
+            if job.ticket is not None:
+                self._tickets.put(job.ticket)
+                job.ticket = None
+            self._ticket_back.set()
+            with self._cond: self._cond.notify_all()  # noqa: E701 (one line: no lock left held)
             job.issued.set()
             if self._unfenced is job:
                 self._unfenced = None
@@ -349,15 +362,15 @@ class Engine:
             self._ops.stream_wait(self._ops.main_stream(), job.copy_event)
         # Forgotten only now: an interrupted wait leaves the fence to the next call.
         self._unfenced = None
-        with self._cond:
-            self._stats["fence_wait_seconds"] += time.perf_counter() - t0
+        self._fence_wait += time.perf_counter() - t0
 
     # ---- any thread ---------------------------------------------------------------------------
     def run_after(self, fn) -> None:
         """Runs ``fn()`` on the worker after every snapshot submitted so far is applied (it sees
         the averages at a consistent step). ``fn`` reports its own errors."""
-        with self._cond:  # one line: an interrupt cannot leave a call counted but not queued
-            self._queue.put(fn); self._pending_calls += 1  # noqa: E702
+        # One line: an interrupt can leave neither a call counted but not queued, nor the lock
+        # held.
+        with self._cond: self._queue.put(fn); self._pending_calls += 1  # noqa: E701,E702
 
     def read(self, fn):
         """``fn()``'s result, computed on the worker after every snapshot submitted so far is
@@ -380,14 +393,16 @@ class Engine:
         return value
 
     def flush(self) -> None:
-        with self._cond:
-            self._cond.wait_for(lambda: len(self._tickets) == self.capacity
-                                and self._pending_calls == 0)
+        with self._cond: self._cond.wait_for(self._idle)  # noqa: E701 (see run_after)
+
+    def _idle(self) -> bool:
+        return self._tickets.qsize() == self.capacity and self._pending_calls == 0
 
     def stats(self) -> Tuple[Dict[str, float], int]:
         """(a copy of the counters, snapshots in flight), read together under the lock."""
-        with self._cond:
-            return dict(self._stats), self.capacity - len(self._tickets)
+        with self._cond: s = dict(self._stats)  # noqa: E701 (see run_after)
+        s["fence_wait_seconds"] = self._fence_wait
+        return s, self.capacity - self._tickets.qsize()
 
     def report(self) -> Dict[str, object]:
         """The engine's part of ``Averager.stats()``, read under the lock."""
@@ -409,16 +424,10 @@ class Engine:
         with self._cond:
             self._stats["last_applied_step"] = step
 
-    @property
-    def failed(self) -> bool:
-        with self._cond:
-            return self._error is not None
-
     def raise_error(self, only_unreported: bool = False) -> None:
         """Raises the worker's error: the first time as it was (with the worker's traceback),
         later as a RuntimeError that points to it (unless ``only_unreported``)."""
-        with self._cond:
-            error = self._error
+        error = self._error
         if error is None or (only_unreported and self._error_reported):
             return
         if not self._error_reported:
@@ -428,8 +437,7 @@ class Engine:
                            "new Averager") from error
 
     def unreported_error(self) -> Optional[BaseException]:
-        with self._cond:
-            return None if self._error_reported else self._error
+        return None if self._error_reported else self._error
 
     def close(self) -> None:
         """Applies what is in flight, stops the worker and releases the staging. Idempotent;
@@ -532,7 +540,8 @@ class Engine:
                 with self._cond:
                     self._free.extend(job.held)
                     job.held = []
-                    self._tickets.append(job.ticket)
+                    self._tickets.put(job.ticket)
+                    self._ticket_back.set()
                     job.sources = []
                     job.issued.set()  # nobody may wait on a copy that will never be issued
                     self._stats["bytes_copied"] += self.layout.nbytes
@@ -560,9 +569,8 @@ class Engine:
             for chunk in range(len(self._chunks)):
                 while not self._free:
                     self._apply(job, *issued.popleft())
-                with self._cond:
-                    buf = self._free.popleft()
-                    job.held.append(buf)
+                buf = self._free.popleft()
+                job.held.append(buf)
                 if self.asynchronous:
                     if chunk == 0:  # after the optimizer step
                         self._ops.stream_wait(self._ops.side, job.ready_event)

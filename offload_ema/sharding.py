@@ -89,6 +89,9 @@ class Local:
         """Whether this rank's snapshot file holds the entry's average."""
         return True
 
+    def close(self) -> None:
+        """Releases what the strategy created (after the writer thread stopped)."""
+
     def writes_passthrough(self) -> bool:
         """Whether this rank's file holds the entries that are not averaged (buffers, frozen)."""
         return True
@@ -150,6 +153,16 @@ class FSDP2Shards(OwnerSharded):
         out = {e.name: (_full_tensor(values[e.name], e.tensor) if is_dtensor(e.tensor)
                         else values[e.name]) for e in layout.all_entries}
         return out if dst is None or dst == self.rank else None
+
+    def close(self):
+        # A group left alive keeps gloo's threads running into interpreter exit, where they can
+        # abort the process ("terminate called without an active exception").
+        group, self.dcp_group, self.dcp_mesh = self.dcp_group, None, None
+        if group is not None and dist.is_initialized():
+            try:
+                dist.destroy_process_group(group)
+            except (ValueError, RuntimeError):
+                pass  # already destroyed with the default group
 
     def before_swap(self, model):
         # FSDP2 keeps a module's gathered (unsharded) parameters after a forward that does not

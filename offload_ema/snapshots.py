@@ -226,7 +226,7 @@ def _load_dcp(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, object]]:
         out = os.path.join(tmp, "state.pt")
         dcp_to_torch_save(path, out)
         tensors = torch.load(out, weights_only=True)
-    return dict(tensors), _parse_meta(meta)
+    return dict(tensors), _parse_meta(meta, path)
 
 
 def _fsync_dir(directory: str) -> None:
@@ -316,13 +316,28 @@ class Retention:
 
 # ---- reading -----------------------------------------------------------------------------------
 
-def _parse_meta(meta: Mapping[str, str]) -> Dict[str, object]:
-    """Snapshot metadata with ``average`` parsed from JSON and the counters as ints."""
+def _parse_meta(meta: Mapping[str, str], path: str) -> Dict[str, object]:
+    """Snapshot metadata with ``average`` parsed from JSON and the counters as ints; a missing
+    or malformed field is a ValueError naming the file and the field."""
     parsed: Dict[str, object] = dict(meta)
-    parsed["average"] = json.loads(meta["average"])
+    if "average" not in meta:
+        raise ValueError(f"{path}: snapshot metadata has no 'average' field (not written by "
+                         "offload_ema, or damaged)")
+    try:
+        parsed["average"] = json.loads(meta["average"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: snapshot metadata field 'average' is not valid JSON: "
+                         f"{exc}") from None
+    if not isinstance(parsed["average"], dict):
+        raise ValueError(f"{path}: snapshot metadata field 'average' must be a JSON object, got "
+                         f"{meta['average']!r}")
     for k in ("step", "applied", "world"):
         if k in meta:
-            parsed[k] = int(meta[k])
+            try:
+                parsed[k] = int(meta[k])
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}: snapshot metadata field {k!r} must be an integer, "
+                                 f"got {meta[k]!r}") from None
     parsed.setdefault("world", 1)
     return parsed
 
@@ -360,7 +375,7 @@ def load_snapshot(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, object]
     except SafetensorError as exc:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): "
                          f"{exc}") from exc
-    return tensors, _parse_meta(meta)
+    return tensors, _parse_meta(meta, path)
 
 
 def _load_sharded(index_path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, object]]:
@@ -406,7 +421,7 @@ def _load_sharded(index_path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, o
             raise ValueError(f"{index_path}: the row blocks of {k!r} cover {rows} of "
                              f"{shape[0]} rows")
         tensors[k] = torch.cat([b for _, _, b in blocks]).reshape(shape)
-    return {k: tensors[k] for k in weight_map}, _parse_meta(meta)
+    return {k: tensors[k] for k in weight_map}, _parse_meta(meta, index_path)
 
 
 def apply_snapshot(model: nn.Module, path: str, *, strict: bool = True) -> Dict[str, object]:

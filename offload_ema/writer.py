@@ -70,8 +70,7 @@ class SnapshotWriter:
             tag = f"{step}-{self._dcp_seq}"
         fut = SnapshotFuture(file_path)
         fut.set_running_or_notify_cancel()
-        with self._lock:
-            self._futures.append(fut)
+        with self._lock: self._futures.append(fut)  # noqa: E701 (see unseen_error)
         # Entries that are not averaged are taken now, on this thread: they may change at the
         # next step. Sharded, rank 0 writes them.
         others = ({k: t.detach().to("cpu", copy=True) for k, t in layout.passthrough.items()}
@@ -143,17 +142,22 @@ class SnapshotWriter:
     def unseen_error(self) -> Optional[BaseException]:
         """The first error of a finished save that nobody has looked at (marked seen now); saves
         known to be done are forgotten."""
+        if not self._futures:  # every step asks: no lock when there is nothing to look at
+            return None
+        # One line: an interrupt (the training thread's) cannot leave the lock held.
+        with self._lock: return self._take_unseen_error()  # noqa: E701
+
+    def _take_unseen_error(self) -> Optional[BaseException]:
         keep, error = [], None
-        with self._lock:  # saves may be made and checked from more than one thread
-            for fut in self._futures:
-                if not fut.done():
-                    keep.append(fut)
-                    continue
-                exc = None if fut.cancelled() else fut._exception_unseen()
-                if exc is not None and error is None:
-                    error = exc
-                    fut.observed = True
-            self._futures = keep
+        for fut in self._futures:
+            if not fut.done():
+                keep.append(fut)
+                continue
+            exc = None if fut.cancelled() else fut._exception_unseen()
+            if exc is not None and error is None:
+                error = exc
+                fut.observed = True
+        self._futures = keep
         return error
 
     def stats(self) -> Dict[str, float]:

@@ -1,0 +1,353 @@
+"""The Averager as a misbehaving training script meets it: interrupts at every line of a step,
+reads from other threads, a model changed under it, damaged metadata, use after close, resume at
+every position of the LAWA ring."""
+import functools
+import sys
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+import offload_ema as oe
+from offload_ema import engine as engine_mod
+from helpers import RefEMA, RefLAWA, assert_matches, make, snapshot, train_step
+
+PKG = oe.__file__.rsplit("/", 1)[0]
+
+
+def _in_library(frame):
+    return frame.f_code.co_filename.startswith(PKG)
+
+
+class InterruptAt:
+    """A tracer (this thread only) that counts the library's line events and raises
+    KeyboardInterrupt at the ``at``-th one (never, with at=None)."""
+
+    def __init__(self, at=None):
+        self.at, self.count = at, 0
+
+    def __call__(self, frame, event, arg):
+        if not _in_library(frame):
+            return None
+        return self._local
+
+    def _local(self, frame, event, arg):
+        if event == "line":
+            self.count += 1
+            if self.count == self.at:
+                raise KeyboardInterrupt(f"injected at line event {self.count}")
+        return self._local
+
+
+SPECS = lambda: {"ema": oe.EMA(0.7), "lawa": oe.LAWA(2, every=1)}  # noqa: E731
+INTERRUPTED_STEP = 3
+
+
+def _run_with_interrupt(at, on_busy="block"):
+    """Trains 5 steps; step 3's optimizer.step() is interrupted at the ``at``-th library line.
+    Returns the averages and both references (with and without step 3's snapshot), or raises
+    AssertionError when a later call hangs."""
+    model, opt = make()
+    avg = oe.Averager(model, SPECS(), on_busy=on_busy, buffers="average").attach(opt)
+    with_refs = {"ema": RefEMA(0.7), "lawa": RefLAWA(2)}
+    without_refs = {"ema": RefEMA(0.7), "lawa": RefLAWA(2)}
+    tracer, interrupted = None, False
+    for s in range(1, 6):
+        if s == INTERRUPTED_STEP:
+            tracer = InterruptAt(at)
+            sys.settrace(tracer)
+        try:
+            train_step(model, opt, s)
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            sys.settrace(None)
+        snap = snapshot(model)
+        snap.update({k: v.double().clone() for k, v in model.named_buffers()
+                     if v.is_floating_point()})
+        for r in with_refs.values():
+            r.update(snap)
+        if s != INTERRUPTED_STEP:
+            for r in without_refs.values():
+                r.update(snap)
+    result = {}
+
+    def later_calls():  # every later call must return (or raise a clear error), never hang
+        avg.flush()
+        result["avgs"] = {n: avg.averaged_state_dict(n) for n in SPECS()}
+        result["stats"] = avg.stats()
+        result["state"] = avg.state_dict()
+        avg.close()
+    t = threading.Thread(target=later_calls, daemon=True)
+    t.start()
+    t.join(30)
+    assert not t.is_alive(), f"the Averager hung after an interrupt at line event {at}"
+    return result, with_refs, without_refs, tracer.count, interrupted
+
+
+def _matches(got, refs):
+    try:
+        for n, r in refs.items():
+            assert_matches(got[n], r.avg, rtol=1e-6, atol=1e-7)
+        return True
+    except AssertionError:
+        return False
+
+
+@pytest.mark.parametrize("on_busy", ["block", "coalesce"])
+def test_an_interrupt_at_any_line_of_a_step_leaves_a_consistent_averager(on_busy):
+    _, _, _, lines, interrupted = _run_with_interrupt(None, on_busy)
+    assert not interrupted and lines > 20  # the library's lines during one optimizer.step()
+    outcomes = {"with": 0, "without": 0}
+    for at in range(1, lines + 1):
+        result, with_refs, without_refs, _, interrupted = _run_with_interrupt(at, on_busy)
+        assert interrupted, at
+        # The step's snapshot is in every average, or in none.
+        if _matches(result["avgs"], with_refs):
+            outcomes["with"] += 1
+        else:
+            assert _matches(result["avgs"], without_refs), \
+                f"interrupt at line event {at}: the averages hold part of step 3's snapshot"
+            outcomes["without"] += 1
+        st = result["stats"]
+        assert st["in_flight"] == 0
+        assert st["snapshots_applied"] == st["snapshots_taken"]
+        # The counted step and the saved state agree with what was applied.
+        assert result["state"]["step"] == st["step"]
+        assert st["step"] == (5 if _matches(result["avgs"], with_refs) else 4)
+    assert outcomes["with"] and outcomes["without"], outcomes
+
+
+# ---- reads from other threads ------------------------------------------------------------------
+
+def test_reads_from_another_thread_are_never_torn():
+    """LAWA(window=1) equals one step's weights exactly: a read mixing two steps is visible."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(6)])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    steps = 300
+    history = {}  # step -> the weights of that step
+    reads, problems = [], []
+    stop = threading.Event()
+    with oe.Averager(model, {"last": oe.LAWA(1, every=1)}) as avg:
+        avg.attach(opt)
+
+        def reader():
+            while not stop.is_set():
+                if not avg.ready("last"):
+                    continue
+                try:
+                    sd = avg.averaged_state_dict("last")
+                    st = avg.stats()
+                    state = avg.state_dict()
+                except BaseException as exc:  # noqa: BLE001 - reported below
+                    problems.append(repr(exc))
+                    return
+                reads.append((sd, st, state))
+        t = threading.Thread(target=reader)
+        t.start()
+        for s in range(1, steps + 1):
+            model(torch.randn(4, 8)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            history[s] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        stop.set()
+        t.join(60)
+    assert not problems, problems
+    assert len(reads) >= 20, f"only {len(reads)} reads happened"
+    for sd, st, state in reads:
+        matching = [s for s, w in history.items() if all(torch.equal(sd[k], w[k]) for k in w)]
+        assert matching, "a read mixed tensors of different steps"
+        assert st["snapshots_applied"] <= st["snapshots_taken"] <= st["step"]
+        # A state read from another thread is the state after one applied snapshot.
+        ring = state["averages"]["last"]
+        assert ring["applied"] == state["step"] == ring["last_step"]
+        assert all(torch.equal(a, b) for a, b in zip(
+            ring["slots"][ring["order"][0]], _flat(history[state["step"]])))
+
+
+def _flat(weights):
+    return [torch.cat([v.reshape(-1) for v in weights.values()])]
+
+
+# ---- a model changed under the Averager ---------------------------------------------------------
+
+@pytest.mark.parametrize("change", ["replaced", "frozen", "added"])
+def test_a_model_changed_after_construction_is_reported(change, tmp_path):
+    model, opt = make()
+    avg = oe.Averager(model, {"ema": oe.EMA(0.9)}).attach(opt)
+    train_step(model, opt, 1)
+    avg.fence()
+    if change == "replaced":
+        model.fc2.weight = nn.Parameter(model.fc2.weight.detach().clone())
+        message = "'fc2.weight' was replaced by another tensor"
+    elif change == "frozen":
+        model.fc2.weight.requires_grad_(False)
+        message = "'fc2.weight' was frozen"
+    else:
+        model.fc2.register_parameter("extra", nn.Parameter(torch.zeros(3)))
+        message = "module 'fc2' gained or lost parameters"
+    for read in (lambda: avg.averaged_state_dict("ema"),
+                 lambda: avg.swapped(model, "ema").__enter__(),
+                 lambda: avg.save(tmp_path / "ema.safetensors", "ema")):
+        with pytest.raises(RuntimeError, match=message):
+            read()
+    # Training goes on: the worker stops at the next snapshot and the step says why.
+    train_step(model, opt, 2)
+    with pytest.raises(RuntimeError, match=message):
+        avg.flush()
+    assert not (tmp_path / "ema.safetensors").exists()
+    with pytest.raises(RuntimeError, match="failed earlier"):
+        train_step(model, opt, 3)
+    avg.close()  # the error was reported: closing is quiet
+
+
+def test_an_unfenced_reshape_names_the_tensor_and_the_missing_fence(monkeypatch):
+    held = threading.Event()
+    real = engine_mod.Engine._process
+
+    def late(eng, job):  # the worker reaches the copy only after the change below
+        assert held.wait(30)
+        return real(eng, job)
+    monkeypatch.setattr(engine_mod.Engine, "_process", late)
+    model, opt = make()
+    avg = oe.Averager(model, {"ema": oe.EMA(0.9)})
+    train_step(model, opt, 1)
+    avg.step(fence=False)
+    model.fc2.bias.data = torch.zeros(7)  # no fence() first: breaks the contract
+    held.set()
+    with pytest.raises(RuntimeError, match=r"'fc2.bias' changed shape from \[4\] to \[7\] while "
+                                           r"its snapshot was being copied, without avg.fence"):
+        avg.flush()
+    avg.close()
+
+
+# ---- metadata, closed Averagers ----------------------------------------------------------------
+
+def _write_with_meta(path, meta):
+    from offload_ema.snapshots import write_atomic
+    write_atomic(str(path), {"w": torch.zeros(2)}, meta)
+
+
+@pytest.mark.parametrize("meta,field", [
+    ({"format": "offload_ema.snapshot", "name": "ema", "step": "3"}, "'average'"),
+    ({"format": "offload_ema.snapshot", "average": "{not json", "step": "3"}, "'average'"),
+    ({"format": "offload_ema.snapshot", "average": "[1]", "step": "3"}, "'average'"),
+    ({"format": "offload_ema.snapshot", "average": "{}", "step": "three"}, "'step'"),
+])
+def test_damaged_metadata_is_a_value_error_naming_the_file_and_field(tmp_path, meta, field):
+    path = tmp_path / "bad.safetensors"
+    _write_with_meta(path, meta)
+    with pytest.raises(ValueError, match=f"bad.safetensors.*{field}"):
+        oe.load_snapshot(path)
+
+
+def test_every_method_of_a_closed_averager_raises(tmp_path):
+    model, opt = make()
+    avg = oe.Averager(model, {"ema": oe.EMA(0.9)}).attach(opt)
+    train_step(model, opt, 1)
+    avg.close()
+    calls = [lambda: avg.save_every(2, str(tmp_path / "{name}-{step}.safetensors")),
+             lambda: avg.save(tmp_path / "e.safetensors", "ema"), avg.step, avg.flush,
+             lambda: avg.averaged_state_dict("ema"), lambda: avg.attach(opt),
+             lambda: avg.swapped(model, "ema").__enter__()]
+    for call in calls:
+        with pytest.raises(RuntimeError, match="closed"):
+            call()
+
+
+# ---- resume at every position of the ring --------------------------------------------------------
+
+def _specs():
+    return {"ema": oe.EMA(0.8), "lawa": oe.LAWA(4, every=1), "lawa3": oe.LAWA(3, every=2)}
+
+
+@functools.lru_cache(maxsize=None)
+def _straight(steps):
+    """The averages after every step of an uninterrupted run."""
+    model, opt = make()
+    out = {}
+    with oe.Averager(model, _specs()) as avg:
+        avg.attach(opt)
+        for s in range(1, steps + 1):
+            train_step(model, opt, s)
+            out[s] = {n: avg.averaged_state_dict(n) for n in _specs() if avg.ready(n)}
+    return out
+
+
+@pytest.mark.parametrize("stop", range(1, 9))
+def test_resume_at_every_ring_position_is_bit_exact(stop):
+    """Compared after every step once resumed: the ring's order matters until the window has
+    been refilled, so resuming at the wrong ring position shows there."""
+    steps = 13
+    straight = _straight(steps)
+    model, opt = make()
+    with oe.Averager(model, _specs()) as avg:
+        avg.attach(opt)
+        for s in range(1, stop + 1):
+            train_step(model, opt, s)
+        state = avg.state_dict()
+        saved = {k: v.clone() for k, v in model.state_dict().items()}
+        opt_state = opt.state_dict()
+    assert state["averages"]["lawa"]["next_pos"] == stop % 4
+    model, opt = make(seed=99)
+    model.load_state_dict(saved)
+    opt.load_state_dict(opt_state)
+    with oe.Averager(model, _specs()) as avg:
+        avg.load_state_dict(state)
+        avg.attach(opt)
+        for s in range(stop + 1, steps + 1):
+            train_step(model, opt, s)
+            for n, expected in straight[s].items():
+                got = avg.averaged_state_dict(n)
+                for k in expected:
+                    assert torch.equal(got[k], expected[k]), (stop, s, n, k)
+
+
+def test_resume_with_coalesced_periods_pending_is_bit_exact(monkeypatch):
+    """Saved while EMA periods are coalesced (pending) and resumed: the next snapshot carries
+    them, exactly as in the run that was not interrupted."""
+    gate = threading.Event()
+    real = engine_mod.Engine._apply
+
+    def gated(eng, *a, **k):
+        assert gate.wait(30)
+        return real(eng, *a, **k)
+
+    def run(split):
+        gate.clear()
+        model, opt = make()
+        one = oe.averager.Layout(model).nbytes
+        avg = oe.Averager(model, {"ema": oe.EMA(0.8)}, on_busy="coalesce", staging_bytes=one)
+        avg.attach(opt)
+        train_step(model, opt, 1)  # taken, held at the gate
+        train_step(model, opt, 2)  # coalesced
+        train_step(model, opt, 3)  # coalesced
+        # Pending periods in the state: read from the schedule without flushing the gate.
+        pending = avg._schedule.coalesced["ema"]
+        gate.set()
+        if split:
+            state = avg.state_dict()
+            assert state["averages"]["ema"]["pending"] == pending == 2
+            saved = {k: v.clone() for k, v in model.state_dict().items()}
+            opt_state = opt.state_dict()
+            avg.close()
+            model, opt = make(seed=5)
+            model.load_state_dict(saved)
+            opt.load_state_dict(opt_state)
+            avg = oe.Averager(model, {"ema": oe.EMA(0.8)}, on_busy="coalesce",
+                              staging_bytes=one)
+            avg.load_state_dict(state)
+            avg.attach(opt)
+        for s in range(4, 7):
+            train_step(model, opt, s)
+            avg.flush()
+        out = avg.averaged_state_dict("ema")
+        avg.close()
+        return out
+
+    monkeypatch.setattr(engine_mod.Engine, "_apply", gated)
+    straight, resumed = run(False), run(True)
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
