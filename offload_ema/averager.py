@@ -136,8 +136,7 @@ class Averager:
         due = sched.due(s)
         saved = sched.checkpoint()
         try:
-            if due:
-                self._layout.check_shapes()
+            if due:  # model changes are checked on the worker: O(1) here in the tensor count
                 sched.take(self._engine, s, due, found_inf)
             sched.step = s
             sched.published = sched.snapshot()
@@ -171,7 +170,8 @@ class Averager:
         if self._hooks is not None:
             self._hooks.remove()
             self._hooks = None
-        self._finalizer()
+        if self._finalizer.detach() is not None:  # not already run by garbage collection
+            release(self._engine, self._writer, dropped=False)
         self._strategy.close()
         self._engine.raise_error(only_unreported=True)
         self._raise_save_error()

@@ -98,10 +98,11 @@ def _close_open_averagers():
         os._exit(1)
 
 
-def release(engine, writer) -> None:
-    """Stops the threads of an Averager garbage-collected unclosed (holds no reference to it)."""
+def release(engine, writer, dropped: bool = True) -> None:
+    """Stops an Averager's threads and frees its staging; also when it is garbage-collected
+    unclosed (``dropped``: holds no reference to it, and warns of an error nobody saw)."""
     engine.close()
     writer.close()
-    if engine.unreported_error() is not None:
+    if dropped and engine.unreported_error() is not None:
         warnings.warn(f"an offload_ema Averager was dropped unclosed with an unreported worker "
                       f"error: {engine.unreported_error()!r}", RuntimeWarning)

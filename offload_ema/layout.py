@@ -242,13 +242,14 @@ class Layout:
         ``during_copy``: the change met a snapshot's copy still running."""
         for e in self.entries:
             if local_tensor(e.tensor).shape != e.shape:
-                when = ("while its snapshot was being copied, without avg.fence() first (attach() "
-                        "fences before each optimizer step; call fence() yourself before other "
-                        "in-place changes)" if during_copy else "after the Averager was built")
+                when = ("while its snapshot was being copied" if during_copy else
+                        "after the Averager was built")
                 raise RuntimeError(
                     f"parameter {e.name!r} changed shape from {list(e.shape)} to "
                     f"{list(local_tensor(e.tensor).shape)} {when}; build a new Averager for the "
-                    "new model")
+                    "new model. (A change while a snapshot is being copied, without avg.fence() "
+                    "first, also breaks that snapshot: attach() fences before each optimizer "
+                    "step; call fence() yourself before other in-place changes.)")
 
     def check_unchanged(self) -> None:
         """Raises if averaged tensors changed shape or device, or the model now holds other
@@ -266,7 +267,9 @@ class Layout:
     def check_model(self) -> None:
         """Raises if the model no longer holds the averaged tensors as built: a parameter
         replaced by another object, one frozen (``requires_grad=False``), or a parameter, buffer
-        or submodule added or removed. Cheap (no state_dict): safe on the worker every snapshot."""
+        or submodule added or removed, or a shape changed. Cheap (no state_dict): safe on the
+        worker every snapshot."""
+        self.check_shapes()
         for module, kind, attr, t, name in self._homes:
             now = getattr(module, kind).get(attr)
             if now is not t:

@@ -19,6 +19,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from offload_ema.averages import check_int
+
 __all__ = [
     "ema_update_",
     "ema_update_multi_",
@@ -128,8 +130,7 @@ def set_num_threads(n: int) -> None:
 
     The fallback records the number but runs on torch's intra-op threads.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an int >= 1, got {n!r}")
+    check_int(n, "n", 1)
     global _fallback_threads
     if _C is not None:
         _C.set_num_threads(n)

@@ -69,7 +69,7 @@ def _run_slab(seed, steps, beta, staging=None, manual_no_fence=False):
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("staging", ["default", "chunked"])
 def test_race_low_density_model_matches_synchronous_reference(seed, staging):
-    steps, beta = 60, 0.9
+    steps, beta = 200, 0.9
     nbytes = 4 * 4096 * 2
     got, st = _run_slab(seed, steps, beta, None if staging == "default" else nbytes // 5)
     assert st["snapshots_applied"] == steps
