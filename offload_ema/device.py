@@ -29,15 +29,34 @@ from typing import List, Optional
 import torch
 
 
+def carve(base: torch.Tensor, sizes: List[int]) -> List[torch.Tensor]:
+    """Byte areas of ``sizes`` in ``base``, each starting on a 64-byte boundary."""
+    out, offset = [], 0
+    for n in sizes:
+        out.append(base[offset:offset + n])
+        offset += -(-n // 64) * 64
+    return out
+
+
+def _carved_bytes(sizes: List[int]) -> int:
+    return sum(-(-n // 64) * 64 for n in sizes)
+
+
 class HostOps:
     """CPU training: the worker copies synchronously; nothing is deferred."""
 
     asynchronous = False
-    pin_memory = False
+    pinned_nbytes = 0
 
     def __init__(self, device: torch.device):
         self.device = device
         self.side = None
+
+    def alloc_host(self, sizes: List[int]) -> List[torch.Tensor]:
+        return carve(torch.empty(_carved_bytes(sizes), dtype=torch.uint8), sizes)
+
+    def free_host(self) -> None:
+        pass
 
     def thread_init(self) -> None:
         pass
@@ -59,11 +78,38 @@ class CudaOps:
     """One CUDA device: the current stream is training's, a side stream carries the copies."""
 
     asynchronous = True
-    pin_memory = True
 
     def __init__(self, device: torch.device):
         self.device = device
         self.side = torch.cuda.Stream(device)
+        self.pinned_nbytes = 0
+        self._registered: Optional[torch.Tensor] = None
+
+    def alloc_host(self, sizes: List[int]) -> List[torch.Tensor]:
+        """Page-locked host memory of exactly the bytes asked (plus 64-byte alignment): plain
+        host memory registered with cudaHostRegister. torch's pinned allocator would round the
+        request up to a power of two (a 14 GB snapshot pins 16 GB) and keep it cached after
+        close. Falls back to that allocator where registering fails."""
+        total = _carved_bytes(sizes)
+        base = torch.empty(total, dtype=torch.uint8)
+        try:
+            err = torch.cuda.cudart().cudaHostRegister(base.data_ptr(), total, 0)
+            ok = int(err) == 0
+        except (AttributeError, RuntimeError, TypeError):
+            ok = False
+        if ok:
+            self._registered = base
+            self.pinned_nbytes = total
+        else:
+            base = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+            self.pinned_nbytes = 1 << max(total - 1, 0).bit_length()  # what the allocator holds
+        return carve(base, sizes)
+
+    def free_host(self) -> None:
+        """After the worker stopped (no copy into the memory can be pending any more)."""
+        base, self._registered = self._registered, None
+        if base is not None:
+            torch.cuda.cudart().cudaHostUnregister(base.data_ptr())
 
     def thread_init(self) -> None:
         """For the worker: its events, syncs and any kernel it launches belong to this device

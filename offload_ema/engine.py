@@ -143,27 +143,29 @@ class Engine:
             n_buffers, buffer_bytes = staging_bytes // snapshot, snapshot
         else:
             n_buffers, buffer_bytes = 2, staging_bytes // 2
-        pin = self._ops.pin_memory
         self._chunks = layout.plan(buffer_bytes)
         # Snapshots in flight at once: one per buffer when a buffer holds a snapshot; one in
         # chunked mode (its chunks take both buffers in turn).
         self.capacity = n_buffers if len(self._chunks) <= 1 else 1
-        self._staging = [torch.empty(buffer_bytes, dtype=torch.uint8, pin_memory=pin)
-                         for _ in range(n_buffers)]
+        buf_bytes = layout.buffers_nbytes
+        # One host allocation carved into every staging area (pinned exactly on a GPU: no
+        # per-buffer rounding up to a power of two).
+        areas = self._ops.alloc_host([buffer_bytes] * n_buffers + [buf_bytes] * (
+            self.capacity if buf_bytes else 0) + [4 * self.capacity])
+        self._staging = areas[:n_buffers]
         self._copy_plans: Dict[int, tuple] = {}  # id(views) -> what _copy needs, built once
         self._views = {(s, c): self._make_views(self._staging[s], self._chunks[c])
                        for s in range(n_buffers) for c in range(len(self._chunks))}
         # Averaged module buffers change in place during the next forward, long before the
         # fence: they are copied at once, on the main stream, into an area of their own (one per
         # in-flight snapshot, like the found_inf flags).
-        buf_bytes = layout.buffers_nbytes
-        self._buffer_staging = [torch.empty(buf_bytes, dtype=torch.uint8, pin_memory=pin)
-                                for _ in range(self.capacity if buf_bytes else 0)]
+        self._buffer_staging = areas[n_buffers:-1]
         buf_chunks = layout.plan(max(buf_bytes, 1), buffers=True)
         self._buffer_views = [self._make_views(t, buf_chunks[0]) for t in self._buffer_staging]
-        self._flags = torch.zeros(self.capacity, dtype=torch.float32, pin_memory=pin)
+        self._flags = areas[-1].view(torch.float32)
+        self._flags.zero_()
         self.staging_nbytes = sum(t.numel() for t in self._staging + self._buffer_staging)
-        self.pinned_nbytes = self.staging_nbytes if pin else 0
+        self.pinned_nbytes = self._ops.pinned_nbytes
         self.n_staging = n_buffers
         self.chunks_per_snapshot = len(self._chunks)
 
@@ -451,7 +453,8 @@ class Engine:
         self._copy_plans.clear()
         self._views.clear()
         self._buffer_views.clear()
-        self._staging, self._buffer_staging = [], []
+        self._staging, self._buffer_staging, self._flags = [], [], None
+        self._ops.free_host()
 
     # ---- reading the averages (worker idle, or on the worker) -------------------------------
     def applied(self, name: str) -> int:

@@ -91,7 +91,7 @@ class LazyOps:
     """The engine's device operations on the simulated copy engine (see the module doc)."""
 
     asynchronous = True
-    pin_memory = False
+    pinned_nbytes = 0
 
     def __init__(self, device: torch.device, engine: _CopyEngine):
         self.device = device
@@ -99,6 +99,13 @@ class LazyOps:
         self.side = "side"
 
     def thread_init(self) -> None:
+        pass
+
+    def alloc_host(self, sizes: List[int]) -> List[torch.Tensor]:
+        return device_mod.carve(torch.empty(sum(-(-n // 64) * 64 for n in sizes),
+                                            dtype=torch.uint8), sizes)
+
+    def free_host(self) -> None:
         pass
 
     def is_capturing(self) -> bool:

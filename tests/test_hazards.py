@@ -101,9 +101,9 @@ def test_steps_skipped_by_grad_scaler_never_enter_an_average(fused):
     bad = {1, 4, 5, 9}  # also the very first step: the EMA starts from the next good one
     avg, refs = _scaled_training(fused, bad)
     with avg:
-        st = avg.stats()
         for name, ref in refs.items():
             assert_matches(avg.averaged_state_dict(name), ref.avg, rtol=1e-6, atol=1e-7)
+        st = avg.stats()  # after the reads: every snapshot applied
     assert st["snapshots_applied"] == 10 - len(bad)
     if fused:  # the optimizer ran (its post-hook too): counted, its snapshot dropped
         assert st["step"] == 10 and st["snapshots_dropped_nonfinite"] == len(bad)
@@ -173,6 +173,7 @@ def test_several_optimizers_count_as_one_step():
             opt_a.zero_grad()
             opt_b.zero_grad()
             ref.update(snapshot(model))
+        avg.flush()
         assert avg.stats()["step"] == 8 and avg.stats()["snapshots_applied"] == 8
         assert_matches(avg.averaged_state_dict("ema"), ref.avg, rtol=1e-6, atol=1e-7)
 
@@ -229,6 +230,7 @@ def test_a_compiled_optimizer_step_keeps_the_hooks_out_of_the_graph():
             step()
             opt.zero_grad()
             ref.update(snapshot(model))
+        avg.flush()
         assert avg.stats()["snapshots_applied"] == 6
         assert_matches(avg.averaged_state_dict("ema"), ref.avg, rtol=1e-6, atol=1e-7)
     # Dynamo skipped the hooks as a whole; it never tried to trace the engine (its lock,
