@@ -98,7 +98,9 @@ def test_pinned_staging_is_bounded_and_never_allocated_per_step(monkeypatch):
         st = avg.stats()
         assert [t.data_ptr() for t in avg._engine._staging] == ptrs
     assert not pinned_calls, f"pinned allocations during training: {pinned_calls[:3]}"
-    assert 0 < st["pinned_bytes"] <= budget
+    # Exactly what was asked, not rounded up to a power of two: the staging within the budget
+    # plus the found_inf flags' cache line.
+    assert st["staging_bytes"] <= budget and st["pinned_bytes"] <= st["staging_bytes"] + 2 * 64
 
 
 def test_no_extra_gpu_memory_after_warm_up():
