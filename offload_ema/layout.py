@@ -135,6 +135,7 @@ class Layout:
         self.names: List[str] = []                         # every state_dict name, in order
         self.all_entries: List[Entry] = []                 # every averaged tensor, any owner
         self.passthrough: Dict[str, torch.Tensor] = {}     # name -> live tensor (not averaged)
+        self.frozen: set = set()  # names in passthrough that are (frozen) parameters
         by_id: Dict[int, Entry] = {}
         buffer_ids = set()
         for raw_name, t in state.items():
@@ -145,6 +146,8 @@ class Layout:
                 (is_param and t.requires_grad) or (not is_param and buffers == "average"))
             if not averaged:
                 self.passthrough[name] = t
+                if is_param:
+                    self.frozen.add(name)
                 continue
             if id(t) in by_id:  # tied / shared: averaged once, reported under every name
                 by_id[id(t)].aliases.append(name)

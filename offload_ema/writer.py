@@ -12,6 +12,7 @@ handed over while a script exits must still be written. ``close()`` writes every
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -20,12 +21,30 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from offload_ema import ops
 from offload_ema.averages import EMA, check_int
 from offload_ema.layout import Layout
 from offload_ema.snapshots import (Retention, SnapshotFuture, metadata, write_atomic, write_dcp,
                                    write_index)
 
 __all__ = ["SnapshotWriter"]
+
+
+@contextlib.contextmanager
+def _worker_threads():
+    """The worker runs its own torch ops on one thread (it leaves the cores to training); a
+    save's copies are large and rare, and take the kernels' thread count meanwhile. Only where
+    the setting is per thread (OpenMP); torch's native pool would change it for training too."""
+    from offload_ema.engine import _per_thread_intraop
+    if not _per_thread_intraop():
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(ops.get_num_threads())
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class SnapshotWriter:
@@ -71,14 +90,19 @@ class SnapshotWriter:
         fut = SnapshotFuture(file_path)
         fut.set_running_or_notify_cancel()
         with self._lock: self._futures.append(fut)  # noqa: E701 (see unseen_error)
-        # Entries that are not averaged are taken now, on this thread: they may change at the
-        # next step. Sharded, rank 0 writes them.
-        others = ({k: t.detach().to("cpu", copy=True) for k, t in layout.passthrough.items()}
-                  if strategy.writes_passthrough() else {})
+        # Buffers that are not averaged are taken now, on this thread: the next forward may
+        # change them. Frozen parameters do not change: the worker copies them (under LoRA the
+        # whole base model), not the training thread. Sharded, rank 0 writes them.
+        writes = strategy.writes_passthrough()
+        others = {k: t.detach().to("cpu", copy=True) for k, t in layout.passthrough.items()
+                  if writes and k not in layout.frozen}
 
         def take_copy():  # on the worker: the averages are at `step` here
             try:
-                tensors = self._copy_average(name, spec, dtype, others)
+                with _worker_threads():
+                    frozen = {k: layout.passthrough[k].detach().to("cpu", copy=True)
+                              for k in layout.frozen} if writes else {}
+                    tensors = self._copy_average(name, spec, dtype, {**others, **frozen})
                 meta = metadata(name, spec.config(), step, self._engine.applied(name), dtype)
                 meta.update(strategy.file_meta(layout))
             except BaseException as exc:

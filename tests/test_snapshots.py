@@ -337,3 +337,21 @@ def test_written_files_read_back_exactly_with_safetensors(tmp_path):
     from safetensors import safe_open
     with safe_open(path, framework="pt") as f:
         assert f.metadata() == {"format": "test", "k": "v"}
+
+
+def test_frozen_parameters_and_buffers_are_written_with_their_values(tmp_path):
+    """Frozen parameters are copied by the worker (off the training thread), buffers at save()."""
+    model, _ = make()
+    model.fc1.weight.requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    with oe.Averager(model, {"ema": oe.EMA(0.5)}) as avg:
+        avg.attach(opt)
+        train_step(model, opt, 1)
+        running_mean = model.bn.running_mean.clone()
+        fut = avg.save(tmp_path / "ema.safetensors", "ema")
+        train_step(model, opt, 2)  # changes the buffers after save(): not in the file
+        fut.result(timeout=60)
+    tensors, _ = oe.load_snapshot(tmp_path / "ema.safetensors")
+    assert torch.equal(tensors["fc1.weight"], model.fc1.weight.detach())
+    assert torch.equal(tensors["bn.running_mean"], running_mean)
+    assert int(tensors["bn.num_batches_tracked"]) == 1
