@@ -12,6 +12,12 @@ machine hits every mode alike):
   offload       offload_ema: EMA 0.999 every step
   offload_multi offload_ema: EMA 0.999 + EMA 0.9999 + LAWA(window 10, every 10), one snapshot
 
+Each record also gives the training thread's own time in the averaging code per step
+(``averager_us_per_step``): for the offload modes the time inside the Averager's optimizer-step
+hooks (and its save calls), for the others the time of their after-step work. ``--preset many``
+(or ``--experts N``) splits the MLPs into experts: over 10,000 parameter tensors, where whatever
+the training thread does per tensor shows.
+
 Run it as ``offload-ema bench`` (or ``python bench/overhead.py``).
 """
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -45,10 +52,14 @@ def _rss() -> int:
 
 
 class Mode:
-    """One way of keeping an average, set up once and run in several rounds."""
+    """One way of keeping an average, set up once and run in several rounds.
+
+    ``avg_s`` adds up the training thread's wall time inside this mode's averaging code (the
+    run loop reads it around each step); ``none`` has none."""
 
     name = "none"
     fence_s = copy_s = update_s = 0.0
+    avg_s = 0.0
 
     def __init__(self, model, opt, args):
         self.model, self.opt, self.args = model, opt, args
@@ -89,8 +100,10 @@ class Naive(Mode):
         else:
             for a, h in zip(self.acc, host):
                 a.lerp_(h, 1 - BETA)
+        t2 = time.perf_counter()
         self.copy_s += t1 - t0
-        self.update_s += time.perf_counter() - t1
+        self.update_s += t2 - t1
+        self.avg_s += t2 - t0
         self.applied += 1
 
     def counters(self, wait=True):
@@ -110,7 +123,9 @@ class SwaUtils(Mode):
     def after_step(self):
         t0 = time.perf_counter()
         self.avg.update_parameters(self.module)
-        self.update_s += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        self.update_s += dt
+        self.avg_s += dt
 
     def counters(self, wait=True):
         return dict(super().counters(), applied=int(self.avg.n_averaged))
@@ -125,11 +140,52 @@ class GpuForeach(Mode):
         self.applied = 0
 
     def after_step(self):
+        # Host time of the launches: what the training thread spends; the GPU runs them later.
+        t0 = time.perf_counter()
         torch._foreach_lerp_(self.acc, [p.detach().float() for p in self.params], 1 - BETA)
+        self.avg_s += time.perf_counter() - t0
         self.applied += 1
 
     def counters(self, wait=True):
         return dict(super().counters(), applied=self.applied)
+
+
+class HookClock:
+    """Adds to ``owner.avg_s`` the training thread's time inside the optimizer-step hooks that
+    are registered between :meth:`open` and :meth:`close` (the Averager's, from ``attach``).
+
+    ``Optimizer.step`` runs an optimizer's own pre-hooks, and then its post-hooks, in the order
+    they were registered (ordered dicts keyed by increasing handle ids, torch >= 2.0), so a
+    start hook registered before ``attach`` and a stop hook registered after it bracket exactly
+    the Averager's fence (pre) and snapshot hand-over (post). This measures them directly;
+    ``opt.step()`` timed with and without the Averager would bury a few microseconds under the
+    optimizer's own milliseconds of noise."""
+
+    def __init__(self, owner, opt):
+        self.owner, self.opt = owner, opt
+        self.handles: List = []
+        self.t0 = None
+
+    def _start(self, opt, args, kwargs):
+        self.t0 = time.perf_counter()
+
+    def _stop(self, opt, args, kwargs):
+        if self.t0 is not None:
+            self.owner.avg_s += time.perf_counter() - self.t0
+            self.t0 = None
+
+    def open(self):
+        self.handles = [self.opt.register_step_pre_hook(self._start),
+                        self.opt.register_step_post_hook(self._start)]
+
+    def close(self):
+        self.handles += [self.opt.register_step_pre_hook(self._stop),
+                         self.opt.register_step_post_hook(self._stop)]
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+        self.handles, self.t0 = [], None
 
 
 class Offload(Mode):
@@ -141,6 +197,7 @@ class Offload(Mode):
     def __init__(self, *a):
         super().__init__(*a)
         self.avg = oe.Averager(self.model, self.averages(), on_busy=self.args.on_busy)
+        self.clock = HookClock(self, self.opt)
         self.steps = 0
         self.saves: List = []
 
@@ -148,13 +205,22 @@ class Offload(Mode):
         self.steps += 1
         if self.args.save_every and self.steps % self.args.save_every == 0:
             path = os.path.join(self.args.save_dir, f"{self.name}.safetensors")
+            t0 = time.perf_counter()  # handing the write over is the training thread's, too
             self.saves.append(self.avg.save(path, "ema"))
+            self.avg_s += time.perf_counter() - t0
 
     def begin(self):
-        self.avg.attach(self.opt)
+        self.clock.open()
+        try:
+            self.avg.attach(self.opt)
+        except BaseException:  # no start hooks left behind, timing some later hook
+            self.clock.remove()
+            raise
+        self.clock.close()
 
     def end(self):
         self.avg.detach()
+        self.clock.remove()
         self.avg.flush()
 
     def close(self):
@@ -293,19 +359,14 @@ def run(args, rank: int = 0, world: int = 1) -> List[dict]:
     rows, with each rank's host memory)."""
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    cfg = PRESETS[args.preset]
-    if args.layers or args.width:
-        width = args.width or cfg.width
-        cfg = GPTConfig(cfg.vocab, cfg.seq, width, args.layers or cfg.layers,
-                        max(1, width // 128) if args.width else cfg.heads, cfg.batch)
-    if args.batch:
-        cfg = GPTConfig(cfg.vocab, cfg.seq, cfg.width, cfg.layers, cfg.heads, args.batch)
+    cfg = model_config(args)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     if args.threads:
         oe.ops.set_num_threads(args.threads)
     torch.manual_seed(0)
     gpt = GPT(cfg).to(device=device, dtype=dtype)
     n_params = sum(p.numel() for p in gpt.parameters())
+    n_tensors = sum(1 for _ in gpt.parameters())
     model = gpt
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -328,6 +389,8 @@ def run(args, rank: int = 0, world: int = 1) -> List[dict]:
     modes = [m for m in args.modes if m != "gpu_foreach" or cuda]
     say = print if rank == 0 else (lambda *a, **k: None)
     say(f"offload_ema overhead benchmark: preset={args.preset} params={n_params / 1e6:.1f}M "
+          f"tensors={n_tensors}"
+          + (f" (experts={cfg.experts}x{cfg.hidden} per block)" if cfg.experts else "") + " "
           f"dtype={args.dtype} device={device} optimizer=AdamW({args.optimizer}) "
           f"batch={cfg.batch}x{cfg.seq} tokens, {args.rounds} rounds x {args.steps} steps "
           f"(+{args.warmup} warm-up) per mode, on_busy={args.on_busy}, kernels={oe.ops.backend()}"
@@ -340,6 +403,7 @@ def run(args, rank: int = 0, world: int = 1) -> List[dict]:
 
     objs: Dict[str, Mode] = {}
     times: Dict[str, List[float]] = {m: [] for m in modes}
+    avg_times: Dict[str, List[float]] = {m: [] for m in modes}  # training thread, averaging
     meter = cuda_memory_meter(device) if cuda else no_memory_meter()
     rss_delta: Dict[str, int] = {}
 
@@ -351,14 +415,20 @@ def run(args, rank: int = 0, world: int = 1) -> List[dict]:
             if not ts:
                 continue
             med = statistics.median(ts)
+            avg_ts = avg_times[m]
             c = objs[m].counters(wait=final)
             o = objs[m]
             snaps = max(c["applied"], 1)
             rows.append({
                 "mode": m, "preset": args.preset, "device": str(device), "params": n_params,
+                "tensors": n_tensors, "experts": cfg.experts,
                 "dtype": args.dtype, "step_ms_median": med * 1e3,
                 "step_ms_p90": _percentile(ts, 0.9) * 1e3,
                 "overhead_pct": 100 * (med / base - 1),
+                # Per timed step: the mean carries the rare long waits (a full staging ring under
+                # on_busy="block"), the median the usual cost.
+                "averager_us_per_step": statistics.fmean(avg_ts) * 1e6,
+                "averager_us_median": statistics.median(avg_ts) * 1e6,
                 "gpu_mem_delta_bytes": meter.delta(m),
                 "rss_delta_bytes": rss_delta[m], "pinned_bytes": c["pinned_bytes"],
                 "applied": c["applied"], "skipped": c["skipped"], "coalesced": c["coalesced"],
@@ -390,12 +460,14 @@ def run(args, rank: int = 0, world: int = 1) -> List[dict]:
                 with meter.running(m):
                     mode.begin()
                     for i in range(args.warmup + args.steps):
+                        a0 = mode.avg_s
                         t0 = time.perf_counter()
                         train_step()
                         mode.after_step()
                         sync()
                         if i >= args.warmup:  # the first steps of a round re-warm this mode's path
                             times[m].append(time.perf_counter() - t0)
+                            avg_times[m].append(mode.avg_s - a0)
                         progress.tick(f"round {r + 1}/{args.rounds} {m}")
                     mode.end()
                 if first:
@@ -426,6 +498,22 @@ def run(args, rank: int = 0, world: int = 1) -> List[dict]:
             for r in written:
                 r["disk_write_gbps"] = disk
     return rows
+
+
+def model_config(args) -> GPTConfig:
+    """The preset with the command line's overrides."""
+    cfg = PRESETS[args.preset]
+    if args.layers or args.width:
+        width = args.width or cfg.width
+        cfg = dataclasses.replace(cfg, width=width, layers=args.layers or cfg.layers,
+                                  heads=max(1, width // 128) if args.width else cfg.heads)
+    if args.batch:
+        cfg = dataclasses.replace(cfg, batch=args.batch)
+    if args.experts is not None:
+        cfg = dataclasses.replace(cfg, experts=args.experts)
+    if args.expert_hidden is not None:
+        cfg = dataclasses.replace(cfg, expert_hidden=args.expert_hidden)
+    return cfg
 
 
 def _rank_main(rank: int, args, tmp: str) -> None:
@@ -491,7 +579,8 @@ def disk_write_gbps(directory: str, nbytes: int) -> float:
 def report(rows: List[dict]) -> None:
     hdr = (f"{'mode':<14}{'median ms':>10}{'p90 ms':>9}{'overhead':>10}{'GPU mem +':>11}"
            f"{'host RSS +':>11}{'pinned':>9}{'applied':>8}{'skip':>6}{'coal':>6}"
-           f"{'fence ms':>9}{'copy ms':>9}{'update ms':>10}  rounds (median ms)")
+           f"{'fence ms':>9}{'copy ms':>9}{'update ms':>10}{'avg us/step':>12}"
+           f"  rounds (median ms)")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
@@ -499,7 +588,8 @@ def report(rows: List[dict]) -> None:
               f"{r['overhead_pct']:>+9.1f}%{_size(r['gpu_mem_delta_bytes']):>11}"
               f"{_size(r['rss_delta_bytes']):>11}{_size(r['pinned_bytes']):>9}{r['applied']:>8}"
               f"{r['skipped']:>6}{r['coalesced']:>6}{r['fence_ms_per_snapshot']:>9.2f}"
-              f"{r['copy_ms_per_snapshot']:>9.2f}{r['update_ms_per_snapshot']:>10.2f}  "
+              f"{r['copy_ms_per_snapshot']:>9.2f}{r['update_ms_per_snapshot']:>10.2f}"
+              f"{r['averager_us_per_step']:>12.1f}  "
               + " ".join(f"{x:.1f}" for x in r["round_medians_ms"]))
     by = {r["mode"]: r for r in rows}
     for r in rows:
@@ -525,6 +615,8 @@ def report(rows: List[dict]) -> None:
                   f"{r['skipped'] + r['coalesced']} ; CPU update {upd:.1f} ms per snapshot vs "
                   f"{step:.1f} ms per step ({'keeps up' if upd <= step else f'{upd / step:.2f}x slower than a step'})"
                   f" ; copy {copy_gbps:.1f} GB/s")
+            print(f"{m}: training thread in the Averager {r['averager_us_per_step']:.1f} us/step "
+                  f"(median {r['averager_us_median']:.1f} us) for {r['tensors']} tensors")
 
 
 def plot(rows: List[dict], path: str) -> None:
@@ -564,6 +656,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int, help="override the preset's number of blocks")
     p.add_argument("--width", type=int, help="override the preset's width (heads = width / 128)")
     p.add_argument("--batch", type=int, help="override the preset's sequences per step")
+    p.add_argument("--experts", type=int,
+                   help="split each block's MLP into N expert MLPs (a dense mixture; 4 tensors "
+                        "each): tensors = 5 + layers * (9 + 4 N); 0 for the plain MLP")
+    p.add_argument("--expert-hidden", dest="expert_hidden", type=int,
+                   help="each expert's hidden width (default 4 * width / experts, at least 1)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                    help="parameter dtype (default: bf16 on a GPU, fp32 on the CPU)")
     p.add_argument("--optimizer", choices=["foreach", "fused"], default="foreach")
@@ -594,7 +691,8 @@ def main(args: argparse.Namespace) -> int:
     args.preset = args.preset or ("1b" if on_gpu else "tiny")
     args.dtype = args.dtype or ("bf16" if on_gpu else "fp32")
     args.steps = args.steps or (10 if args.preset == "1b" else 15)
-    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    # Once each: a mode named twice would share one record's timings and print it twice.
+    args.modes = list(dict.fromkeys(m.strip() for m in args.modes.split(",") if m.strip()))
     bad = [m for m in args.modes if m not in MODES]
     if bad:
         raise SystemExit(f"--modes: unknown {bad}; choose from {', '.join(MODES)}")
@@ -607,6 +705,10 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit("--save-every must be >= 0")
     if args.nproc < 1:
         raise SystemExit("--nproc must be >= 1")
+    if args.experts is not None and args.experts < 0:
+        raise SystemExit("--experts must be >= 0")
+    if args.expert_hidden is not None and args.expert_hidden < 1:
+        raise SystemExit("--expert-hidden must be >= 1")
     if args.nproc > 1 and on_gpu and torch.cuda.device_count() < args.nproc:
         raise SystemExit(f"--nproc {args.nproc}: only {torch.cuda.device_count()} GPUs")
     if args.json:

@@ -9,15 +9,125 @@ import pytest
 from offload_ema import cli
 from offload_ema.gpt import GPT, PRESETS
 
-KEYS = {"mode", "preset", "device", "params", "dtype", "step_ms_median", "step_ms_p90",
-        "overhead_pct", "gpu_mem_delta_bytes", "rss_delta_bytes", "pinned_bytes", "applied",
-        "skipped", "coalesced"}
+KEYS = {"mode", "preset", "device", "params", "tensors", "experts", "dtype", "step_ms_median",
+        "step_ms_p90", "overhead_pct", "averager_us_per_step", "averager_us_median",
+        "gpu_mem_delta_bytes", "rss_delta_bytes", "pinned_bytes", "applied", "skipped",
+        "coalesced"}
 
 
 def test_presets_have_the_sizes_they_claim():
-    cfg = PRESETS["tiny"]
-    assert sum(p.numel() for p in GPT(cfg).parameters()) == cfg.params
+    for name in ("tiny", "many"):
+        cfg = PRESETS[name]
+        ps = list(GPT(cfg).parameters())
+        assert sum(p.numel() for p in ps) == cfg.params, name
+        assert len(ps) == cfg.tensors, name
     assert 0.95e9 <= PRESETS["1b"].params <= 1.1e9
+    assert PRESETS["many"].tensors >= 10_000
+
+
+def test_experts_model_counts_and_trains_every_expert():
+    import dataclasses
+
+    import torch
+
+    from offload_ema.gpt import lm_loss
+
+    cfg = dataclasses.replace(PRESETS["tiny"], width=32, heads=2, layers=2, experts=7,
+                              expert_hidden=3)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    ps = list(model.parameters())
+    assert len(ps) == cfg.tensors == 5 + 2 * (9 + 4 * 7)
+    assert sum(p.numel() for p in ps) == cfg.params
+    lm_loss(model, torch.randint(0, cfg.vocab, (2, 9))).backward()
+    # A dense mixture: every expert's four tensors take part in every step.
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert dataclasses.replace(cfg, expert_hidden=0).hidden == 4 * 32 // 7
+    with pytest.raises(ValueError, match="experts"):
+        GPT(dataclasses.replace(cfg, experts=-1))
+
+
+def test_bench_many_tensors_reports_the_averager_time_of_every_mode(tmp_path, capsys):
+    js = tmp_path / "o.json"
+    # 5 + 2 x (9 + 4 x 150) = 1223 tensors at 2 x 150 experts (42x tiny): a few seconds.
+    rc = cli.main(["bench", "--layers", "2", "--width", "32", "--experts", "150", "--rounds", "1",
+                   "--steps", "2", "--warmup", "1", "--json", str(js)])
+    assert rc == 0
+    rows = json.loads(js.read_text())
+    assert [r["mode"] for r in rows] == ["none", "naive", "swa_utils", "offload", "offload_multi"]
+    for r in rows:
+        assert KEYS <= set(r), KEYS - set(r)
+        assert r["tensors"] == 1223 and r["experts"] == 150
+        us = r["averager_us_per_step"]
+        assert isinstance(us, float) and us >= 0 and r["averager_us_median"] >= 0
+        if r["mode"] == "none":
+            assert us == 0
+        else:  # every other mode does its averaging on the training thread, in part or whole
+            assert us > 0, r["mode"]
+        # Each step's averaging lies within that step, and the median of 2 steps is their mean.
+        assert us / 1e3 <= r["step_ms_median"] * 1.0001, r
+    out = capsys.readouterr().out
+    assert "tensors=1223 (experts=150x1 per block)" in out and "avg us/step" in out
+    assert "offload: training thread in the Averager" in out
+
+
+def test_averager_time_is_the_time_inside_the_averagers_hooks(tmp_path, monkeypatch):
+    """The offload figure brackets the Averager's own hooks: a 10 ms sleep in its post-hook shows
+    as >= 10 ms per step there, and nowhere else."""
+    import time
+
+    import offload_ema as oe
+
+    real = oe.Averager._step
+
+    def slow_step(self, *a, **k):
+        time.sleep(0.01)
+        return real(self, *a, **k)
+    monkeypatch.setattr(oe.Averager, "_step", slow_step)
+    js = tmp_path / "o.json"
+    assert cli.main(["bench", "--layers", "1", "--width", "64", "--rounds", "1", "--steps", "3",
+                     "--warmup", "1", "--modes", "none,naive,offload", "--json", str(js)]) == 0
+    by = {r["mode"]: r for r in json.loads(js.read_text())}
+    assert by["offload"]["averager_us_median"] >= 10_000
+    assert by["none"]["averager_us_per_step"] == 0
+    assert by["naive"]["averager_us_median"] < 10_000
+
+
+def test_hook_clock_times_only_the_hooks_registered_between_open_and_close():
+    import time
+
+    import torch
+
+    from offload_ema.benchmark import HookClock
+
+    class SlowSGD(torch.optim.SGD):
+        @torch.no_grad()
+        def step(self, closure=None):
+            time.sleep(0.05)  # the optimizer's own work: not the averaging's
+            return super().step(closure)
+
+    class Owner:
+        avg_s = 0.0
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = SlowSGD([p], lr=0.1)
+    opt.register_step_pre_hook(lambda *a: time.sleep(0.05))  # someone else's hook, before
+    owner = Owner()
+    clock = HookClock(owner, opt)
+    clock.open()
+    h = [opt.register_step_pre_hook(lambda *a: time.sleep(0.002)),
+         opt.register_step_post_hook(lambda *a: time.sleep(0.003))]
+    clock.close()
+    opt.register_step_post_hook(lambda *a: time.sleep(0.05))  # and after
+    p.grad = torch.ones(3)
+    opt.step()
+    assert 0.005 <= owner.avg_s < 0.05, owner.avg_s
+    clock.remove()
+    for x in h:
+        x.remove()
+    opt.step()  # removed: counts nothing more
+    assert owner.avg_s < 0.05
 
 
 def test_bench_writes_records_table_and_plot(tmp_path, capsys):
