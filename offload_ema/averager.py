@@ -28,10 +28,8 @@ __all__ = ["Averager"]
 class Averager:
     """Weight averages of ``model``, kept in host memory and updated asynchronously.
 
-    Every averaged tensor (trainable floating-point parameters; floating-point buffers too with
-    ``buffers="average"``) is snapshotted at each step where an average is due; one snapshot
-    feeds every average due at that step. Frozen parameters are not averaged: averaged state
-    dicts report their current value, like copied buffers.
+    Trainable floating-point parameters (and floating-point buffers with ``buffers="average"``)
+    are snapshotted at each step where an average is due; one snapshot feeds every average due.
 
     Args:
         model (nn.Module): the model under training, on one device (CPU or one GPU). Wrappers
@@ -56,12 +54,6 @@ class Averager:
         >>> avg.attach(optimizer)
         >>> with avg.swapped(model, "ema"):
         ...     evaluate(model)
-
-    .. note::
-        With :meth:`attach`, snapshots are taken by ``optimizer.step`` post-hooks and the copy
-        fence runs in its pre-hook. Calling :meth:`step` by hand instead: right after
-        ``optimizer.step()``; ``fence=False`` overlaps the copy with what follows, and then
-        :meth:`fence` must run before anything changes the parameters in place again.
     """
 
     def __init__(self, model: nn.Module, averages: Mapping[str, Union[EMA, LAWA]], *,
@@ -131,21 +123,10 @@ class Averager:
         self._training_thread = threading.get_ident()  # state_dict() there reads the live state
         self._engine.check_not_capturing()
         self._engine.raise_error()
-        sched = self._schedule
-        s = sched.step + 1
-        due = sched.due(s)
-        saved = sched.checkpoint()
-        try:
-            if due:  # model changes are checked on the worker: O(1) here in the tensor count
-                sched.take(self._engine, s, due, found_inf)
-            sched.step = s
-            sched.published = sched.snapshot()
-        except BaseException:  # an interrupt, a failed submit: the snapshot is in whole or not
-            sched.restore(saved, s, due, queued=bool(due) and self._engine.recover(s))
-            raise
+        s = self._schedule.advance(self._engine, found_inf)  # O(1) in the tensor count
         if fence:
             self.fence()
-        self._writer.save_due(s, sched)  # save_every's files
+        self._writer.save_due(s, self._schedule)  # save_every's files
         self._raise_save_error()  # last: the step is counted even when a write failed earlier
 
     def fence(self) -> None:
@@ -248,13 +229,7 @@ class Averager:
         self._check_open()
         self._schedule.check_name(name)
         self._layout.check_unchanged()
-        copy = isinstance(self._schedule.specs[name], EMA)  # EMA values are the accumulators
-
-        def read():
-            if self._engine.applied(name) == 0:
-                return None
-            return {e.name: (v.clone() if copy else v) for e, v in self._engine.values(name)}
-        values = self._engine.read(read)
+        values = self._engine.read(lambda: self._engine.copies(name))
         self._engine.raise_error()
         self._raise_save_error()
         if values is None:
@@ -297,15 +272,12 @@ class Averager:
         """Everything needed to resume exactly (step counter, schedules, EMA accumulators, LAWA
         ring and its order); tensors are copies. On the training thread: the state now (flushes
         first). From another thread: the state as of the last applied snapshot."""
-        sched, engine = self._schedule, self._engine
-        if threading.get_ident() == self._training_thread:
+        on_training_thread = threading.get_ident() == self._training_thread
+        if on_training_thread:
             self.flush()
-            return resume.export(sched.snapshot(), sched.specs, engine, self._layout,
-                                 self._strategy)
         self._check_open()
-        return engine.read(lambda: resume.export(engine.applied_schedule or sched.initial,
-                                                 sched.specs, engine, self._layout,
-                                                 self._strategy))
+        return resume.export(self._schedule, self._engine, self._layout, self._strategy,
+                             live=on_training_thread)
 
     def load_state_dict(self, state: dict) -> None:
         """Restores :meth:`state_dict` output into an Averager built for the same model and

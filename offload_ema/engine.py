@@ -474,6 +474,14 @@ class Engine:
                 ops.mean_(out.view(-1), [r[e.group][e.offset:e.offset + e.numel] for r in ring])
                 yield e, out
 
+    def copies(self, name: str) -> Optional[Dict[str, torch.Tensor]]:
+        """This rank's averaged entries as float32 tensors of their own (None before the first
+        applied snapshot)."""
+        if self.averages[name].applied == 0:
+            return None
+        copy = isinstance(self.averages[name].spec, EMA)  # EMA values are the accumulators
+        return {e.name: (v.clone() if copy else v) for e, v in self.values(name)}
+
     def export_state(self, name: str) -> dict:
         """One average's state (copies), with the counters it goes with."""
         b = self.averages[name]

@@ -8,7 +8,16 @@ from offload_ema._version import __version__
 FORMAT = 1
 
 
-def export(schedule_state, specs, engine, layout, strategy) -> dict:
+def export(schedule, engine, layout, strategy, live: bool) -> dict:
+    """``live`` (the training thread, worker flushed): the state now. Otherwise (any other
+    thread): read on the worker, with the schedule as of the last applied snapshot."""
+    if live:
+        return _export(schedule.snapshot(), schedule.specs, engine, layout, strategy)
+    return engine.read(lambda: _export(engine.applied_schedule or schedule.initial,
+                                       schedule.specs, engine, layout, strategy))
+
+
+def _export(schedule_state, specs, engine, layout, strategy) -> dict:
     """``schedule_state``: a ``Schedule.snapshot()`` consistent with the engine's averages."""
     averages = {name: {"config": spec.config(),
                        "scheduled": schedule_state["scheduled"][name],

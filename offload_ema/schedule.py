@@ -71,6 +71,23 @@ class Schedule:
         raise RuntimeError(f"average {name!r} has no snapshot yet (first due after step "
                            f"{spec.start + spec.every}, now at step {self.step})")
 
+    def advance(self, engine, found_inf: Optional[torch.Tensor]) -> int:
+        """Counts a step and hands its snapshot to ``engine`` if an average is due; returns the
+        step. On any exception (an interrupt, a failed submit) the snapshot is taken in whole or
+        not at all (then the step is not counted), and the exception goes on."""
+        s = self.step + 1
+        due = self.due(s)
+        saved = self.checkpoint()
+        try:
+            if due:  # model changes are checked on the worker, not here
+                self.take(engine, s, due, found_inf)
+            self.step = s
+            self.published = self.snapshot()
+        except BaseException:
+            self.restore(saved, s, due, queued=bool(due) and engine.recover(s))
+            raise
+        return s
+
     def due(self, step: int) -> List[str]:
         return [n for n, spec in self.specs.items() if spec.is_due(step)]
 
