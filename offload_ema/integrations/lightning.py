@@ -31,7 +31,7 @@ __all__ = ["AveragerCallback"]
 class AveragerCallback(pl.Callback):
     """Keeps averages of the LightningModule's weights during ``fit``.
 
-    The Averager is built at fit start and attached to the (single) optimizer: one snapshot per
+    The Averager is built at fit start and attached to the optimizers: one snapshot per
     real optimizer step, so gradient accumulation and steps skipped by AMP are respected. Its
     state is part of Lightning checkpoints, and a fit resumed from one continues exactly.
 
@@ -84,11 +84,9 @@ class AveragerCallback(pl.Callback):
         if self._pending_state is not None:
             # Every rank restores from the same checkpoint, so every rank gets here.
             on_every_rank(self._restore_pending, "restoring the averager state")
-        if len(trainer.optimizers) != 1:
-            raise RuntimeError(f"AveragerCallback supports one optimizer, the trainer has "
-                               f"{len(trainer.optimizers)}")
         self.averager.detach()
-        self.averager.attach(trainer.optimizers[0])
+        # Several optimizers over one module (e.g. Muon + AdamW): one snapshot once all stepped.
+        self.averager.attach(*trainer.optimizers)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self.averager.detach()
