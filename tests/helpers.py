@@ -72,3 +72,29 @@ class RefLAWA:
 def assert_matches(got, ref, rtol=2e-6, atol=1e-7):
     for k, v in ref.items():
         torch.testing.assert_close(got[k].double(), v, rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
+
+
+class Reg(nn.Module):
+    """A tiny regression model in the Hugging Face style: forward(x, labels) -> {"loss", ...}."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 1))
+
+    def forward(self, x, labels=None):
+        out = self.net(x)
+        return {"loss": nn.functional.mse_loss(out, labels), "logits": out}
+
+
+class RegData(torch.utils.data.Dataset):
+    def __init__(self, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 6, generator=g)
+        self.y = self.x.sum(1, keepdim=True).sin()
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "labels": self.y[i]}

@@ -79,27 +79,7 @@ def transformers_(phase, rank, out):
     import transformers
     from offload_ema.integrations.transformers import AveragerCallback
 
-    class Reg(nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.net = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 1))
-
-        def forward(self, x, labels=None):
-            out = self.net(x)
-            return {"loss": nn.functional.mse_loss(out, labels), "logits": out}
-
-    class Data(torch.utils.data.Dataset):
-        def __init__(self, n, seed):
-            g = torch.Generator().manual_seed(seed)
-            self.x = torch.randn(n, 6, generator=g)
-            self.y = self.x.sum(1, keepdim=True).sin()
-
-        def __len__(self):
-            return len(self.x)
-
-        def __getitem__(self, i):
-            return {"x": self.x[i], "labels": self.y[i]}
+    from helpers import Reg, RegData as Data
 
     def make(output_dir, cb):
         args = transformers.TrainingArguments(
