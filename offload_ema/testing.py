@@ -35,9 +35,10 @@ _MAIN = "main"
 class _Event:
     """Complete once the copy engine (side stream) or the host (main stream) reached it."""
 
-    def __init__(self):
+    def __init__(self, epoch: int = 0):
         self._done = threading.Event()
         self.time = 0.0
+        self.epoch = epoch  # main-stream events: their order on the main stream
 
     def complete(self) -> None:
         self.time = time.perf_counter()
@@ -97,6 +98,12 @@ class LazyOps:
         self.device = device
         self._engine = engine
         self.side = "side"
+        # The main stream's work completes in host order here, unlike on a GPU, where a side
+        # copy not ordered after the latest main-stream event could run before the optimizer
+        # step's kernels. So that mistake is caught instead: a side copy must come after the side
+        # stream waited on the main stream's latest event.
+        self._main_epoch = 0
+        self._side_waited = 0
 
     def thread_init(self) -> None:
         pass
@@ -115,23 +122,30 @@ class LazyOps:
         return _MAIN
 
     def record(self, stream, timing: bool = False) -> _Event:
-        event = _Event()
         if stream == _MAIN:
+            self._main_epoch += 1
+            event = _Event(self._main_epoch)
             event.complete()
-        else:
-            self._engine.enqueue(event.complete)
+            return event
+        event = _Event()
+        self._engine.enqueue(event.complete)
         return event
 
     def stream_wait(self, stream, event: _Event) -> None:
         if stream == _MAIN:
             self.host_wait(event)  # the main stream is the host's program order
-        # The side stream waiting on a main-stream event: complete when recorded. On itself:
-        # in order anyway.
+        else:  # a main-stream event: complete when recorded; a side one: in order anyway
+            self._side_waited = max(self._side_waited, event.epoch)
 
     def copy(self, stream, dsts: List[torch.Tensor], srcs: List[torch.Tensor]) -> None:
         if stream == _MAIN:
             torch._foreach_copy_(dsts, srcs)
         else:
+            if self._side_waited < self._main_epoch:
+                raise RuntimeError(
+                    "simulated device: a side-stream copy issued without waiting on the main "
+                    "stream's latest event (on a GPU it could read the parameters before the "
+                    "optimizer step's kernels wrote them)")
             # The sources are read when the copy engine gets to it, as a GPU would.
             self._engine.enqueue(lambda: torch._foreach_copy_(dsts, srcs))
 

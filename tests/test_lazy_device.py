@@ -137,3 +137,23 @@ def test_busy_policies_stay_consistent(seed, policy):
     assert st["snapshots_taken"] + st["snapshots_skipped" if policy == "skip"
                                       else "snapshots_coalesced"] == 40
     assert_matches(got, ref.avg, rtol=1e-6, atol=1e-6)
+
+
+def test_a_copy_not_ordered_after_the_optimizer_step_is_caught(monkeypatch):
+    """On a GPU a side-stream copy that does not wait for the main stream can read parameters
+    before the optimizer step wrote them; the simulated device refuses such a copy."""
+    from offload_ema.testing import LazyOps
+
+    real = LazyOps.stream_wait
+
+    def forgetful(self, stream, event):  # the side stream's wait for the step is lost
+        if stream == self.main_stream():
+            real(self, stream, event)
+    monkeypatch.setattr(LazyOps, "stream_wait", forgetful)
+    model, opt = _slab()
+    with lazy_device(seed=0):
+        avg = oe.Averager(model, {"ema": oe.EMA(0.9)}).attach(opt)
+        model.fake_backward(1)
+        with pytest.raises(RuntimeError, match="without waiting on the main stream"):
+            opt.step()
+        avg.close()
