@@ -4,7 +4,6 @@ an immutable copy replaced (one assignment) after every step.
 """
 from __future__ import annotations
 
-import copy
 import time
 from types import MappingProxyType
 from typing import Dict, List, Mapping, Optional
@@ -49,8 +48,8 @@ class Schedule:
                                  "busy_wait_seconds": self.busy_wait_seconds})
 
     def checkpoint(self):
-        return copy.deepcopy((self.step, self.scheduled, self.coalesced, self.counts,
-                              self.busy_wait_seconds))
+        return (self.step, dict(self.scheduled), dict(self.coalesced), dict(self.counts),
+                self.busy_wait_seconds)
 
     def restore(self, saved, step: int, due: List[str], queued: bool) -> None:
         """After an interrupted step: back to ``saved``, then, if the step's job reached the
