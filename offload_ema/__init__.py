@@ -2,9 +2,9 @@
 updated off the training step's critical path."""
 from offload_ema._version import __version__
 from offload_ema import ops
-from offload_ema.averages import EMA, LAWA
+from offload_ema.averages import EMA, LAWA, SWA, PowerEMA
 from offload_ema.averager import Averager
 from offload_ema.snapshots import SnapshotFuture, apply_snapshot, load_snapshot
 
-__all__ = ["__version__", "ops", "EMA", "LAWA", "Averager", "SnapshotFuture", "load_snapshot",
+__all__ = ["__version__", "ops", "EMA", "PowerEMA", "SWA", "LAWA", "Averager", "SnapshotFuture", "load_snapshot",
            "apply_snapshot"]

@@ -44,7 +44,7 @@ import torch
 
 from offload_ema import device as device_mod
 from offload_ema import ops
-from offload_ema.averages import EMA, check_int
+from offload_ema.averages import Decaying, check_int
 from offload_ema.layout import ALIGN, Entry, Layout, is_dtensor, local_tensor
 
 
@@ -60,9 +60,10 @@ class AverageBuffers:
     def __init__(self, spec, layout: Layout):
         self.spec = spec
         self.applied = 0     # snapshots applied
+        self.periods = 0     # due periods they stood for (accumulators; > applied if coalesced)
         self.last_step = 0   # step of the last applied snapshot
         self._layout = layout
-        if isinstance(spec, EMA):
+        if isinstance(spec, Decaying):
             self.acc = [torch.zeros(g.numel, dtype=torch.float32) for g in layout.groups]
         else:
             # The LAWA ring: ``window`` entries, allocated as the window fills. The worker picks
@@ -79,7 +80,7 @@ class AverageBuffers:
 
     def nbytes(self) -> int:
         """Host bytes held; read under the engine's lock (``order`` changes under it)."""
-        if isinstance(self.spec, EMA):
+        if isinstance(self.spec, Decaying):
             return sum(a.numel() * 4 for a in self.acc)
         entry = sum(g.numel * torch.empty((), dtype=g.dtype).element_size()
                     for g in self._layout.groups)
@@ -91,9 +92,11 @@ class Job:
 
     def __init__(self, step: int, emas, lawas, found_inf: Optional[torch.Tensor]):
         self.step = step
-        # (buffers, weight): the weight of this snapshot for an EMA already initialised; the
-        # worker initialises an EMA (copy) from the first snapshot it applies to it.
-        self.emas: List[Tuple[AverageBuffers, float]] = emas
+        # (buffers, periods): accumulators and the due periods this snapshot stands for. The
+        # worker turns them into weights from the periods it has applied (exact under drops and
+        # coalescing); the first snapshot applied initialises an accumulator (a copy).
+        self.emas: List[Tuple[AverageBuffers, int]] = emas
+        self.weights: List[float] = []
         self.lawas: List[AverageBuffers] = lawas
         self.lawa_pos: Dict[int, int] = {}  # id(buffers) -> ring entry, chosen by the worker
         # GradScaler's found_inf for a fused optimizer's step (which runs the post-hook even when
@@ -269,13 +272,14 @@ class Engine:
                 "and backward only and run optimizer.step() outside the graph, or call "
                 "avg.step() after each replay instead of attach()")
 
-    def submit(self, step: int, emas: List[Tuple[str, float]], lawas: List[str],
+    def submit(self, step: int, emas: List[Tuple[str, int]], lawas: List[str],
                found_inf: Optional[torch.Tensor] = None, schedule=None) -> None:
-        """Hands the snapshot of ``step`` to the worker for the EMAs ``emas`` (name, weight) and
+        """Hands the snapshot of ``step`` to the worker for the accumulators ``emas`` (name,
+        periods it stands for) and
         the LAWAs ``lawas``; ``schedule`` is the schedule's state once this job is taken (what a
         consistent read reports with the averages). The caller has checked ``busy()``. If this
         raises (out of memory while issuing a copy, an interrupt), call ``recover(step)``."""
-        job = Job(step, [(self.averages[n], w) for n, w in emas],
+        job = Job(step, [(self.averages[n], p) for n, p in emas],
                   [self.averages[n] for n in lawas], found_inf)
         job.schedule = schedule
         self._submitting = job
@@ -464,7 +468,7 @@ class Engine:
         """(entry, float32 CPU tensor of its average) for this rank's entries: EMA accumulators
         as views, LAWA means computed now."""
         b = self.averages[name]
-        if isinstance(b.spec, EMA):
+        if isinstance(b.spec, Decaying):
             for e in self.layout.entries:
                 yield e, b.acc[e.group][e.offset:e.offset + e.numel].view(e.shape)
         else:
@@ -479,14 +483,14 @@ class Engine:
         applied snapshot)."""
         if self.averages[name].applied == 0:
             return None
-        copy = isinstance(self.averages[name].spec, EMA)  # EMA values are the accumulators
+        copy = isinstance(self.averages[name].spec, Decaying)  # values are the accumulators
         return {e.name: (v.clone() if copy else v) for e, v in self.values(name)}
 
     def export_state(self, name: str) -> dict:
         """One average's state (copies), with the counters it goes with."""
         b = self.averages[name]
-        d = {"applied": b.applied, "last_step": b.last_step}
-        if isinstance(b.spec, EMA):
+        d = {"applied": b.applied, "last_step": b.last_step, "periods": b.periods}
+        if isinstance(b.spec, Decaying):
             d["acc"] = [a.clone() for a in b.acc]
         else:
             d["slots"] = {pos: [t.clone() for t in b.ring[pos]] for pos in b.order}
@@ -497,7 +501,8 @@ class Engine:
     def import_state(self, name: str, d: dict) -> None:
         b = self.averages[name]
         b.applied, b.last_step = d["applied"], d["last_step"]
-        if isinstance(b.spec, EMA):
+        b.periods = d.get("periods", b.applied)  # states saved before periods were counted
+        if isinstance(b.spec, Decaying):
             for a, saved in zip(b.acc, d["acc"]):
                 a.copy_(saved)
         else:
@@ -562,6 +567,7 @@ class Engine:
                 job = None
 
     def _process(self, job: Job) -> None:
+        job.weights = [b.spec.weight(b.periods, p) for b, p in job.emas]
         # A parameter replaced, frozen or added since the Averager was built: stop with a clear
         # error instead of averaging a tensor training no longer changes.
         self.layout.check_model()
@@ -631,7 +637,7 @@ class Engine:
         for piece, flat, _ in views:
             g, lo, hi = piece.group, piece.start, piece.end
             accs, weights = [], []
-            for b, w in job.emas:
+            for (b, _), w in zip(job.emas, job.weights):
                 acc = b.acc[g][lo:hi]
                 if b.applied == 0:
                     acc.copy_(flat)  # the first applied snapshot initialises the EMA exactly
@@ -651,7 +657,8 @@ class Engine:
             if dropped:
                 st["snapshots_dropped_nonfinite"] += 1
                 return
-            for b, _ in job.emas:
+            for b, p in job.emas:
+                b.periods += p
                 b.applied += 1
                 b.last_step = job.step
             for b in job.lawas:

@@ -10,7 +10,7 @@ from typing import Dict, List, Mapping, Optional
 
 import torch
 
-from offload_ema.averages import EMA, LAWA
+from offload_ema.averages import LAWA, Decaying
 
 BUSY_POLICIES = ("block", "skip", "coalesce")
 
@@ -22,13 +22,14 @@ class Schedule:
 
     def __init__(self, specs: Mapping[str, object], on_busy: str):
         if not isinstance(specs, Mapping) or not specs:
-            raise ValueError("averages must be a non-empty mapping of name -> EMA or LAWA, got "
+            raise ValueError("averages must be a non-empty mapping of name -> EMA, PowerEMA, SWA "
+                             "or LAWA, got "
                              f"{specs!r}")
         for name, spec in specs.items():
             if not isinstance(name, str) or not name:
                 raise ValueError(f"average names must be non-empty strings, got {name!r}")
-            if not isinstance(spec, (EMA, LAWA)):
-                raise TypeError(f"averages[{name!r}] must be an EMA or LAWA, got "
+            if not isinstance(spec, (Decaying, LAWA)):
+                raise TypeError(f"averages[{name!r}] must be an EMA, PowerEMA, SWA or LAWA, got "
                                 f"{type(spec).__name__}")
         if on_busy not in BUSY_POLICIES:
             raise ValueError(f"on_busy must be one of {', '.join(BUSY_POLICIES)}, got {on_busy!r}")
@@ -106,9 +107,10 @@ class Schedule:
             engine.wait_capacity()
             self.busy_wait_seconds += time.perf_counter() - t0
             engine.raise_error()
-        emas = [(n, self.specs[n].weight(1 + self.coalesced[n])) for n in due
-                if isinstance(self.specs[n], EMA)]
-        lawas = [n for n in due if not isinstance(self.specs[n], EMA)]
+        # Each accumulator's share: the periods this snapshot stands for (its weight is computed
+        # by the worker, from the periods it has applied).
+        emas = [(n, 1 + self.coalesced[n]) for n in due if isinstance(self.specs[n], Decaying)]
+        lawas = [n for n in due if not isinstance(self.specs[n], Decaying)]
         # The state once the engine holds the job: what a read consistent with it reports.
         after = MappingProxyType({
             "step": step, "scheduled": {n: v + (n in due) for n, v in self.scheduled.items()},

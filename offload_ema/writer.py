@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from offload_ema import ops
-from offload_ema.averages import EMA, check_int
+from offload_ema.averages import Decaying, check_int
 from offload_ema.layout import Layout
 from offload_ema.snapshots import (Retention, SnapshotFuture, metadata, write_atomic, write_dcp,
                                    write_index)
@@ -153,8 +153,8 @@ class SnapshotWriter:
         for e, value in self._engine.values(name):
             if not self._strategy.writes_entry(e):
                 continue
-            # EMA values are views of the live accumulators: copied; LAWA means are fresh.
-            t = value.to(dtype, copy=True) if (isinstance(spec, EMA) or dtype != torch.float32) \
+            # Accumulator values are views of live memory: copied; LAWA means are fresh.
+            t = value.to(dtype, copy=True) if (isinstance(spec, Decaying) or dtype != torch.float32) \
                 else value
             out[e.name] = t
             for alias in e.aliases:

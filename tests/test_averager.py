@@ -445,7 +445,7 @@ def test_averager_rejects_bad_arguments():
     model, _ = make()
     with pytest.raises(ValueError, match="averages must be a non-empty mapping"):
         oe.Averager(model, {})
-    with pytest.raises(TypeError, match="averages\\['x'\\] must be an EMA or LAWA"):
+    with pytest.raises(TypeError, match="averages\\['x'\\] must be an EMA, PowerEMA, SWA or LAWA"):
         oe.Averager(model, {"x": 0.9})
     with pytest.raises(ValueError, match="on_busy must be one of"):
         oe.Averager(model, {"e": oe.EMA(0.9)}, on_busy="drop")

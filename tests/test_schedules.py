@@ -1,0 +1,202 @@
+"""EMA warm-up, EDM2's power-function EMA and the SWA mean, against float64 references of each
+recurrence (and swa_utils for SWA), with coalescing, drops and resume."""
+import copy
+import threading
+
+import numpy as np
+import pytest
+import torch
+from torch.optim.swa_utils import AveragedModel
+
+import offload_ema as oe
+from offload_ema import engine as engine_mod
+from helpers import assert_matches, make, snapshot, train_step
+
+
+class RefDecay:
+    """float64 avg_k = beta_k * avg + (1 - beta_k) * theta, with the betas given by a function
+    of k, the count of due periods (a coalesced snapshot stands for several: their betas
+    multiply)."""
+
+    def __init__(self, beta_at):
+        self.beta_at, self.avg, self.k = beta_at, None, 0
+
+    def update(self, snap, periods=1):
+        keep = 1.0
+        for _ in range(periods):
+            self.k += 1
+            keep *= self.beta_at(self.k)
+        if self.avg is None:
+            self.avg = {k: v.clone() for k, v in snap.items()}
+        else:
+            self.avg = {k: keep * self.avg[k] + (1 - keep) * v for k, v in snap.items()}
+
+
+def timm_warmup(beta, gamma, power, min_beta):
+    """timm ModelEmaV3 / diffusers EMAModel's warm-up, written out independently."""
+    def beta_at(k):
+        if k == 1:
+            return 0.0
+        step = k - 1
+        return min(beta, max(min_beta, 1 - (1 + step / gamma) ** -power))
+    return beta_at
+
+
+def edm2_power(gamma):
+    return lambda k: 0.0 if k == 1 else (1 - 1 / k) ** (gamma + 1)
+
+
+def _run(specs, refs, steps=30):
+    model, opt = make(lr=0.02)
+    with oe.Averager(model, specs) as avg:
+        avg.attach(opt)
+        for s in range(1, steps + 1):
+            train_step(model, opt, s)
+            snap = snapshot(model)
+            for name, spec in specs.items():
+                if spec.is_due(s):
+                    refs[name].update(snap)
+        return {n: avg.averaged_state_dict(n) for n in specs}, model
+
+
+def test_ema_warmup_matches_the_timm_recurrence():
+    specs = {"warm": oe.EMA(0.99, warmup_gamma=1.0, warmup_power=2 / 3),
+             "warm34": oe.EMA(0.999, warmup_gamma=2.0, warmup_power=0.75, min_beta=0.3, every=2)}
+    refs = {"warm": RefDecay(timm_warmup(0.99, 1.0, 2 / 3, 0.0)),
+            "warm34": RefDecay(timm_warmup(0.999, 2.0, 0.75, 0.3))}
+    got, _ = _run(specs, refs)
+    for n in specs:
+        assert_matches(got[n], refs[n].avg, rtol=2e-6, atol=1e-7)
+
+
+def test_power_ema_matches_edm2_and_sigma_rel_converts_as_edm2():
+    # EDM2's table: sigma_rel 0.05 <-> gamma 16.97, 0.10 <-> 6.94.
+    assert oe.PowerEMA(0.05).gamma == pytest.approx(16.97, abs=0.01)
+    assert oe.PowerEMA(0.10).gamma == pytest.approx(6.94, abs=0.01)
+    # ... and the conversion inverts EDM2's formula for sigma_rel.
+    g = oe.PowerEMA(0.08).gamma
+    assert ((g + 1) / ((g + 2) ** 2 * (g + 3))) ** 0.5 == pytest.approx(0.08, rel=1e-9)
+    specs = {"p": oe.PowerEMA(0.1), "g": oe.PowerEMA(gamma=3.0, every=3, start=2)}
+    refs = {"p": RefDecay(edm2_power(specs["p"].gamma)), "g": RefDecay(edm2_power(3.0))}
+    got, _ = _run(specs, refs)
+    for n in specs:
+        assert_matches(got[n], refs[n].avg, rtol=2e-6, atol=1e-7)
+
+
+def test_power_ema_with_gamma_zero_and_swa_are_the_plain_mean():
+    model, opt = make(lr=0.02)
+    swa_ref = AveragedModel(model)  # swa_utils' default: the equal running mean
+    snaps = []
+    with oe.Averager(model, {"swa": oe.SWA(every=2), "p0": oe.PowerEMA(gamma=0.0, every=2)}) as avg:
+        avg.attach(opt)
+        for s in range(1, 25):
+            train_step(model, opt, s)
+            if s % 2 == 0:
+                swa_ref.update_parameters(model)
+                snaps.append(snapshot(model))
+        swa, p0 = avg.averaged_state_dict("swa"), avg.averaged_state_dict("p0")
+    mean = {k: sum(sn[k] for sn in snaps) / len(snaps) for k in snaps[0]}
+    assert_matches(swa, mean, rtol=2e-6, atol=1e-7)
+    assert_matches(p0, mean, rtol=2e-6, atol=1e-7)
+    for name, p in swa_ref.module.named_parameters():
+        torch.testing.assert_close(swa[name], p.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_coalescing_against_a_replayed_reference(monkeypatch):
+    """A snapshot standing for p due periods (on_busy="coalesce") has weight 1 - prod(beta_k)
+    over those periods. The worker is held so that exactly steps 2-3 and 6-7 are coalesced into
+    steps 4 and 8; the reference replays the same periods."""
+    gate = threading.Event()
+    gate.set()
+    real = engine_mod.Engine._apply
+
+    def gated(eng, *a, **k):
+        assert gate.wait(30)
+        return real(eng, *a, **k)
+    monkeypatch.setattr(engine_mod.Engine, "_apply", gated)
+    specs = {"warm": oe.EMA(0.95, warmup_gamma=1.0), "power": oe.PowerEMA(gamma=2.0),
+             "swa": oe.SWA(), "ema": oe.EMA(0.8)}
+    betas = {"warm": timm_warmup(0.95, 1.0, 2 / 3, 0.0), "power": edm2_power(2.0),
+             "swa": lambda k: (k - 1) / k, "ema": lambda k: 0.0 if k == 1 else 0.8}
+    refs = {n: RefDecay(b) for n, b in betas.items()}
+    model, opt = make(lr=0.02)
+    one = oe.averager.Layout(model).nbytes
+    plan = {1: "take-hold", 2: "coalesce", 3: "coalesce", 4: "take", 5: "take-hold",
+            6: "coalesce", 7: "coalesce", 8: "take", 9: "take", 10: "take"}
+    with oe.Averager(model, specs, on_busy="coalesce", staging_bytes=one) as avg:
+        avg.attach(opt)
+        periods = 0
+        for s, what in plan.items():
+            if what == "take-hold":
+                gate.clear()
+            train_step(model, opt, s)
+            periods += 1
+            if what.startswith("take"):
+                for r in refs.values():
+                    r.update(snapshot(model), periods=periods)
+                periods = 0
+            if what == "coalesce" and plan.get(s + 1) == "take":
+                gate.set()
+                avg.flush()
+            elif what == "take":
+                avg.flush()
+        got = {n: avg.averaged_state_dict(n) for n in specs}
+        st = avg.stats()
+    assert st["snapshots_coalesced"] == 4 and st["snapshots_taken"] == 6
+    for n in specs:
+        assert_matches(got[n], refs[n].avg, rtol=2e-6, atol=1e-7)
+
+
+def test_schedules_resume_bit_exact():
+    specs = {"warm": oe.EMA(0.99, warmup_gamma=1.0), "power": oe.PowerEMA(0.1),
+             "swa": oe.SWA(every=2)}
+    model, opt = make()
+    with oe.Averager(model, specs) as avg:
+        avg.attach(opt)
+        for s in range(1, 21):
+            train_step(model, opt, s)
+        straight = {n: avg.averaged_state_dict(n) for n in specs}
+    model, opt = make()
+    with oe.Averager(model, specs) as avg:
+        avg.attach(opt)
+        for s in range(1, 8):
+            train_step(model, opt, s)
+        state = avg.state_dict()
+        saved = {k: v.clone() for k, v in model.state_dict().items()}
+        opt_state = copy.deepcopy(opt.state_dict())
+    model, opt = make(seed=3)
+    model.load_state_dict(saved)
+    opt.load_state_dict(opt_state)
+    with oe.Averager(model, specs) as avg:
+        avg.load_state_dict(state)
+        avg.attach(opt)
+        for s in range(8, 21):
+            train_step(model, opt, s)
+        for n in specs:
+            got = avg.averaged_state_dict(n)
+            for k in straight[n]:
+                assert torch.equal(got[k], straight[n][k]), (n, k)
+    with pytest.raises(ValueError, match="average 'power' was saved as"):
+        with oe.Averager(model, {**specs, "power": oe.PowerEMA(0.05)}) as other:
+            other.load_state_dict(state)
+
+
+@pytest.mark.parametrize("make_spec,message", [
+    (lambda: oe.EMA(0.9, warmup_gamma=0), "warmup_gamma must be a number > 0"),
+    (lambda: oe.EMA(0.9, warmup_gamma=1.0, warmup_power=-1), "warmup_power must be a number > 0"),
+    (lambda: oe.EMA(0.9, min_beta=0.95), r"min_beta must be <= beta \(0.9\)"),
+    (lambda: oe.PowerEMA(), "exactly one of sigma_rel and gamma"),
+    (lambda: oe.PowerEMA(0.1, gamma=3.0), "exactly one of sigma_rel and gamma"),
+    (lambda: oe.PowerEMA(0.3), r"sigma_rel must be in \(0, 0.2887\)"),
+    (lambda: oe.PowerEMA(gamma=-1.0), "gamma must be a number >= 0"),
+    (lambda: oe.SWA(every=0), "every must be an int >= 1"),
+])
+def test_bad_schedule_arguments_are_named(make_spec, message):
+    with pytest.raises(ValueError, match=message):
+        make_spec()
+
+
+def test_sigma_rel_to_gamma_over_a_range():
+    for s in np.linspace(0.01, 0.28, 12):
+        g = oe.averages.sigma_rel_to_gamma(float(s))
+        assert g >= 0 and ((g + 1) / ((g + 2) ** 2 * (g + 3))) ** 0.5 == pytest.approx(s, rel=1e-8)
