@@ -19,7 +19,15 @@ def main(argv=None) -> int:
                        help="merge a sharded snapshot (per-rank files + index) into one file")
     c.add_argument("src", help="the index (NAME.safetensors.index.json) or the name saved under")
     c.add_argument("out", help="the single safetensors file to write")
+    h = sub.add_parser("posthoc", help="synthesise a power EMA of another length from stored "
+                                       "power-EMA snapshots (EDM2's post-hoc EMA)")
+    h.add_argument("--sigma-rel", type=float, required=True, help="the target's relative width")
+    h.add_argument("--step", type=int, default=None, help="default: the latest stored step")
+    h.add_argument("out", help="the snapshot file to write")
+    h.add_argument("snapshots", nargs="+", help="power-EMA snapshot files (or indexes)")
     args = p.parse_args(argv)
+    if args.command == "posthoc":
+        return posthoc(args.snapshots, args.sigma_rel, args.step, args.out)
     if args.command == "consolidate":
         return consolidate(args.src, args.out)
     if args.command == "bench":
@@ -66,6 +74,28 @@ def consolidate(src: str, out: str) -> int:
     flat["consolidated_from_world"] = str(meta.get("world", 1))
     write_atomic(out, tensors, flat)
     print(f"wrote {out}: {len(tensors)} tensors from {src}")
+    return 0
+
+
+def posthoc(paths, sigma_rel: float, step, out: str) -> int:
+    import json
+
+    from offload_ema.posthoc import posthoc_ema
+    from offload_ema.snapshots import metadata, write_atomic
+
+    try:
+        tensors, info = posthoc_ema(paths, sigma_rel, step, return_info=True)
+    except (OSError, ValueError) as exc:
+        print(f"offload-ema posthoc: {exc}", file=sys.stderr)
+        return 1
+    import torch
+    config = {"kind": "posthoc_power_ema", "sigma_rel": sigma_rel, "gamma": info["gamma"],
+              "sources": [str(p) for p in paths], "weights": info["weights"]}
+    meta = metadata("posthoc", config, info["step"], 0, torch.float32)
+    write_atomic(out, tensors, meta)
+    print(f"wrote {out}: sigma_rel {sigma_rel} (gamma {info['gamma']:.4g}) at step "
+          f"{info['step']} from {len(paths)} snapshots; residual {info['residual']:.3g} "
+          f"(relative L2 misfit of the profile); weights {json.dumps(info['weights'])}")
     return 0
 
 

@@ -13,6 +13,7 @@ handed over while a script exits must still be written. ``close()`` writes every
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import queue
 import threading
@@ -104,6 +105,9 @@ class SnapshotWriter:
                               for k in layout.frozen} if writes else {}
                     tensors = self._copy_average(name, spec, dtype, {**others, **frozen})
                 meta = metadata(name, spec.config(), step, self._engine.applied(name), dtype)
+                # Entries that are not averaged (buffers, frozen parameters): post-hoc synthesis
+                # takes them from one snapshot instead of combining them.
+                meta["passthrough"] = json.dumps(sorted(layout.passthrough))
                 meta.update(strategy.file_meta(layout))
             except BaseException as exc:
                 fut.set_exception(exc)

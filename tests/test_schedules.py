@@ -200,3 +200,77 @@ def test_sigma_rel_to_gamma_over_a_range():
     for s in np.linspace(0.01, 0.28, 12):
         g = oe.averages.sigma_rel_to_gamma(float(s))
         assert g >= 0 and ((g + 1) / ((g + 2) ** 2 * (g + 3))) ** 0.5 == pytest.approx(s, rel=1e-8)
+
+
+# ---- post-hoc EMA -------------------------------------------------------------------------------
+
+def test_posthoc_ema_reproduces_a_directly_tracked_power_ema(tmp_path):
+    """Two stored power-EMA profiles (sigma_rel 0.05 and 0.15, saved every 10 steps) synthesise
+    the tracked PowerEMA(0.09) far more closely than either stored profile comes to it."""
+    specs = {"a": oe.PowerEMA(0.05), "b": oe.PowerEMA(0.15), "target": oe.PowerEMA(0.09)}
+    model, opt = make(lr=0.05)
+    paths = []
+    with oe.Averager(model, specs) as avg:
+        avg.attach(opt)
+        for s in range(1, 201):
+            train_step(model, opt, s, batch=16)
+            if s % 10 == 0:
+                for n in ("a", "b"):
+                    paths.append(avg.save(tmp_path / f"{n}-{s}.safetensors", n))
+        [p.result(timeout=60) for p in paths]
+        tracked = avg.averaged_state_dict("target")
+        stored = {n: avg.averaged_state_dict(n) for n in ("a", "b")}
+    got, info = oe.posthoc_ema([p.path for p in paths], 0.09, return_info=True)
+    assert info["step"] == 200 and info["residual"] < 0.01
+
+    def dist(x):
+        return sum(float((x[k].double() - tracked[k].double()).norm() ** 2) for k in tracked) ** .5
+    nearest = min(dist(stored["a"]), dist(stored["b"]))
+    assert dist(got) < 0.1 * nearest, (dist(got), nearest)
+    for k in ("bn.running_mean", "bn.num_batches_tracked"):  # not averaged: the latest value
+        assert torch.equal(got[k], tracked[k].to(got[k].dtype)), k
+
+
+def test_posthoc_refuses_what_it_cannot_use(tmp_path):
+    model, opt = make()
+    with oe.Averager(model, {"p": oe.PowerEMA(0.1), "e": oe.EMA(0.9)}) as avg:
+        avg.attach(opt)
+        for s in range(1, 6):
+            train_step(model, opt, s)
+        avg.save(tmp_path / "p.safetensors", "p").result(timeout=60)
+        avg.save(tmp_path / "e.safetensors", "e").result(timeout=60)
+    with pytest.raises(ValueError, match="needs power-EMA snapshots"):
+        oe.posthoc_ema([tmp_path / "p.safetensors", tmp_path / "e.safetensors"], 0.08)
+    with pytest.raises(ValueError, match=r"step must be in \(0, 5\]"):
+        oe.posthoc_ema([tmp_path / "p.safetensors"], 0.08, step=9)
+    with pytest.raises(ValueError, match="sigma_rel must be in"):
+        oe.posthoc_ema([tmp_path / "p.safetensors"], 0.5)
+    other, other_opt = make(width=32)
+    with oe.Averager(other, {"p": oe.PowerEMA(0.1)}) as avg:
+        avg.attach(other_opt)
+        train_step(other, other_opt, 1)
+        avg.save(tmp_path / "q.safetensors", "p").result(timeout=60)
+    with pytest.raises(ValueError, match="hold different tensors"):
+        oe.posthoc_ema([tmp_path / "p.safetensors", tmp_path / "q.safetensors"], 0.08)
+
+
+def test_posthoc_command_writes_a_snapshot_and_reports_the_residual(tmp_path, capsys):
+    from offload_ema import cli
+
+    model, opt = make()
+    with oe.Averager(model, {"a": oe.PowerEMA(0.05), "b": oe.PowerEMA(0.15)}) as avg:
+        avg.attach(opt)
+        for s in range(1, 21):
+            train_step(model, opt, s)
+        for n in ("a", "b"):
+            avg.save(tmp_path / f"{n}.safetensors", n).result(timeout=60)
+    out = tmp_path / "synth.safetensors"
+    assert cli.main(["posthoc", "--sigma-rel", "0.08", str(out),
+                     str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")]) == 0
+    printed = capsys.readouterr().out
+    assert "residual" in printed
+    tensors, meta = oe.load_snapshot(out)
+    direct = oe.posthoc_ema([tmp_path / "a.safetensors", tmp_path / "b.safetensors"], 0.08)
+    assert set(tensors) == set(direct) and all(torch.equal(tensors[k], direct[k]) for k in direct)
+    assert meta["average"]["kind"] == "posthoc_power_ema" and meta["step"] == 20
+    assert cli.main(["posthoc", "--sigma-rel", "0.08", str(out), str(tmp_path / "x")]) == 1
