@@ -13,7 +13,10 @@ In the same run, an Averager keeps EMA and LAWA averages (several settings, from
 step); every E steps each is scored with ``Averager.swapped``. Reported: steps to reach the target
 for raw / EMA / LAWA (mean +- std over seeds) and the fraction of the budget saved; a second run
 with a constant LR after warm-up tells whether averaging replaces the decay; the extra averages
-form a small sweep of EMA beta and LAWA window / interval.
+form a small sweep of EMA beta and LAWA window / interval. Post-hoc EMA: the decay run also keeps
+two power EMAs (sigma_rel 0.05 and 0.15), saved at every evaluation; after the run, power EMAs of
+other widths are synthesised from those profiles (``oe.posthoc_ema``) and compared with power EMAs
+of the same widths tracked directly in the same run.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import os
 import statistics
 import sys
 import sysconfig
+import tempfile
 import time
 
 import torch
@@ -47,6 +51,16 @@ def averages(T):
         f"lawa_10x{max(1, T // 50)}": oe.LAWA(10, every=max(1, T // 50)),
         f"lawa_3x{max(1, T // 10)}": oe.LAWA(3, every=max(1, T // 10)),
     }
+
+
+PROFILES = {"profile_a": 0.05, "profile_b": 0.15}  # stored for post-hoc synthesis
+POSTHOC_SIGMAS = (0.03, 0.08, 0.12, 0.2)             # synthesised, and tracked directly
+
+
+def power_specs():
+    specs = {n: oe.PowerEMA(s) for n, s in PROFILES.items()}
+    specs.update({f"pow_{s}": oe.PowerEMA(s) for s in POSTHOC_SIGMAS})
+    return specs
 
 
 # ---- workloads ------------------------------------------------------------------------------
@@ -136,14 +150,19 @@ def lr_at(step, T, base, schedule):
     return base * 0.5 * (1 + math.cos(math.pi * (step - warm) / (T - warm)))
 
 
-def train(work, seed, schedule, specs, every_eval):
+def train(work, seed, schedule, specs, every_eval, profile_dir=None):
+    """Curves of raw and averaged validation loss; with ``profile_dir``, the power-EMA profiles
+    are saved at every evaluation and a ``posthoc`` entry holds, per synthesised sigma_rel, the
+    final loss of the post-hoc average and of the directly tracked one."""
+    curves = {"raw": []}
+    curves.update({n: [] for n in specs})  # power EMAs: compared at the end only
+    if profile_dir is not None:
+        specs = {**specs, **power_specs()}
     torch.manual_seed(seed)
     model = work.model()
     opt = torch.optim.NAdam(model.parameters(), lr=work.lr, weight_decay=0.05,
                             decoupled_weight_decay=True)
     g = torch.Generator().manual_seed(1000 + seed)
-    curves = {"raw": []}
-    curves.update({n: [] for n in specs})
     with oe.Averager(model, specs) as avg:
         avg.attach(opt)
         for step in range(1, work.steps + 1):
@@ -157,11 +176,36 @@ def train(work, seed, schedule, specs, every_eval):
                 model.eval()
                 curves["raw"].append((step, work.evaluate(model)))
                 for n, spec in specs.items():
+                    if n not in curves:
+                        continue
                     if step < spec.start + spec.every:
                         continue  # no snapshot yet
                     with avg.swapped(model, n):
                         curves[n].append((step, work.evaluate(model)))
+                if profile_dir is not None:
+                    for n in PROFILES:
+                        avg.save(os.path.join(profile_dir, f"{n}-{step:06d}.safetensors"), n)
+        if profile_dir is not None:
+            avg.flush()
+            curves["posthoc"] = _posthoc_losses(work, model, avg, profile_dir)
     return curves
+
+
+def _posthoc_losses(work, model, avg, profile_dir):
+    """{sigma_rel: [post-hoc final loss, tracked final loss, fit residual]}."""
+    paths = sorted(glob.glob(os.path.join(profile_dir, "profile_*.safetensors")))
+    out = {}
+    model.eval()
+    for sigma in POSTHOC_SIGMAS:
+        synth, info = oe.posthoc_ema(paths, sigma, return_info=True)
+        with avg.swapped(model, f"pow_{sigma}"):
+            tracked = work.evaluate(model)
+            saved = {k: v.clone() for k, v in model.state_dict().items()}
+            model.load_state_dict({k: v.to(saved[k].dtype) for k, v in synth.items()})
+            posthoc = work.evaluate(model)
+            model.load_state_dict(saved)
+        out[str(sigma)] = [posthoc, tracked, info["residual"]]
+    return out
 
 
 def steps_to(curve, target):
@@ -188,7 +232,8 @@ def run(args):
         runs = []
         for seed in range(args.seeds):
             t0 = time.perf_counter()
-            decay = train(work, seed, "cosine", specs, every)
+            with tempfile.TemporaryDirectory() as profile_dir:
+                decay = train(work, seed, "cosine", specs, every, profile_dir)
             const = train(work, seed, "constant", specs, every)
             runs.append({"seed": seed, "decay": decay, "constant": const})
             print(f"[{wname}] seed {seed}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
@@ -202,7 +247,7 @@ def summarise(results):
     for wname, res in results.items():
         T, runs = res["T"], res["runs"]
         targets = [r["decay"]["raw"][-1][1] for r in runs]
-        names = list(runs[0]["decay"])
+        names = [n for n in runs[0]["decay"] if n != "posthoc"]
         rows = {}
         for n in names:
             steps = [steps_to(r["decay"][n], t) for r, t in zip(runs, targets)]
@@ -211,7 +256,11 @@ def summarise(results):
             reached = [s for s in steps if s is not None]
             rows[n] = {"steps_to_target": steps, "final_decay": final, "final_constant": const,
                        "saved_fraction": (1 - statistics.mean(reached) / T) if reached else None}
-        out[wname] = {"T": T, "targets": targets, "rows": rows}
+        posthoc = {s: {"posthoc": statistics.mean(r["decay"]["posthoc"][s][0] for r in runs),
+                       "tracked": statistics.mean(r["decay"]["posthoc"][s][1] for r in runs),
+                       "residual": max(r["decay"]["posthoc"][s][2] for r in runs)}
+                   for s in runs[0]["decay"]["posthoc"]}
+        out[wname] = {"T": T, "targets": targets, "rows": rows, "posthoc": posthoc}
     return out
 
 
@@ -234,6 +283,12 @@ def report(summary):
             r = s["rows"][n]
             print(f"| {n} | {statistics.mean(r['final_constant']):.4f} | "
                   f"{statistics.mean(r['final_decay']):.4f} |")
+        print("\nPost-hoc EMA from two stored profiles (sigma_rel 0.05, 0.15, saved every "
+              "evaluation) vs power EMAs tracked directly, final val loss with LR decay:\n")
+        print("| sigma_rel | post-hoc | tracked | fit residual (max) |")
+        print("|---|---|---|---|")
+        for sigma, r in s["posthoc"].items():
+            print(f"| {sigma} | {r['posthoc']:.4f} | {r['tracked']:.4f} | {r['residual']:.3g} |")
         print("\nSweep (EMA h = horizon 1 / (1 - beta) in steps; LAWA window x interval):\n")
         print("| average | steps to target | final val loss | constant-LR final |")
         print("|---|---|---|---|")

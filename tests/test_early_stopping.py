@@ -1,6 +1,7 @@
 """The early-stopping experiment end to end in its --quick form: tables, JSON, plots."""
 import importlib.util
 import json
+import math
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,5 +39,11 @@ def test_quick_run_writes_tables_json_and_plots(tmp_path, capsys):
     # The raw model reaches its own final loss by the last step at the latest.
     assert all(x is not None and x <= s["T"] for x in s["rows"]["raw"]["steps_to_target"])
     assert {"ema", "lawa"} <= set(s["rows"])
+    # Post-hoc EMAs from the two stored profiles stand beside the tracked ones.
+    assert "| sigma_rel | post-hoc | tracked | fit residual (max) |" in out
+    assert set(s["posthoc"]) == {str(x) for x in es.POSTHOC_SIGMAS}
+    for r in s["posthoc"].values():
+        assert math.isfinite(r["posthoc"]) and math.isfinite(r["tracked"])
+        assert abs(r["posthoc"] - r["tracked"]) < 0.05 * r["tracked"]
     for name in ("teacher-mlp-curves.png", "steps-to-target.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
