@@ -11,7 +11,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import offload_ema as oe  # noqa: E402
-from helpers import RefEMA, RefLAWA, TinyNet, assert_matches, snapshot  # noqa: E402
+from helpers import RefDecay, RefEMA, RefLAWA, TinyNet, assert_matches, snapshot  # noqa: E402
 
 
 def fsdp2(rank, world, out):
@@ -29,9 +29,9 @@ def fsdp2(rank, world, out):
             fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    specs = {"ema": oe.EMA(0.8), "lawa": oe.LAWA(2, every=2)}
+    specs = {"ema": oe.EMA(0.8), "lawa": oe.LAWA(2, every=2), "swa": oe.SWA()}
     avg = oe.Averager(model, specs).attach(opt)
-    refs = {"ema": RefEMA(0.8), "lawa": RefLAWA(2)}
+    refs = {"ema": RefEMA(0.8), "lawa": RefLAWA(2), "swa": RefDecay(lambda k: (k - 1) / k)}
     for s in range(1, 9):
         g = torch.Generator().manual_seed(100 * rank + s)
         model(torch.randn(4, 8, generator=g)).pow(2).mean().backward()
@@ -192,11 +192,14 @@ def main():
     model = TinyNet(width=24)
     ddp = DDP(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
-    specs = {"ema": oe.EMA(0.9), "lawa": oe.LAWA(3, every=2)}
+    specs = {"ema": oe.EMA(0.9), "lawa": oe.LAWA(3, every=2), "power": oe.PowerEMA(gamma=3.0),
+             "warm": oe.EMA(0.99, warmup_gamma=1.0)}
     avg = oe.Averager(ddp, specs).attach(opt)
     if scenario == "fail" and rank == 1:
         raise RuntimeError("rank 1 fails before the first collective")
-    refs = {"ema": RefEMA(0.9), "lawa": RefLAWA(3)}
+    refs = {"ema": RefEMA(0.9), "lawa": RefLAWA(3),
+            "power": RefDecay(lambda k: 0.0 if k == 1 else (1 - 1 / k) ** 4),
+            "warm": RefDecay(lambda k: 0.0 if k == 1 else min(0.99, 1 - k ** (-2 / 3)))}
     for s in range(1, 13):
         g = torch.Generator().manual_seed(100 * rank + s)  # each rank its own data
         ddp(torch.randn(4, 8, generator=g)).float().pow(2).mean().backward()

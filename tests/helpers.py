@@ -55,6 +55,25 @@ class RefEMA:
                 self.avg[k] = self.avg[k] + w * (v - self.avg[k])
 
 
+class RefDecay:
+    """float64 avg_k = beta_k * avg + (1 - beta_k) * theta, with the betas given by a function
+    of k, the count of due periods (a coalesced snapshot stands for several: their betas
+    multiply)."""
+
+    def __init__(self, beta_at):
+        self.beta_at, self.avg, self.k = beta_at, None, 0
+
+    def update(self, snap, periods=1):
+        keep = 1.0
+        for _ in range(periods):
+            self.k += 1
+            keep *= self.beta_at(self.k)
+        if self.avg is None:
+            self.avg = {k: v.clone() for k, v in snap.items()}
+        else:
+            self.avg = {k: keep * self.avg[k] + (1 - keep) * v for k, v in snap.items()}
+
+
 class RefLAWA:
     """A plain deque of the last `window` snapshots and their float64 mean."""
 

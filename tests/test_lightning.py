@@ -9,7 +9,7 @@ pl = pytest.importorskip("lightning.pytorch")  # CI installs lightning (Makefile
 
 import offload_ema as oe  # noqa: E402
 from offload_ema.integrations.lightning import AveragerCallback  # noqa: E402
-from helpers import RefEMA, RefLAWA, assert_matches  # noqa: E402
+from helpers import RefDecay, RefEMA, RefLAWA, assert_matches  # noqa: E402
 
 
 class Tiny(pl.LightningModule):
@@ -143,3 +143,29 @@ def test_bad_arguments():
         AveragerCallback(specs(), validate_with="swa")
     with pytest.raises(ValueError, match="save_every and save_path go together"):
         AveragerCallback(specs(), save_every=5)
+
+
+def test_decay_schedules_through_the_callback():
+    """EMA warm-up, PowerEMA and SWA through Lightning, at the real optimizer steps."""
+    specs = {"warm": oe.EMA(0.9, warmup_gamma=1.0), "power": oe.PowerEMA(gamma=4.0),
+             "swa": oe.SWA(every=2)}
+    refs = {"warm": RefDecay(lambda k: 0.0 if k == 1 else min(0.9, 1 - k ** (-2 / 3))),
+            "power": RefDecay(lambda k: 0.0 if k == 1 else (1 - 1 / k) ** 5),
+            "swa": RefDecay(lambda k: (k - 1) / k)}
+
+    class Rec(pl.Callback):
+        last = 0
+
+        def on_train_batch_end(self, trainer, module, *_):
+            if trainer.global_step != self.last:
+                self.last = trainer.global_step
+                snap = {f"net.{k}": v.detach().double().clone()
+                        for k, v in module.net.named_parameters()}
+                for n, spec in specs.items():
+                    if spec.is_due(trainer.global_step):
+                        refs[n].update(snap)
+    cb = AveragerCallback(specs)
+    trainer(12, [cb, Rec()], limit_val_batches=0).fit(Tiny(), data())
+    for n in specs:
+        assert_matches(cb.averager.averaged_state_dict(n), refs[n].avg, rtol=1e-6, atol=1e-7)
+    cb.averager.close()

@@ -10,26 +10,7 @@ from torch.optim.swa_utils import AveragedModel
 
 import offload_ema as oe
 from offload_ema import engine as engine_mod
-from helpers import assert_matches, make, snapshot, train_step
-
-
-class RefDecay:
-    """float64 avg_k = beta_k * avg + (1 - beta_k) * theta, with the betas given by a function
-    of k, the count of due periods (a coalesced snapshot stands for several: their betas
-    multiply)."""
-
-    def __init__(self, beta_at):
-        self.beta_at, self.avg, self.k = beta_at, None, 0
-
-    def update(self, snap, periods=1):
-        keep = 1.0
-        for _ in range(periods):
-            self.k += 1
-            keep *= self.beta_at(self.k)
-        if self.avg is None:
-            self.avg = {k: v.clone() for k, v in snap.items()}
-        else:
-            self.avg = {k: keep * self.avg[k] + (1 - keep) * v for k, v in snap.items()}
+from helpers import RefDecay, assert_matches, make, snapshot, train_step
 
 
 def timm_warmup(beta, gamma, power, min_beta):
