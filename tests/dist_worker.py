@@ -209,6 +209,8 @@ def main():
         for n, spec in specs.items():
             if spec.is_due(s):
                 refs[n].update(snap)
+        if s in (6, 12):  # sharded power-EMA profiles for post-hoc synthesis
+            avg.save(os.path.join(out, f"power-{s}.safetensors"), "power")
     st = avg.stats()
     assert st["world"] == world and st["rank"] == rank
 

@@ -65,6 +65,24 @@ def test_ddp_shares_averages_swapped_and_snapshot_match_single_process(tmp_path)
         torch.testing.assert_close(dict(model.named_parameters())[k].detach(), v, rtol=1e-5, atol=1e-7)
 
 
+def test_posthoc_ema_reads_sharded_power_ema_snapshots(tmp_path):
+    from offload_ema.posthoc import solve_weights
+
+    results = launch("ddp", tmp_path)
+    for r, (code, out, err) in enumerate(results):
+        assert code == 0, f"rank {r} failed:\n{err[-3000:]}"
+    paths = [tmp_path / f"power-{s}.safetensors" for s in (6, 12)]  # resolved to their indexes
+    got, info = oe.posthoc_ema(paths, 0.2, return_info=True)
+    parts = [oe.load_snapshot(p) for p in paths]
+    assert [m["world"] for _, m in parts] == [2, 2]
+    gamma = parts[0][1]["average"]["gamma"]
+    x, _ = solve_weights([6, 12], [gamma, gamma], 12, info["gamma"])
+    for k, v in parts[1][0].items():
+        if v.is_floating_point() and not k.startswith("bn.running"):
+            expect = (x[0] * parts[0][0][k].double() + x[1] * parts[1][0][k].double()).float()
+            torch.testing.assert_close(got[k], expect, msg=k)
+
+
 def test_a_failing_rank_does_not_leave_the_other_hanging(tmp_path):
     t0 = time.monotonic()
     results = launch("fail", tmp_path, timeout=90)

@@ -12,7 +12,7 @@ pytest.importorskip("accelerate")
 import offload_ema as oe  # noqa: E402
 from offload_ema.integrations.transformers import (  # noqa: E402
     STATE_FILE, AveragerCallback, rank_state_file)
-from helpers import RefEMA, RefLAWA, Reg, RegData, assert_matches  # noqa: E402
+from helpers import RefDecay, RefEMA, RefLAWA, Reg, RegData, assert_matches  # noqa: E402
 
 
 Data = RegData
@@ -103,3 +103,25 @@ def test_resume_at_another_number_of_processes_says_so(tmp_path):
                        "number of processes than this run's 1"):
         t.train(resume_from_checkpoint=str(ckpt))
     resumed.averager.close()
+
+
+def test_decay_schedules_through_the_trainer(tmp_path):
+    """EMA warm-up, PowerEMA and SWA through the Trainer, at the real optimizer steps."""
+    specs_ = {"warm": oe.EMA(0.9, warmup_gamma=1.0), "power": oe.PowerEMA(0.1), "swa": oe.SWA()}
+    refs = {"warm": RefDecay(lambda k: 0.0 if k == 1 else min(0.9, 1 - k ** (-2 / 3))),
+            "power": RefDecay(lambda k: 0.0 if k == 1 else (1 - 1 / k) ** (
+                specs_["power"].gamma + 1)),
+            "swa": RefDecay(lambda k: (k - 1) / k)}
+
+    class Rec(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            snap = {f"net.{k}": v.detach().double().clone() for k, v in model.net.named_parameters()}
+            for r in refs.values():
+                r.update(snap)
+    cb = AveragerCallback(specs_, evaluate_with="power")
+    t = make_trainer(tmp_path, [cb, Rec()], 10)
+    t.train()
+    for n in specs_:
+        assert_matches(cb.averager.averaged_state_dict(n), refs[n].avg, rtol=1e-6, atol=1e-7)
+    assert "eval_power_loss" in t.evaluate()
+    cb.averager.close()
