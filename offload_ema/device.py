@@ -14,8 +14,9 @@ The engine's calls, in order, for one snapshot (asynchronous implementations)::
 
     main = ops.main_stream()
     ready = ops.record(main)                 # training thread, after the optimizer step
-    ops.stream_wait(ops.side, ready)
+    ops.stream_wait(ops.side, ready)         # issuer thread (worker when chunked), from here
     start = ops.record(ops.side, timing=True)
+    ops.copy(ops.side, packs, small_srcs)    # device to device into the pack buffer (one kernel)
     ops.copy(ops.side, dsts, srcs)           # deferred: the sources are read later
     done = ops.record(ops.side, timing=True)
     ops.host_wait(done)                      # worker, before reading staging
@@ -57,6 +58,9 @@ class HostOps:
 
     def free_host(self) -> None:
         pass
+
+    def alloc_device(self, nbytes: int) -> torch.Tensor:
+        raise RuntimeError("host training packs nothing on a device")
 
     def thread_init(self) -> None:
         pass
@@ -111,8 +115,14 @@ class CudaOps:
         if base is not None:
             torch.cuda.cudart().cudaHostUnregister(base.data_ptr())
 
+    def alloc_device(self, nbytes: int) -> torch.Tensor:
+        """The pack buffer: device memory used by the side stream alone (allocated on it, so
+        the caching allocator ties the block to the stream that uses it)."""
+        with torch.cuda.stream(self.side):
+            return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+
     def thread_init(self) -> None:
-        """For the worker: its events, syncs and any kernel it launches belong to this device
+        """For the worker and the issuer: its events, syncs and any kernel it launches belong to this device
         and the side stream (never the legacy default stream, which is not ordered with the side
         stream). And graph capture on another thread in the default "global" mode must not be
         invalidated by this thread's CUDA calls: this thread's capture mode is thread-local."""

@@ -35,6 +35,7 @@ reached the worker, and give back what an unqueued job held.
 from __future__ import annotations
 
 import collections
+import os
 import queue
 import threading
 import time
@@ -45,13 +46,68 @@ import torch
 from offload_ema import device as device_mod
 from offload_ema import ops
 from offload_ema.averages import Decaying, check_int
-from offload_ema.layout import ALIGN, Entry, Layout, is_dtensor, local_tensor
+from offload_ema.layout import ALIGN, Entry, Layout, is_dtensor, local_tensor, staged_dtype
 
 
 def _per_thread_intraop() -> bool:
     """Whether torch.set_num_threads in one thread leaves the others alone: true of the OpenMP
     backend (a per-thread setting), not of torch's native pool (process-wide)."""
     return "parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
+# Small tensors cost more to copy one by one than their bytes do (a cudaMemcpyAsync is a few
+# microseconds on the issuing thread and the copy engine; a kernel call on the host has a similar
+# fixed cost). On a GPU, runs of whole tensors of at most PACK_TENSOR_BYTES each are packed into a
+# device-side buffer of at most PACK_MAX_BYTES by one multi-tensor kernel and leave in one DMA.
+# On a CPU-only model, parameters of at least INPLACE_MIN_BYTES are read in place by the worker
+# (no staging copy); smaller ones are copied into staging together, in one call.
+PACK_TENSOR_BYTES = 256 << 10
+PACK_MAX_BYTES = 64 << 20
+INPLACE_MIN_BYTES = 64 << 10
+
+
+def _pack_limit() -> int:
+    """PACK_MAX_BYTES, or OFFLOAD_EMA_PACK_BYTES (0: no packing; bench/gpu_check.sh compares)."""
+    raw = os.environ.get("OFFLOAD_EMA_PACK_BYTES")
+    if raw is None:
+        return PACK_MAX_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"OFFLOAD_EMA_PACK_BYTES must be a byte count >= 0, got {raw!r}")
+    return value
+
+
+class CopyPlan:
+    """How one chunk in one staging buffer is filled and read, built once at construction.
+
+    ``dsts`` / ``srcs``: copies into staging (``srcs[i]`` is None where it is taken afresh each
+    time: a slice, an FSDP2 shard; ``dynamic`` says how). ``pack_dsts`` / ``pack_srcs``: copies
+    into views of the device-side pack buffer (one multi-tensor kernel), each run then leaving in
+    one copy ``run_srcs[i]`` -> ``run_dsts[i]``. ``staged``: (group, lo, hi, staging view) the
+    worker updates the averages from. ``inplace``: (group, lo, hi, part) read in place.
+    """
+
+    def __init__(self):
+        self.dsts: List[torch.Tensor] = []
+        self.srcs: List[Optional[torch.Tensor]] = []
+        self.dynamic: List[Tuple[int, object]] = []
+        self.pack_dsts: List[torch.Tensor] = []
+        self.pack_srcs: List[torch.Tensor] = []
+        self.run_dsts: List[torch.Tensor] = []
+        self.run_srcs: List[torch.Tensor] = []
+        self.staged: List[Tuple[int, int, int, torch.Tensor]] = []
+        self.inplace: List[Tuple[int, int, int, object]] = []
+        self.inplace_bytes = 0
+        self.pack_bytes = 0
+
+
+def _live(part, flat: bool = True) -> torch.Tensor:
+    """The part's elements of the live tensor (this rank's shard under FSDP2), without autograd."""
+    t = local_tensor(part.entry.tensor).detach()
+    return t.reshape(-1)[part.start:part.end] if flat else t
 
 
 class AverageBuffers:
@@ -109,7 +165,8 @@ class Job:
         self.flag_event = None      # after found_inf's copy into its flag
         self.ready_event = None     # after the optimizer step (chunked copies)
         self.copy_event = None      # after the last copy: what the fence waits on
-        self.issued = threading.Event()  # every copy issued (async) / done (host)
+        self.issued = threading.Event()  # every copy issued (async) / parameters read (host)
+        self.issue_error: Optional[BaseException] = None  # the issuer's, raised by the worker
         self.held: List[int] = []   # staging buffers this job holds
         self.schedule = None        # the schedule's state once this job was taken
         # Sources of deferred copies, kept alive until the copy has completed: a parameter whose
@@ -156,15 +213,28 @@ class Engine:
         areas = self._ops.alloc_host([buffer_bytes] * n_buffers + [buf_bytes] * (
             self.capacity if buf_bytes else 0) + [4 * self.capacity])
         self._staging = areas[:n_buffers]
-        self._copy_plans: Dict[int, tuple] = {}  # id(views) -> what _copy needs, built once
-        self._views = {(s, c): self._make_views(self._staging[s], self._chunks[c])
+        # Every chunk's copies and reads, planned once here: a snapshot's per-tensor work is then
+        # a few foreach calls (one pack kernel, one batch of copies) on the issuing thread.
+        self._pack_limit = _pack_limit() if self._ops.asynchronous else 0
+        self._inplace = not self._ops.asynchronous
+        self._plans = {(s, c): self._build_plan(self._staging[s], self._chunks[c])
                        for s in range(n_buffers) for c in range(len(self._chunks))}
+        pack_bytes = max([p.pack_bytes for p in self._plans.values()] + [0])
+        # The device-side pack buffer: one for every chunk and snapshot, since its writes (the
+        # pack kernel) and reads (the DMA) all run on the side stream, in order.
+        self._pack = self._ops.alloc_device(pack_bytes) if pack_bytes else None
+        self.device_pack_nbytes = pack_bytes
+        for plan in self._plans.values():
+            self._bind_pack(plan)
+        self.read_in_place_nbytes = sum(self._plans[(0, c)].inplace_bytes
+                                        for c in range(len(self._chunks)))
         # Averaged module buffers change in place during the next forward, long before the
         # fence: they are copied at once, on the main stream, into an area of their own (one per
         # in-flight snapshot, like the found_inf flags).
         self._buffer_staging = areas[n_buffers:-1]
         buf_chunks = layout.plan(max(buf_bytes, 1), buffers=True)
-        self._buffer_views = [self._make_views(t, buf_chunks[0]) for t in self._buffer_staging]
+        self._buffer_plans = [self._build_plan(t, buf_chunks[0], buffers=True)
+                              for t in self._buffer_staging]
         self._flags = areas[-1].view(torch.float32)
         self._flags.zero_()
         self.staging_nbytes = sum(t.numel() for t in self._staging + self._buffer_staging)
@@ -193,59 +263,127 @@ class Engine:
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="offload_ema-worker", daemon=True)
         self._thread.start()
+        # Asynchronous devices: the issuer thread takes every job and call first, issues a
+        # whole-snapshot job's copies on the side stream (off the training thread: one copy per
+        # tensor or pack run costs microseconds each) and passes everything on to the worker in
+        # the order received. Its own queue is the engine's inbox, so a run_after callable
+        # still runs after every job submitted before it.
+        self._issuer: Optional[threading.Thread] = None
+        self._inbox = self._queue
+        if self.asynchronous:
+            self._inbox = queue.SimpleQueue()
+            self._issuer = threading.Thread(target=self._run_issuer, name="offload_ema-issuer",
+                                            daemon=True)
+            self._issuer.start()
 
-    # ---- staging views ------------------------------------------------------------------
-    def _make_views(self, buf: torch.Tensor, chunk):
-        """(piece, flat staging view, [(part, destination view)]) for one chunk in one buffer."""
-        out = []
+    # ---- copy plans ----------------------------------------------------------------------
+    def _build_plan(self, buf: torch.Tensor, chunk, buffers: bool = False) -> CopyPlan:
+        """The copies and reads of one chunk in one staging buffer (see :class:`CopyPlan`).
+        Module buffers are copied on the main stream: never packed (the pack buffer belongs to
+        the side stream) nor read in place (the next forward changes them)."""
+        plan = CopyPlan()
         for piece in chunk.pieces:
             g = self.layout.groups[piece.group]
             n = piece.end - piece.start
             size = torch.empty((), dtype=g.dtype).element_size()
             flat = buf[piece.byte_offset:piece.byte_offset + n * size].view(g.dtype)
-            parts = []
-            for part in piece.parts:
-                dst = flat[part.dst:part.dst + part.end - part.start]
-                parts.append((part, dst.view(part.entry.shape) if part.whole else dst))
-            out.append((piece, flat, parts))
-        return out
+            kinds = [self._kind(part, size, buffers) for part in piece.parts]
+            run: List[object] = []  # consecutive parts of kind "pack"
+            for i, (part, kind) in enumerate(zip(piece.parts, kinds)):
+                if kind == "pack":
+                    run.append(part)
+                    if i + 1 < len(kinds) and kinds[i + 1] == "pack":
+                        continue
+                    self._plan_run(plan, run, flat, size)
+                    run = []
+                elif kind == "inplace":
+                    lo = piece.start + part.dst
+                    plan.inplace.append((piece.group, lo, lo + part.end - part.start, part))
+                    plan.inplace_bytes += (part.end - part.start) * size
+                else:
+                    self._plan_direct(plan, part, flat)
+            # What the worker reads from staging: the piece less the parts read in place.
+            lo = None
+            for part, kind in zip(piece.parts + [None], kinds + ["inplace"]):
+                if kind != "inplace" and lo is None:
+                    lo = part.dst
+                elif kind == "inplace" and lo is not None:
+                    hi = part.dst if part is not None else n
+                    plan.staged.append((piece.group, piece.start + lo, piece.start + hi,
+                                        flat[lo:hi]))
+                    lo = None
+        return plan
 
-    def _copy(self, views, stream=None, job: Optional[Job] = None) -> None:
-        """Copies the live tensors into staging views, on ``stream`` (deferred when the
-        device is asynchronous; then ``job`` keeps the sources alive until the copy is done)."""
-        plan = self._copy_plans.get(id(views))
-        if plan is None:  # built once per views list: the per-step work is one foreach call
-            dsts, srcs, dynamic = [], [], []
-            for _, _, parts in views:
-                for part, dst in parts:
-                    t = part.entry.tensor
-                    if part.whole and not is_dtensor(t):
-                        srcs.append(t)  # the live tensor itself: in-place updates show through
-                    else:  # a slice of a tensor, or an FSDP2 shard: taken afresh each time
-                        dynamic.append((len(srcs), part))
-                        srcs.append(None)
-                    dsts.append(dst)
-            plan = self._copy_plans[id(views)] = (dsts, srcs, dynamic)
+    def _kind(self, part, size: int, buffers: bool) -> str:
+        t, nbytes = part.entry.tensor, (part.end - part.start) * size
+        if buffers:
+            return "direct"
+        same = staged_dtype(part.entry.dtype) == part.entry.dtype  # no conversion on the way
+        if self._inplace:  # the kernels read float32 / bfloat16 / float16 sources as they are
+            return "inplace" if same and nbytes >= INPLACE_MIN_BYTES else "direct"
+        plain = part.whole and not is_dtensor(t) and t.is_contiguous()
+        return "pack" if (plain and same and self._pack_limit
+                          and nbytes <= PACK_TENSOR_BYTES) else "direct"
+
+    def _plan_direct(self, plan: CopyPlan, part, flat: torch.Tensor) -> None:
+        t = part.entry.tensor
+        dst = flat[part.dst:part.dst + part.end - part.start]
+        plan.dsts.append(dst.view(part.entry.shape) if part.whole else dst)
+        if part.whole and not is_dtensor(t):
+            plan.srcs.append(t)  # the live tensor itself: in-place updates show through
+        else:  # a slice of a tensor, or an FSDP2 shard: taken afresh each time
+            plan.dynamic.append((len(plan.srcs), part))
+            plan.srcs.append(None)
+
+    def _plan_run(self, plan: CopyPlan, run: List[object], flat: torch.Tensor, size: int) -> None:
+        """Packs a run of small whole tensors (adjacent in staging) if it pays and fits."""
+        lo, hi = run[0].dst, run[-1].dst + run[-1].entry.numel
+        nbytes = -(-(hi - lo) * size // 64) * 64
+        if len(run) < 2 or plan.pack_bytes + nbytes > self._pack_limit:
+            for part in run:
+                self._plan_direct(plan, part, flat)
+            return
+        # Offsets into the pack buffer now; the views are bound once it is allocated.
+        for part in run:
+            plan.pack_srcs.append(part.entry.tensor)
+            plan.pack_dsts.append((plan.pack_bytes + (part.dst - lo) * size, part.entry))
+        plan.run_dsts.append(flat[lo:hi])
+        plan.run_srcs.append((plan.pack_bytes, hi - lo, flat.dtype))
+        plan.pack_bytes += nbytes
+
+    def _bind_pack(self, plan: CopyPlan) -> None:
+        def view(offset: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+            size = torch.empty((), dtype=dtype).element_size()
+            return self._pack[offset:offset + numel * size].view(dtype)
+        plan.pack_dsts = [view(off, e.numel, e.dtype).view(e.shape) for off, e in plan.pack_dsts]
+        plan.run_srcs = [view(*r) for r in plan.run_srcs]
+
+    def _copy(self, plan: CopyPlan, stream=None, job: Optional[Job] = None) -> None:
+        """Issues the plan's copies into staging on ``stream`` (deferred when the device is
+        asynchronous; then ``job`` keeps the sources alive until the copy is done)."""
         # No autograd nodes for FSDP2's to_local() or slices. On the copy's stream: reshape(-1)
         # of a non-contiguous parameter (channels_last) runs a kernel whose output the copy
         # reads; on another stream nothing would order the two. One line: an interrupt cannot
         # leave grad mode off or the stream switched on the training thread.
         with torch.no_grad(), self._ops.stream_context(stream): self._copy_plan(plan, stream, job)  # noqa: E701,E501
 
-    def _copy_plan(self, plan, stream, job: Optional[Job]) -> None:
-        dsts, srcs, dynamic = plan
-        if dynamic:
+    def _copy_plan(self, plan: CopyPlan, stream, job: Optional[Job]) -> None:
+        srcs = plan.srcs
+        if plan.dynamic:
             srcs = list(srcs)
-            for i, part in dynamic:
-                t = local_tensor(part.entry.tensor).detach()
-                srcs[i] = t if part.whole else t.reshape(-1)[part.start:part.end]
+            for i, part in plan.dynamic:
+                srcs[i] = _live(part, flat=not part.whole)
         if job is not None and self.asynchronous:
             # Taken before the copy is issued: a storage swapped in between must not be freed
             # while the deferred copy reads it.
             srcs = [s.detach() for s in srcs]
             job.sources.extend(srcs)
+            job.sources.extend(t.detach() for t in plan.pack_srcs)
         try:
-            self._ops.copy(stream, dsts, srcs)
+            if plan.pack_dsts:  # device to device, one multi-tensor kernel on the side stream
+                self._ops.copy(stream, plan.pack_dsts, plan.pack_srcs)
+            if plan.dsts or plan.run_dsts:
+                self._ops.copy(stream, plan.dsts + plan.run_dsts, srcs + plan.run_srcs)
         except RuntimeError as exc:
             self.layout.check_shapes(during_copy=True)  # says which tensor, if one changed
             raise RuntimeError(
@@ -291,7 +429,7 @@ class Engine:
             job.held = [self._free.popleft()]
         self._issue(job)
         self._unfenced = job
-        self._queue.put(job); self._last_queued_step = step  # noqa: E702 (one line: see doc)
+        self._inbox.put(job); self._last_queued_step = step  # noqa: E702 (one line: see doc)
         self._submitting = None
 
     def recover(self, step: int) -> bool:
@@ -326,32 +464,25 @@ class Engine:
             flag = job.found_inf.detach().reshape(-1)[:1].to(self.layout.device, non_blocking=True)
             dev.copy(main, [self._flags[job.ticket:job.ticket + 1]], [flag])
             job.flag_event = dev.record(main)
-        if self._buffer_views:
+        if self._buffer_plans:
             # Ordered after the optimizer step and before the next forward, which updates the
             # module buffers in place.
-            self._copy(self._buffer_views[job.ticket], main)
+            self._copy(self._buffer_plans[job.ticket], main)
             if self.asynchronous:
                 job.buffers_event = dev.record(main)
         if not self._chunks:  # this rank averages no parameters (DDP): nothing to copy
             job.issued.set()
             return
-        if not self.asynchronous:
-            return  # the worker copies (and the fence waits for it)
-        ready = dev.record(main)  # after the optimizer step's kernels
-        if len(self._chunks) > 1:
-            job.ready_event = ready  # the worker issues the chunks as buffers free up
-            return
-        buf = job.held[0]
-        dev.stream_wait(dev.side, ready)  # the copy reads what the optimizer step wrote
-        start, done = self._copy_on_side(self._views[(buf, 0)], job)
-        job.prepared = [(0, buf, start, done)]
-        job.copy_event = done
-        job.issued.set()
+        if self.asynchronous:
+            # After the optimizer step's kernels. The issuer thread (one chunk) or the worker
+            # (chunks, as buffers free up) makes the side stream wait on it and issues the copies;
+            # the host copies or reads on the worker. The fence waits until they are issued.
+            job.ready_event = dev.record(main)
 
-    def _copy_on_side(self, views, job: Job):
+    def _copy_on_side(self, plan: CopyPlan, job: Job):
         dev = self._ops
         start = dev.record(dev.side, timing=True)
-        self._copy(views, dev.side, job)
+        self._copy(plan, dev.side, job)
         return start, dev.record(dev.side, timing=True)
 
     def fence(self) -> None:
@@ -376,7 +507,7 @@ class Engine:
         the averages at a consistent step). ``fn`` reports its own errors."""
         # One line: an interrupt can leave neither a call counted but not queued, nor the lock
         # held.
-        with self._cond: self._queue.put(fn); self._pending_calls += 1  # noqa: E701,E702
+        with self._cond: self._inbox.put(fn); self._pending_calls += 1  # noqa: E701,E702
 
     def read(self, fn):
         """``fn()``'s result, computed on the worker after every snapshot submitted so far is
@@ -423,6 +554,8 @@ class Engine:
             "snapshot_bytes": self.layout.nbytes, "staging_bytes": self.staging_nbytes,
             "pinned_bytes": self.pinned_nbytes, "staging_buffers": self.n_staging,
             "chunks_per_snapshot": self.chunks_per_snapshot, "host_bytes": self.host_bytes(),
+            "device_pack_bytes": self.device_pack_nbytes,
+            "read_in_place_bytes": self.read_in_place_nbytes,
             "averaged_tensors": len(self.layout.entries), "device": str(self.layout.device),
         }
 
@@ -451,13 +584,15 @@ class Engine:
         if self._closed:
             return
         self._closed = True
-        self._queue.put(None)
-        if threading.current_thread() is not self._thread:
-            self._thread.join()
-        self._copy_plans.clear()
-        self._views.clear()
-        self._buffer_views.clear()
-        self._staging, self._buffer_staging, self._flags = [], [], None
+        self._inbox.put(None)  # the issuer passes it on to the worker
+        if threading.current_thread() in (self._thread, self._issuer):
+            return  # a garbage collection on our own thread: it stops once this returns
+        self._thread.join()
+        if self._issuer is not None:
+            self._issuer.join()
+        self._plans.clear()
+        self._buffer_plans.clear()
+        self._staging, self._buffer_staging, self._flags, self._pack = [], [], None, None
         self._ops.free_host()
 
     # ---- reading the averages (worker idle, or on the worker) -------------------------------
@@ -519,6 +654,35 @@ class Engine:
         with self._cond:
             return self.staging_nbytes + sum(b.nbytes() for b in self.averages.values())
 
+    # ---- issuer thread (asynchronous devices) ------------------------------------------------
+    def _run_issuer(self) -> None:
+        self._ops.thread_init()  # this device, the side stream, thread-local capture mode
+        while True:
+            item = self._inbox.get()
+            if isinstance(item, Job) and item.ready_event is not None and len(self._chunks) == 1:
+                self._issue_copies(item)
+            self._queue.put(item)  # in the order received (run_after callables included)
+            if item is None:
+                return
+            item = None  # a job or callable may hold an Averager: not kept while idle
+
+    def _issue_copies(self, job: Job) -> None:
+        """One whole-snapshot job: the side stream waits for the optimizer step, then copies
+        the parameters into the job's staging buffer. A failure reaches the user through the
+        worker; the fence is released either way."""
+        dev = self._ops
+        try:
+            if self._error is None:  # after a worker error nothing more is applied
+                buf = job.held[0]
+                dev.stream_wait(dev.side, job.ready_event)  # reads what the step wrote
+                start, done = self._copy_on_side(self._plans[(buf, 0)], job)
+                job.prepared = [(0, buf, start, done)]
+                job.copy_event = done
+        except BaseException as exc:
+            job.issue_error = exc
+        finally:
+            job.issued.set()
+
     # ---- worker thread ----------------------------------------------------------------------
     def _run(self) -> None:
         self._ops.thread_init()
@@ -567,17 +731,19 @@ class Engine:
                 job = None
 
     def _process(self, job: Job) -> None:
+        if job.issue_error is not None:
+            raise job.issue_error
         job.weights = [b.spec.weight(b.periods, p) for b, p in job.emas]
         # A parameter replaced, frozen or added since the Averager was built: stop with a clear
         # error instead of averaging a tensor training no longer changes.
         self.layout.check_model()
         for b in job.lawas:  # the ring entry this snapshot fills: the oldest once full
             job.lawa_pos[id(b)] = b.next_pos
-        if self._buffer_views:
+        if self._buffer_plans:
             if job.buffers_event is not None:
                 self._ops.host_wait(job.buffers_event)  # the buffers' bytes are in staging
-            self._update(job, self._buffer_views[job.ticket])
-        if job.prepared is not None:
+            self._update(job, self._buffer_plans[job.ticket].staged)
+        if job.prepared is not None:  # issued by the issuer thread
             for chunk, buf, start, done in job.prepared:
                 self._apply(job, chunk, buf, start, done)
         else:
@@ -588,17 +754,21 @@ class Engine:
                     self._apply(job, *issued.popleft())
                 buf = self._free.popleft()
                 job.held.append(buf)
+                plan = self._plans[(buf, chunk)]
                 if self.asynchronous:
                     if chunk == 0:  # after the optimizer step
                         self._ops.stream_wait(self._ops.side, job.ready_event)
-                    start, done = self._copy_on_side(self._views[(buf, chunk)], job)
+                    start, done = self._copy_on_side(plan, job)
                     issued.append((chunk, buf, start, done))
                     if chunk == last:
                         job.copy_event = done
                 else:
                     t0 = time.perf_counter()
-                    self._copy(self._views[(buf, chunk)])
+                    self._copy(plan)  # the small parameters, into staging together
                     job.copy_s += time.perf_counter() - t0
+                    # The large ones are read where they are: the fence holds the next
+                    # optimizer step until this is done.
+                    self._update(job, [(g, lo, hi, _live(part)) for g, lo, hi, part in plan.inplace])
                     issued.append((chunk, buf, None, None))
                 if chunk == last:
                     job.issued.set()
@@ -611,7 +781,7 @@ class Engine:
         if done is not None:
             self._ops.host_wait(done)  # the buffer's bytes are valid only once the copy landed
             job.copy_s += self._ops.elapsed_seconds(start, done)
-        self._update(job, self._views[(buf, chunk)])
+        self._update(job, self._plans[(buf, chunk)].staged)
         with self._cond:
             job.held.remove(buf)
             self._free.append(buf)
@@ -630,24 +800,25 @@ class Engine:
                 job.dropped = bool(job.found_inf.reshape(-1)[0].item() != 0)
         return job.dropped
 
-    def _update(self, job: Job, views) -> None:
+    def _update(self, job: Job, segments) -> None:
+        """Updates every average the job feeds from ``segments``: (group, lo, hi, source),
+        elements [lo, hi) of a group, read from staging or in place."""
         if self._is_dropped(job):
             return
         t0 = time.perf_counter()
-        for piece, flat, _ in views:
-            g, lo, hi = piece.group, piece.start, piece.end
+        for g, lo, hi, src in segments:
             accs, weights = [], []
             for (b, _), w in zip(job.emas, job.weights):
                 acc = b.acc[g][lo:hi]
                 if b.applied == 0:
-                    acc.copy_(flat)  # the first applied snapshot initialises the EMA exactly
+                    acc.copy_(src)  # the first applied snapshot initialises the EMA exactly
                 else:
                     accs.append(acc)
                     weights.append(w)
             if accs:
-                ops.ema_update_multi_(accs, flat, weights)
+                ops.ema_update_multi_(accs, src, weights)
             for b in job.lawas:
-                b.ring_entry(job.lawa_pos[id(b)])[g][lo:hi].copy_(flat)
+                b.ring_entry(job.lawa_pos[id(b)])[g][lo:hi].copy_(src)
         job.update_s += time.perf_counter() - t0
 
     def _complete(self, job: Job) -> None:

@@ -115,6 +115,9 @@ class LazyOps:
     def free_host(self) -> None:
         pass
 
+    def alloc_device(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8)  # "device" memory: written by side copies
+
     def is_capturing(self) -> bool:
         return False
 
