@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU check, run through the device tool on one H200. The whole script stays under 5 minutes
 # (one device command may run 10, and a rerun must still fit): every step has its own timeout,
-# and the timeouts, kill grace included, add up to 288 s.
+# and the timeouts, kill grace included, add up to 292 s.
 #   build    the extension against the torch there (torch 2.11 preinstalled)
 #   tests    the CUDA tests (tests/test_cuda.py)
 #   overhead the overhead benchmark on the 1b preset (bf16), 2 short rounds
+#   many     the many-tensor preset, small tensors packed and not
 # Each step writes into $OUT while it runs and appends "name rc seconds" to $OUT/steps.txt when
 # it ends, and the benchmark rewrites overhead.json after every mode: a run cut short still
 # reports what it got. rc 124 (137) in steps.txt: a step stopped at its timeout.
@@ -40,14 +41,14 @@ if [ -d .wheels ]; then
 fi
 # One build, in place: the tests and the benchmark run from the repository root, and a failed
 # editable install followed by this same build would spend the budget twice.
-if ! step build 100 python setup.py build_ext --inplace; then
+if ! step build 90 python setup.py build_ext --inplace; then
   tail -40 "$OUT/build.txt"
   exit 1
 fi
 timeout 8 python -c "from offload_ema import ops; print('kernels:', ops.backend(), ops.isa(), \
 'threads', ops.get_num_threads())" 2>&1 | tee -a "$OUT/steps.txt"
 
-step tests 55 python -m pytest -v -x -m cuda tests/test_cuda.py --junitxml="$OUT/junit.xml"
+step tests 50 python -m pytest -v -x -m cuda tests/test_cuda.py --junitxml="$OUT/junit.xml"
 tail -5 "$OUT/tests.txt"
 
 # swa_utils is left out: like naive it costs seconds per 1b step, and naive already shows the
@@ -58,4 +59,12 @@ step overhead 80 python -m offload_ema bench --preset 1b --dtype bf16 --rounds 2
   --warmup 1 --modes none,gpu_foreach,offload,offload_multi,naive \
   --json "$OUT/overhead.json" ${plot[@]+"${plot[@]}"}
 cat "$OUT/overhead.txt"
+
+# 10,023 small tensors: the training thread's time in the Averager (avg us/step) and the step
+# overhead with small tensors packed on the GPU (default) and copied one by one (pack off).
+step many 30 bash -c "python -m offload_ema bench --preset many --rounds 1 --steps 8 \
+  --warmup 2 --modes none,offload --json $OUT/many.json && OFFLOAD_EMA_PACK_BYTES=0 \
+  python -m offload_ema bench --preset many --rounds 1 --steps 8 --warmup 2 \
+  --modes none,offload --json $OUT/many_unpacked.json"
+cat "$OUT/many.txt"
 echo "total $(( $(date +%s) - start ))s" | tee -a "$OUT/steps.txt"

@@ -1,21 +1,25 @@
 """The asynchronous path of a snapshot: parameters -> staging -> averages in host memory.
 
     optimizer.step() on the main stream
-      -> submit (training thread): record E_ready; the side stream waits on it and copies the
-         parameters (non_blocking) into a staging buffer, then records E_copied
+      -> submit (training thread): record E_ready and hand the job on (O(1) in the tensor count)
+      -> issuer thread: the side stream waits on E_ready; small tensors are packed into a
+         device-side buffer by one multi-tensor kernel and leave in one copy per run, the others
+         are copied (non_blocking) into a staging buffer; then E_copied is recorded
       -> worker thread: waits for E_copied, then the ops kernels update every average due at
          that step from the staging buffer, and the buffer is freed
-      -> fence (training thread, before the next in-place change of the parameters): the main
-         stream waits on E_copied (a stream wait, not a host block), so the copy never reads
-         half-updated weights
+      -> fence (training thread, before the next in-place change of the parameters): waits until
+         the copies are issued (normally long since), then the main stream waits on E_copied (a
+         stream wait, not a host block), so the copy never reads half-updated weights
 
 Streams, events and copies come from ``offload_ema.device`` (CUDA, host, or the simulated copy
 engine of ``offload_ema.testing``). Staging is a fixed set of buffers allocated once (pinned on a
 GPU). When one buffer holds a whole snapshot, up to ``len(buffers)`` snapshots are in flight.
 When the byte budget is smaller than a snapshot, two buffers take it in chunks: the worker issues
 the copies of later chunks as it frees buffers, and the fence must first wait on the host until
-the last chunk's copy has been issued (``fence_wait_seconds``). On a CPU-only model the worker
-does the copy itself (host memcpy) and the fence waits until it has.
+the last chunk's copy has been issued (``fence_wait_seconds``). On a CPU-only model there is no
+copy engine: the worker reads parameters of at least ``INPLACE_MIN_BYTES`` in place (forward and
+backward never write parameters) and copies the smaller ones into staging in one call, and the
+fence waits until it has read them all.
 
 Ownership: the worker thread alone writes the averages (:class:`AverageBuffers`); the training
 thread alone calls ``busy`` / ``wait_capacity`` / ``submit`` / ``fence`` / ``recover``. They
@@ -23,7 +27,10 @@ share the tickets (one per snapshot in flight, a ``queue.SimpleQueue``) and the 
 buffers (a deque): single atomic operations, no lock. The worker's counters (``_stats``,
 ``_pending_calls``) are guarded by ``_cond``. The averages are read (``values``,
 ``export_state``) only while the worker is idle (after ``flush``) or from a ``run_after``
-callable, which runs on the worker (``read`` does that for any thread).
+callable, which runs on the worker (``read`` does that for any thread). The issuer thread
+(asynchronous devices) writes a job's ``prepared`` / ``copy_event`` before setting its
+``issued`` event; the fence and the worker read them only after it is set (the fence waits on it;
+the worker gets the job from the issuer afterwards).
 
 Interrupts: a ``KeyboardInterrupt`` (or any exception) may land on any line of the training
 thread's calls, so the step path holds no Python-level lock (an exception between acquire and
@@ -724,7 +731,8 @@ class Engine:
                     self._ticket_back.set()
                     job.sources = []
                     job.issued.set()  # nobody may wait on a copy that will never be issued
-                    self._stats["bytes_copied"] += self.layout.nbytes
+                    # (Parameters read in place are not copied.)
+                    self._stats["bytes_copied"] += self.layout.nbytes - self.read_in_place_nbytes
                     if job.schedule is not None:
                         self.applied_schedule = job.schedule
                     self._cond.notify_all()

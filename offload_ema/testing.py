@@ -149,8 +149,12 @@ class LazyOps:
                     "simulated device: a side-stream copy issued without waiting on the main "
                     "stream's latest event (on a GPU it could read the parameters before the "
                     "optimizer step's kernels wrote them)")
-            # The sources are read when the copy engine gets to it, as a GPU would.
-            self._engine.enqueue(lambda: torch._foreach_copy_(dsts, srcs))
+            # The sources are read when the copy engine gets to it, as a GPU would (a copy
+            # engine records no autograd history: grad mode is per thread, so set it here).
+            def run():
+                with torch.no_grad():
+                    torch._foreach_copy_(dsts, srcs)
+            self._engine.enqueue(run)
 
     def stream_context(self, stream):
         return contextlib.nullcontext()

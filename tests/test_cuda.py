@@ -34,10 +34,10 @@ def _make(dtype=torch.bfloat16, **kw):
     return model, opt
 
 
-def _reference_ema(beta, steps, dtype):
+def _reference_ema(beta, steps, dtype, **kw):
     """Synchronous reference: the same training, each snapshot copied after a full device sync,
     averaged on the CPU with the same per-element kernel."""
-    model, opt = _make(dtype)
+    model, opt = _make(dtype, **kw)
     acc = None
     for s in range(1, steps + 1):
         model.fake_backward(s)
@@ -52,11 +52,16 @@ def _reference_ema(beta, steps, dtype):
     return acc
 
 
-@pytest.mark.parametrize("staging", ["default", "chunked"])
-def test_race_low_density_model_matches_synchronous_reference(staging):
+@pytest.mark.parametrize("staging", ["default", "chunked", "small_packed", "small_unpacked"])
+def test_race_low_density_model_matches_synchronous_reference(staging, monkeypatch):
+    """small_*: 2,000 tensors of 8 KiB, packed on the GPU by one kernel and moved in one DMA
+    (the default), or copied one by one (packing off)."""
     steps, beta = 200, 0.95
-    ref = _reference_ema(beta, steps, torch.bfloat16)
-    model, opt = _make()
+    kw = {"n": 2000, "size": 4096} if staging.startswith("small") else {}
+    if staging == "small_unpacked":
+        monkeypatch.setenv("OFFLOAD_EMA_PACK_BYTES", "0")
+    ref = _reference_ema(beta, steps, torch.bfloat16, **kw)
+    model, opt = _make(**kw)
     nbytes = sum(p.numel() * p.element_size() for p in model.ps)
     with oe.Averager(model, {"ema": oe.EMA(beta)},
                      staging_bytes=None if staging == "default" else nbytes // 5) as avg:
@@ -69,6 +74,7 @@ def test_race_low_density_model_matches_synchronous_reference(staging):
     assert st["snapshots_applied"] == steps and st["snapshots_skipped"] == 0
     if staging == "chunked":
         assert st["chunks_per_snapshot"] > 1
+    assert (st["device_pack_bytes"] > 0) == (staging == "small_packed")
     for i, a in enumerate(ref):
         assert torch.equal(sd[f"ps.{i}"], a), f"ps.{i} differs from the synchronous reference"
 
