@@ -236,7 +236,9 @@ class Offload(Mode):
         return {"applied": st["snapshots_applied"], "skipped": st["snapshots_skipped"],
                 "coalesced": st["snapshots_coalesced"], "pinned_bytes": st["pinned_bytes"],
                 "snapshot_bytes": st["snapshot_bytes"], "host_bytes": st["host_bytes"],
-                "saves": st["saves_written"],
+                "bytes_copied": st["bytes_copied"],
+                "read_in_place_bytes": st["read_in_place_bytes"],
+                "device_pack_bytes": st["device_pack_bytes"], "saves": st["saves_written"],
                 "save_seconds": st["save_seconds"], "save_bytes": st["save_bytes"]}
 
 
@@ -439,7 +441,8 @@ def run(args, rank: int = 0, world: int = 1) -> List[dict]:
                                      for i in range(0, len(ts), args.steps)],
                 "rounds": args.rounds, "partial": not final,
             })
-            for k in ("snapshot_bytes", "host_bytes", "saves", "save_seconds", "save_bytes"):
+            for k in ("snapshot_bytes", "host_bytes", "bytes_copied", "read_in_place_bytes",
+                      "device_pack_bytes", "saves", "save_seconds", "save_bytes"):
                 if k in c:
                     rows[-1][k] = c[k]
             if c.get("saves") and c["save_seconds"] > 0:
@@ -604,8 +607,11 @@ def report(rows: List[dict]) -> None:
             r = by[m]
             step = by["none"]["step_ms_median"]
             upd = r["update_ms_per_snapshot"]
-            nbytes = r.get("snapshot_bytes", 0)
+            # What one snapshot copies (parameters read in place on a CPU-only run are not).
+            nbytes = r.get("bytes_copied", 0) / max(r.get("applied", 0), 1)
             copy_gbps = nbytes / (r["copy_ms_per_snapshot"] / 1e3) / 1e9 if r["copy_ms_per_snapshot"] else float("nan")
+            in_place = (f", {_size(r['read_in_place_bytes'])} per snapshot read in place"
+                        if r.get("read_in_place_bytes") else "")
             if r.get("saves"):
                 print(f"{m}: {r['saves']} snapshot files of {_size(r['save_bytes'] // r['saves'])} "
                       f"written at {r['save_gbps']:.2f} GB/s = "
@@ -614,7 +620,7 @@ def report(rows: List[dict]) -> None:
             print(f"{m}: overhead {r['overhead_pct']:+.2f}% ; skipped+coalesced "
                   f"{r['skipped'] + r['coalesced']} ; CPU update {upd:.1f} ms per snapshot vs "
                   f"{step:.1f} ms per step ({'keeps up' if upd <= step else f'{upd / step:.2f}x slower than a step'})"
-                  f" ; copy {copy_gbps:.1f} GB/s")
+                  f" ; copy {copy_gbps:.1f} GB/s{in_place}")
             print(f"{m}: training thread in the Averager {r['averager_us_per_step']:.1f} us/step "
                   f"(median {r['averager_us_median']:.1f} us) for {r['tensors']} tensors")
 
