@@ -5,6 +5,7 @@ PYTHON ?= python3
 # The CPU build of torch this project is developed against; a torch already installed (e.g. a CUDA
 # build on a GPU host, any version >= 2.4) is kept as it is.
 TORCH_SPEC ?= torch==2.13.0
+DEEPSPEED_SPEC ?= deepspeed==0.19.8
 EXT_SUFFIX := $(shell $(PYTHON) -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
 EXT := offload_ema/_C$(EXT_SUFFIX)
 
@@ -13,6 +14,8 @@ EXT := offload_ema/_C$(EXT_SUFFIX)
 deps:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_SPEC)"
 	@$(PYTHON) -m pip install -q "setuptools>=64" wheel ninja pytest psutil safetensors matplotlib lightning transformers accelerate
+	@# DeepSpeed (optional, for its ZeRO tests): built against the torch above, never a second one.
+	@$(PYTHON) -c "import deepspeed" 2>/dev/null || DS_BUILD_OPS=0 $(PYTHON) -m pip install -q --no-build-isolation "$(DEEPSPEED_SPEC)"
 
 # Rebuilt only when a source changed; --no-build-isolation builds against the installed torch.
 $(EXT): setup.py pyproject.toml $(wildcard csrc/*)

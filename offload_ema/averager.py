@@ -17,7 +17,7 @@ from torch import nn
 from offload_ema import ops, resume, sharding
 from offload_ema.averages import EMA, LAWA
 from offload_ema.engine import Engine
-from offload_ema.hooks import OptimizerHooks, close_at_exit, release
+from offload_ema.hooks import OptimizerHooks, close_at_exit, release, step_hooks
 from offload_ema.layout import Layout
 from offload_ema.schedule import Schedule
 from offload_ema.snapshots import SnapshotFuture
@@ -86,11 +86,13 @@ class Averager:
         return self._schedule.on_busy
 
     # ---- taking snapshots -----------------------------------------------------------------
-    def attach(self, *optimizers: torch.optim.Optimizer) -> "Averager":
+    def attach(self, *optimizers) -> "Averager":
         """Takes a snapshot once every given optimizer has stepped (several optimizers over one
         model, e.g. Muon + AdamW, count as one step), and fences the copy before the next step
         of any of them. A step that ``GradScaler`` skips is not averaged (plain optimizers: not
         counted; fused ones: counted, snapshot dropped as ``snapshots_dropped_nonfinite``).
+        DeepSpeed: pass the engine (``avg.attach(engine)``); a snapshot follows each real
+        optimizer step (gradient-accumulation boundaries), none after an fp16 overflow.
 
         Raises:
             ValueError / RuntimeError: an optimizer updates tensors that are not the averaged
@@ -101,7 +103,7 @@ class Averager:
         if self._hooks is not None:
             raise RuntimeError("this Averager is already attached; detach() first, then attach "
                                "every optimizer in one call")
-        self._hooks = OptimizerHooks(self, optimizers, self._layout)
+        self._hooks = step_hooks(self, optimizers, self._layout)
         return self
 
     def detach(self) -> None:

@@ -97,7 +97,8 @@ class CudaOps:
         total = _carved_bytes(sizes)
         base = torch.empty(total, dtype=torch.uint8)
         try:
-            err = torch.cuda.cudart().cudaHostRegister(base.data_ptr(), total, 0)
+            with torch.cuda.device(self.device):  # the context the registration belongs to
+                err = torch.cuda.cudart().cudaHostRegister(base.data_ptr(), total, 0)
             ok = int(err) == 0
         except (AttributeError, RuntimeError, TypeError):
             ok = False

@@ -53,7 +53,7 @@ import torch
 from offload_ema import device as device_mod
 from offload_ema import ops
 from offload_ema.averages import Decaying, check_int
-from offload_ema.layout import ALIGN, Entry, Layout, is_dtensor, local_tensor, staged_dtype
+from offload_ema.layout import ALIGN, Entry, Layout, is_sharded, local_tensor, staged_dtype
 
 
 def _per_thread_intraop() -> bool:
@@ -101,8 +101,10 @@ class CopyPlan:
         self.dsts: List[torch.Tensor] = []
         self.srcs: List[Optional[torch.Tensor]] = []
         self.dynamic: List[Tuple[int, object]] = []
-        self.pack_dsts: List[torch.Tensor] = []
-        self.pack_srcs: List[torch.Tensor] = []
+        # Per dtype: torch's multi-tensor copy takes its fast path (one kernel) only when every
+        # tensor of a call has one dtype.
+        self.pack_dsts: Dict[torch.dtype, List[torch.Tensor]] = {}
+        self.pack_srcs: Dict[torch.dtype, List[torch.Tensor]] = {}
         self.run_dsts: List[torch.Tensor] = []
         self.run_srcs: List[torch.Tensor] = []
         self.staged: List[Tuple[int, int, int, torch.Tensor]] = []
@@ -174,6 +176,10 @@ class Job:
         self.copy_event = None      # after the last copy: what the fence waits on
         self.issued = threading.Event()  # every copy issued (async) / parameters read (host)
         self.issue_error: Optional[BaseException] = None  # the issuer's, raised by the worker
+        # Whoever takes this first issues a whole-snapshot job's copies: the issuer thread, or
+        # the training thread when it fences before the issuer got to it (avg.step() fences at
+        # once: it issues inline rather than wait for a thread hand-off).
+        self.claim = threading.Lock()
         self.held: List[int] = []   # staging buffers this job holds
         self.schedule = None        # the schedule's state once this job was taken
         # Sources of deferred copies, kept alive until the copy has completed: a parameter whose
@@ -328,7 +334,7 @@ class Engine:
         same = staged_dtype(part.entry.dtype) == part.entry.dtype  # no conversion on the way
         if self._inplace:  # the kernels read float32 / bfloat16 / float16 sources as they are
             return "inplace" if same and nbytes >= INPLACE_MIN_BYTES else "direct"
-        plain = part.whole and not is_dtensor(t) and t.is_contiguous()
+        plain = part.whole and not is_sharded(t) and t.is_contiguous()
         return "pack" if (plain and same and self._pack_limit
                           and nbytes <= PACK_TENSOR_BYTES) else "direct"
 
@@ -336,9 +342,9 @@ class Engine:
         t = part.entry.tensor
         dst = flat[part.dst:part.dst + part.end - part.start]
         plan.dsts.append(dst.view(part.entry.shape) if part.whole else dst)
-        if part.whole and not is_dtensor(t):
+        if part.whole and not is_sharded(t):
             plan.srcs.append(t)  # the live tensor itself: in-place updates show through
-        else:  # a slice of a tensor, or an FSDP2 shard: taken afresh each time
+        else:  # a slice, an FSDP2 shard, a ZeRO-3 partition: taken afresh each time
             plan.dynamic.append((len(plan.srcs), part))
             plan.srcs.append(None)
 
@@ -352,8 +358,9 @@ class Engine:
             return
         # Offsets into the pack buffer now; the views are bound once it is allocated.
         for part in run:
-            plan.pack_srcs.append(part.entry.tensor)
-            plan.pack_dsts.append((plan.pack_bytes + (part.dst - lo) * size, part.entry))
+            plan.pack_srcs.setdefault(flat.dtype, []).append(part.entry.tensor)
+            plan.pack_dsts.setdefault(flat.dtype, []).append(
+                (plan.pack_bytes + (part.dst - lo) * size, part.entry))
         plan.run_dsts.append(flat[lo:hi])
         plan.run_srcs.append((plan.pack_bytes, hi - lo, flat.dtype))
         plan.pack_bytes += nbytes
@@ -362,7 +369,8 @@ class Engine:
         def view(offset: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
             size = torch.empty((), dtype=dtype).element_size()
             return self._pack[offset:offset + numel * size].view(dtype)
-        plan.pack_dsts = [view(off, e.numel, e.dtype).view(e.shape) for off, e in plan.pack_dsts]
+        plan.pack_dsts = {dt: [view(off, e.numel, e.dtype).view(e.shape) for off, e in views]
+                          for dt, views in plan.pack_dsts.items()}
         plan.run_srcs = [view(*r) for r in plan.run_srcs]
 
     def _copy(self, plan: CopyPlan, stream=None, job: Optional[Job] = None) -> None:
@@ -380,15 +388,18 @@ class Engine:
             srcs = list(srcs)
             for i, part in plan.dynamic:
                 srcs[i] = _live(part, flat=not part.whole)
+        packs = plan.pack_srcs
         if job is not None and self.asynchronous:
-            # Taken before the copy is issued: a storage swapped in between must not be freed
-            # while the deferred copy reads it.
+            # Taken before the copy is issued, and the very tensors the copy reads: a storage
+            # swapped in between must not be freed while the deferred copy reads it.
             srcs = [s.detach() for s in srcs]
+            packs = {dt: [t.detach() for t in ts] for dt, ts in packs.items()}
             job.sources.extend(srcs)
-            job.sources.extend(t.detach() for t in plan.pack_srcs)
+            for ts in packs.values():
+                job.sources.extend(ts)
         try:
-            if plan.pack_dsts:  # device to device, one multi-tensor kernel on the side stream
-                self._ops.copy(stream, plan.pack_dsts, plan.pack_srcs)
+            for dt, dsts in plan.pack_dsts.items():  # device to device: one kernel per dtype
+                self._ops.copy(stream, dsts, packs[dt])
             if plan.dsts or plan.run_dsts:
                 self._ops.copy(stream, plan.dsts + plan.run_dsts, srcs + plan.run_srcs)
         except RuntimeError as exc:
@@ -499,7 +510,14 @@ class Engine:
         if job is None:
             return
         t0 = time.perf_counter()
-        job.issued.wait()  # chunked / host: the worker issues (host: performs) the copies
+        if self._issuer is not None and job.ready_event is not None and \
+                len(self._chunks) == 1 and job.claim.acquire(blocking=False):
+            try:  # not yet taken by the issuer: issued here, no hand-off
+                self._issue_copies(job, training_thread=True)
+            except BaseException:  # an interrupt: the issuer issues it from the start
+                job.claim.release()
+                raise
+        job.issued.wait()  # issuer / chunked: the worker issues the copies; host: reads them
         if self.asynchronous and job.copy_event is not None:
             # Stream wait, not a host block: the next optimizer step's kernels queue behind the
             # copy; forward and backward before it already overlapped with it.
@@ -597,6 +615,7 @@ class Engine:
         self._thread.join()
         if self._issuer is not None:
             self._issuer.join()
+        self._ops.drain()  # no copy may still write into the host memory freed below
         self._plans.clear()
         self._buffer_plans.clear()
         self._staging, self._buffer_staging, self._flags, self._pack = [], [], None, None
@@ -663,20 +682,30 @@ class Engine:
 
     # ---- issuer thread (asynchronous devices) ------------------------------------------------
     def _run_issuer(self) -> None:
-        self._ops.thread_init()  # this device, the side stream, thread-local capture mode
+        try:
+            self._ops.thread_init()  # this device, the side stream, thread-local capture mode
+        except BaseException as exc:  # reported by the worker; jobs are still passed on
+            with self._cond:
+                if self._error is None:
+                    self._error = exc
         while True:
             item = self._inbox.get()
             if isinstance(item, Job) and item.ready_event is not None and len(self._chunks) == 1:
-                self._issue_copies(item)
+                # Unless the training thread issues it (then the worker needs its copy events
+                # first); if that was interrupted, it lets the claim go and this issues it.
+                while not item.issued.wait(0.001 if item.claim.locked() else 0):
+                    if item.claim.acquire(blocking=False):
+                        self._issue_copies(item)
             self._queue.put(item)  # in the order received (run_after callables included)
             if item is None:
                 return
             item = None  # a job or callable may hold an Averager: not kept while idle
 
-    def _issue_copies(self, job: Job) -> None:
+    def _issue_copies(self, job: Job, training_thread: bool = False) -> None:
         """One whole-snapshot job: the side stream waits for the optimizer step, then copies
-        the parameters into the job's staging buffer. A failure reaches the user through the
-        worker; the fence is released either way."""
+        the parameters into the job's staging buffer. On the issuer a failure reaches the user
+        through the worker, and the fence is released either way; on the training thread (the
+        fence) it is raised there, and the job left to the issuer."""
         dev = self._ops
         try:
             if self._error is None:  # after a worker error nothing more is applied
@@ -686,9 +715,10 @@ class Engine:
                 job.prepared = [(0, buf, start, done)]
                 job.copy_event = done
         except BaseException as exc:
+            if training_thread:
+                raise
             job.issue_error = exc
-        finally:
-            job.issued.set()
+        job.issued.set()
 
     # ---- worker thread ----------------------------------------------------------------------
     def _run(self) -> None:
@@ -716,6 +746,11 @@ class Engine:
             try:
                 if self._error is None:
                     self._process(job)
+                else:
+                    # Nothing more is applied, but copies issued for this job (the issuer may
+                    # have checked for an error just before it was set) must land before its
+                    # staging and sources are given back.
+                    self._ops.drain()
             except BaseException as exc:  # reaches the user at the next step / flush / close
                 with self._cond:
                     if self._error is None:

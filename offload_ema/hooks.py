@@ -11,7 +11,8 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-__all__ = ["OptimizerHooks", "close_at_exit", "release"]
+__all__ = ["OptimizerHooks", "DeepSpeedHooks", "step_hooks", "is_deepspeed_optimizer",
+           "close_at_exit", "release"]
 
 
 def _compiler_disable(fn):
@@ -70,6 +71,58 @@ class OptimizerHooks:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+def is_deepspeed_optimizer(obj) -> bool:
+    """DeepSpeed's ZeRO / mixed-precision optimizers: not torch optimizers (no step hooks)."""
+    return type(obj).__module__.startswith("deepspeed.") and \
+        not isinstance(obj, torch.optim.Optimizer) and callable(getattr(obj, "step", None))
+
+
+def step_hooks(averager, targets: Sequence[object], layout):
+    """The hooks for what ``attach`` was given: torch optimizers, or one DeepSpeed engine (or
+    its optimizer)."""
+    from offload_ema.layout import is_deepspeed_engine
+    if len(targets) == 1 and is_deepspeed_engine(targets[0]):
+        targets = (targets[0].optimizer,)
+        if targets[0] is None:
+            raise ValueError("the DeepSpeed engine has no optimizer (built without one?); "
+                             "attach needs the engine of a training run")
+    if len(targets) == 1 and is_deepspeed_optimizer(targets[0]):
+        return DeepSpeedHooks(averager, targets[0], layout)
+    return OptimizerHooks(averager, targets, layout)
+
+
+class DeepSpeedHooks:
+    """A DeepSpeed ZeRO (stage 1-3) or mixed-precision optimizer: its ``step`` is where
+    DeepSpeed writes the parameters (stages 1-2) or their partitions (stage 3), once per real
+    optimizer step (at gradient-accumulation boundaries). It is wrapped on the instance: the
+    fence runs before it, and the snapshot is taken after it unless it skipped the update (an
+    fp16 loss-scale overflow sets ``overflow``). Training thread only."""
+
+    def __init__(self, averager, optimizer, layout):
+        layout.check_unchanged()
+        me = weakref.ref(averager)  # the wrapper on a live optimizer must not keep it alive
+        inner = optimizer.step
+
+        @_compiler_disable
+        def step(*args, **kwargs):
+            avg = me()
+            if avg is None or avg._closed:
+                return inner(*args, **kwargs)
+            avg.fence()
+            out = inner(*args, **kwargs)
+            if not getattr(optimizer, "overflow", False):
+                avg._step(False, None)
+            return out
+
+        optimizer.step = step
+        self._optimizer, self._step = optimizer, step
+
+    def remove(self) -> None:
+        opt, self._optimizer = self._optimizer, None
+        if opt is not None and opt.__dict__.get("step") is self._step:
+            del opt.step  # the class's step again
 
 
 _open: "weakref.WeakSet" = weakref.WeakSet()

@@ -34,25 +34,47 @@ def is_dtensor(t) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
 
+def is_zero3(t) -> bool:
+    """A DeepSpeed ZeRO-3 parameter: an empty placeholder outside forward and backward; this
+    rank's partition of it (a flat slice, padded at the end) is ``t.ds_tensor``."""
+    return getattr(t, "ds_tensor", None) is not None and hasattr(t, "ds_status")
+
+
+def is_sharded(t) -> bool:
+    """Whether each rank holds its own part of ``t`` (FSDP2 DTensor, ZeRO-3 partition)."""
+    return is_dtensor(t) or is_zero3(t)
+
+
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The rank-local part of an FSDP2 (DTensor) parameter, in place; other tensors as they are."""
+    """The rank-local part of an FSDP2 (DTensor) parameter or the partition of a ZeRO-3 one, in
+    place; other tensors as they are."""
     if DTensor is not None and isinstance(t, DTensor):
         return t.to_local()
+    if is_zero3(t):
+        return t.ds_tensor
     return t
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The module whose state_dict names the user means: torch.compile's ``_orig_mod`` and the
-    ``module`` of DistributedDataParallel / DataParallel are looked through."""
+    ``module`` of DistributedDataParallel / DataParallel / a DeepSpeed engine are looked
+    through."""
     while True:
         inner = getattr(model, "_orig_mod", None)
         if isinstance(inner, nn.Module):
             model = inner
             continue
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or \
+                is_deepspeed_engine(model):
             model = model.module
             continue
         return model
+
+
+def is_deepspeed_engine(obj) -> bool:
+    """A DeepSpeed engine (``deepspeed.initialize``'s first result), without importing it."""
+    return any(c.__name__ == "DeepSpeedEngine" and c.__module__.startswith("deepspeed.")
+               for c in type(obj).__mro__)
 
 
 def normalise_name(name: str) -> str:
@@ -158,9 +180,10 @@ class Layout:
                 buffer_ids.add(id(t))
             by_id[id(t)] = e
             self.all_entries.append(e)
-        # FSDP2 (DTensor parameters): every rank averages its local shards of every tensor.
+        # FSDP2 (DTensor parameters), ZeRO-3: every rank averages its local part of every
+        # tensor.
         # Replicated parameters (DDP): each tensor is averaged whole by one owner rank.
-        self.sharded_tensors = any(is_dtensor(e.tensor) for e in self.all_entries)
+        self.sharded_tensors = any(is_sharded(e.tensor) for e in self.all_entries)
         self.owner: Dict[str, int] = ({e.name: rank for e in self.all_entries}
                                       if self.sharded_tensors else
                                       shard_owners(self.all_entries, world))
@@ -177,7 +200,7 @@ class Layout:
             g.entries.append(e)
             self.entries.append(e)
         self.groups: List[Group] = list(groups.values())
-        devices = sorted({str(e.tensor.device) for e in self.all_entries})
+        devices = sorted({str(local_tensor(e.tensor).device) for e in self.all_entries})
         if len(devices) > 1:
             raise ValueError(
                 f"model has averaged tensors on several devices ({', '.join(devices)}); an "

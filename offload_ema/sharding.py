@@ -6,6 +6,8 @@
   transfers per rank are about 1/world of the model. Full tensors are put together over the
   process group only when asked for.
 - :class:`FSDP2Shards`: DTensor parameters (``fully_shard``): each rank averages its local shards.
+- :class:`ZeroShards`: DeepSpeed ZeRO-3 parameters: each rank averages its own partition of every
+  parameter (``param.ds_tensor``, a flat slice), never the empty placeholder.
 
 Each answers the same questions: which rank this is, how full tensors are gathered, how an
 average is put into the live model and taken out again, which file holds what.
@@ -20,18 +22,22 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from offload_ema.layout import DTensor, Layout, is_dtensor, local_tensor, unwrap_model
+from offload_ema.layout import (DTensor, Layout, is_dtensor, is_sharded, is_zero3, local_tensor,
+                                unwrap_model)
 from offload_ema.snapshots import shard_paths
 
-__all__ = ["Local", "OwnerSharded", "FSDP2Shards", "choose"]
+__all__ = ["Local", "OwnerSharded", "FSDP2Shards", "ZeroShards", "choose"]
 
 
 def choose(model: nn.Module, shard: Optional[bool], process_group=None):
     """The strategy for ``model``: FSDP2 shards when its parameters are DTensors; owner-sharded
     when torch.distributed runs with more than one process (or ``shard=True``); else local."""
     initialised = dist.is_available() and dist.is_initialized()
-    if any(is_dtensor(p) for p in unwrap_model(model).parameters()):
+    params = list(unwrap_model(model).parameters())
+    if any(is_dtensor(p) for p in params):
         return FSDP2Shards(process_group)
+    if any(is_zero3(p) for p in params):
+        return ZeroShards(params, process_group)
     if shard is None:
         shard = initialised and dist.get_world_size(process_group) > 1
     if not shard:
@@ -88,6 +94,10 @@ class Local:
     def writes_entry(self, entry) -> bool:
         """Whether this rank's snapshot file holds the entry's average."""
         return True
+
+    def file_value(self, entry, value: torch.Tensor) -> torch.Tensor:
+        """What this rank's file holds of the entry's average ``value``."""
+        return value
 
     def close(self) -> None:
         """Releases what the strategy created (after the writer thread stopped)."""
@@ -176,7 +186,7 @@ class FSDP2Shards(OwnerSharded):
         _reshard(model)  # what the body gathered holds the average: dropped before training
 
     def writes_entry(self, entry):
-        return is_dtensor(entry.tensor) or self.rank == 0  # replicated: rank 0 writes it
+        return is_sharded(entry.tensor) or self.rank == 0  # replicated: rank 0 writes it
 
     def file_meta(self, layout):
         import json
@@ -187,7 +197,7 @@ class FSDP2Shards(OwnerSharded):
 
     def index(self, layout, path):
         files = [os.path.basename(shard_paths(path, r, self.world)[0]) for r in range(self.world)]
-        return _weight_map(layout, lambda e: files if is_dtensor(e.tensor) else files[0],
+        return _weight_map(layout, lambda e: files if is_sharded(e.tensor) else files[0],
                            files[0])
 
     def as_dtensors(self, layout, tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -204,6 +214,111 @@ class FSDP2Shards(OwnerSharded):
             else:
                 out[n] = t
         return out
+
+
+class ZeroShards(FSDP2Shards):
+    """DeepSpeed ZeRO-3: each rank averages its partition of every parameter (``ds_tensor``: a
+    flat slice of ``ceil(numel / world)`` elements, the last rank's padded). Persisted (small)
+    parameters are partitioned too and averaged the same way. Full tensors are gathered only
+    when asked for; ``swapped`` writes the partitions and releases every gathered copy, so the
+    next forward gathers the averages (and, after restoring, the training weights again)."""
+
+    def __init__(self, params, process_group=None):
+        _check_zero3(params)
+        OwnerSharded.__init__(self, process_group)
+        self.dcp_group = self.dcp_mesh = None
+
+    def gather(self, layout, values, dst):
+        out = {}
+        for e in layout.all_entries:
+            out[e.name] = (_zero3_full(values[e.name], e.tensor, self.group)
+                           if is_zero3(e.tensor) else values[e.name])
+        return out if dst is None or dst == self.rank else None
+
+    def close(self):
+        pass
+
+    def before_swap(self, model):
+        _release_gathered(model)  # a gathered copy would hide the partitions written next
+
+    def after_restore(self, model):
+        _release_gathered(model)  # what the body gathered holds the average
+
+    def file_value(self, entry, value: torch.Tensor) -> torch.Tensor:
+        """The part of this rank's average that its file holds: a partition without padding."""
+        if not is_zero3(entry.tensor):
+            return value
+        lo, hi = _zero3_span(entry.tensor, self.rank, self.world)
+        return value[:hi - lo]
+
+    def file_meta(self, layout):
+        import json
+        meta = OwnerSharded.file_meta(self, layout)
+        # Each split tensor as a flat row block of its elements: [first element, [numel], shape].
+        shards = {}
+        for e in layout.all_entries:
+            if is_zero3(e.tensor):
+                lo, _ = _zero3_span(e.tensor, self.rank, self.world)
+                shape = list(e.tensor.ds_shape)
+                for n in [e.name, *e.aliases]:
+                    shards[n] = [lo, [e.tensor.ds_numel], shape]
+        meta["shards"] = json.dumps(shards)
+        return meta
+
+    def as_dtensors(self, layout, tensors):
+        raise ValueError("format='dcp' is for FSDP2 (DTensor) averages; ZeRO-3 averages are "
+                         "saved as safetensors files per rank with an index")
+
+
+def _check_zero3(params) -> None:
+    """Refuses ZeRO-3 set-ups whose partitions are not plain tensors on the training device."""
+    for p in params:
+        if not is_zero3(p):
+            continue
+        part = p.ds_tensor
+        where = getattr(part, "final_location", None)
+        if where is not None and "nvme" in str(where).lower():
+            raise NotImplementedError(
+                "DeepSpeed ZeRO-Infinity parameter offload to NVMe (offload_param: nvme) is not "
+                "supported: the partitions live on disk between uses. Train with "
+                "offload_param disabled to keep averages with offload_ema")
+        if part.device != p.device:
+            raise NotImplementedError(
+                f"DeepSpeed parameter offload (offload_param: {part.device.type}) is not "
+                f"supported: partitions live on {part.device}, the model on {p.device}. Train "
+                "with offload_param disabled to keep averages with offload_ema")
+        if not p.requires_grad:
+            raise NotImplementedError(
+                "frozen ZeRO-3 parameters (requires_grad=False, e.g. a LoRA base model) are not "
+                "supported yet: their partitions cannot be reported as current values. Freeze "
+                "them outside ZeRO-3's partitioning, or train without ZeRO stage 3")
+
+
+def _zero3_span(p, rank: int, world: int) -> Tuple[int, int]:
+    """The elements [lo, hi) of the flattened parameter that ``rank``'s partition holds."""
+    size = p.ds_tensor.numel()
+    lo = min(p.ds_numel, rank * size)
+    return lo, min(p.ds_numel, lo + size)
+
+
+def _zero3_full(local_avg: torch.Tensor, p, group) -> torch.Tensor:
+    """The full float32 CPU tensor of a ZeRO-3 parameter's average from every rank's partition
+    average (an all-gather over the group)."""
+    comm = _comm_device(group, p.ds_tensor.device)
+    world = dist.get_world_size(group)
+    part = local_avg.reshape(-1).to(comm, torch.float32)
+    out = torch.empty(world * part.numel(), dtype=torch.float32, device=comm)
+    dist.all_gather_into_tensor(out, part, group=group)
+    return out[:p.ds_numel].view(p.ds_shape).to("cpu")
+
+
+def _release_gathered(model: nn.Module) -> None:
+    """Frees every gathered ZeRO-3 parameter (persisted ones included): the next use gathers it
+    from the partitions again."""
+    available = [p for p in unwrap_model(model).parameters()
+                 if is_zero3(p) and p.ds_status.name == "AVAILABLE"]
+    if available:
+        available[0].partition(param_list=available)
 
 
 # ---- helpers ----------------------------------------------------------------------------------

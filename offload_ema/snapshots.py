@@ -406,13 +406,15 @@ def _load_sharded(index_path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, o
             if isinstance(weight_map[k], str):
                 tensors[k] = part[k]
             else:
-                row, shape = offsets[k]
-                pieces.setdefault(k, []).append((row, shape, part[k]))
+                # [first row, shape] (FSDP2 row blocks), or [first element, [numel], shape] (a
+                # ZeRO-3 partition: a row block of the flattened tensor)
+                row, shape, *view = offsets[k]
+                pieces.setdefault(k, []).append((row, shape, part[k], view))
     for k, blocks in pieces.items():
         blocks.sort(key=lambda b: b[0])
         shape = blocks[0][1]
         rows = 0
-        for row, _, block in blocks:
+        for row, _, block, _ in blocks:
             if row != rows:
                 raise ValueError(f"{index_path}: the row blocks of {k!r} do not tile it "
                                  f"(expected row {rows}, found {row})")
@@ -420,7 +422,8 @@ def _load_sharded(index_path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, o
         if rows != shape[0]:
             raise ValueError(f"{index_path}: the row blocks of {k!r} cover {rows} of "
                              f"{shape[0]} rows")
-        tensors[k] = torch.cat([b for _, _, b in blocks]).reshape(shape)
+        view = blocks[0][3]
+        tensors[k] = torch.cat([b for _, _, b, _ in blocks]).reshape(view[0] if view else shape)
     return {k: tensors[k] for k in weight_map}, _parse_meta(meta, index_path)
 
 

@@ -71,9 +71,9 @@ class SnapshotWriter:
         """Queues the average ``name`` at ``step`` for writing; the caller checked the name."""
         if format not in ("safetensors", "dcp"):
             raise ValueError(f"format must be 'safetensors' or 'dcp', got {format!r}")
-        if format == "dcp" and not hasattr(self._strategy, "dcp_group"):
-            raise ValueError("format='dcp' is for FSDP2 (DTensor) averages; elsewhere tensors "
-                             "are whole on one rank and safetensors files hold them")
+        if format == "dcp" and getattr(self._strategy, "dcp_group", None) is None:
+            raise ValueError("format='dcp' is for FSDP2 (DTensor) averages; elsewhere (whole "
+                             "tensors, ZeRO-3 partitions) safetensors files hold them")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         path = os.fspath(path)
@@ -158,6 +158,7 @@ class SnapshotWriter:
             if not self._strategy.writes_entry(e):
                 continue
             # Accumulator values are views of live memory: copied; LAWA means are fresh.
+            value = self._strategy.file_value(e, value)
             t = value.to(dtype, copy=True) if (isinstance(spec, Decaying) or dtype != torch.float32) \
                 else value
             out[e.name] = t

@@ -116,6 +116,70 @@ def transformers_(phase, rank, out):
     dump(cb, model, out, "transformers", phase, rank, extra)
 
 
+# ---- Hugging Face Trainer with DeepSpeed ZeRO-3 ---------------------------------------------
+def transformers_zero3(phase, rank, out):
+    """The Trainer with a ZeRO-3 config: train, evaluate on the average, checkpoint, resume.
+    A callback records the parameters DeepSpeed gathers after each optimizer step: the float64
+    reference of the averages and of the evaluation loss on the average."""
+    import deepspeed
+    import transformers
+    from offload_ema.integrations.transformers import AveragerCallback
+
+    from helpers import Reg, RefEMA, RefLAWA, RegData as Data
+
+    refs = {"ema": RefEMA(0.8), "lawa": RefLAWA(3)}
+
+    class Record(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            params = list(model.named_parameters())
+            with deepspeed.zero.GatheredParameters([p for _, p in params]):
+                full = {n: p.detach().double().clone() for n, p in params}
+            refs["ema"].update(full)
+            if state.global_step % 2 == 0:
+                refs["lawa"].update(full)
+
+    ds_config = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 10},
+                 "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                 "train_batch_size": "auto", "steps_per_print": 10 ** 9}
+    eval_data = Data(8, 2)
+
+    def make(output_dir, cb):
+        args = transformers.TrainingArguments(
+            output_dir=output_dir, max_steps=STEPS, per_device_train_batch_size=2,
+            learning_rate=0.05, lr_scheduler_type="constant", report_to=[], use_cpu=True,
+            logging_strategy="no", save_strategy="steps", save_steps=HALF,
+            eval_strategy="no", per_device_eval_batch_size=4,
+            dataloader_num_workers=0, seed=0, data_seed=0, disable_tqdm=True,
+            deepspeed=ds_config)
+        model = Reg()
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=Data(32, 1),
+                                       eval_dataset=eval_data, callbacks=[cb, Record()])
+        return trainer, model
+
+    cb = AveragerCallback(specs(), evaluate_with="ema")
+    if phase == "straight":
+        trainer, model = make(os.path.join(out, "hfz"), cb)
+        trainer.train()
+    else:
+        trainer, model = make(os.path.join(out, "hfz_resume"), cb)
+        trainer.train(resume_from_checkpoint=os.path.join(out, "hfz_resume", f"checkpoint-{HALF}"))
+    metrics = trainer.evaluate()  # with the EMA swapped in too (the callback adds its loss)
+    ref_model = Reg().double()
+    ref_model.load_state_dict({k: v for k, v in refs["ema"].avg.items()})
+    params = list(model.parameters())
+    with deepspeed.zero.GatheredParameters(params):
+        raw = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    extra = {"eval_ema_loss": metrics.get("eval_ema_loss"), "eval_loss": metrics["eval_loss"],
+             "refs": {n: r.avg for n, r in refs.items()}, "ref_model": ref_model.state_dict(),
+             "eval_x": eval_data.x, "eval_y": eval_data.y}
+    avg = cb.averager
+    result = {name: avg.averaged_state_dict(name) for name in specs()}
+    result.update(raw=raw, step=avg.step_count, taken=avg.stats()["snapshots_taken"],
+                  averager_world=avg.stats()["world"], **extra)
+    torch.save(result, os.path.join(out, f"transformers_zero3-{phase}-rank{rank}.pt"))
+    avg.close()
+
+
 def main():
     framework, phase, rank, world, init_file, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), \
         int(sys.argv[4]), sys.argv[5], sys.argv[6]
@@ -125,7 +189,11 @@ def main():
     # (yet long enough for the two ranks' imports to drift apart on a busy 2-core machine).
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=60))
-    {"lightning": lightning, "transformers": transformers_}[framework](phase, rank, out)
+    if framework == "transformers_zero3":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        os.environ["LOCAL_SIZE"] = str(world)
+    {"lightning": lightning, "transformers": transformers_,
+     "transformers_zero3": transformers_zero3}[framework](phase, rank, out)
     dist.barrier()
     dist.destroy_process_group()
     print("OK", rank, flush=True)

@@ -18,11 +18,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-def launch(scenario, tmp_path, world=2, timeout=120):
+def launch(scenario, tmp_path, world=2, timeout=120, worker="dist_worker.py"):
     init = tmp_path / "pg_init"
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1", OFFLOAD_EMA_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "dist_worker.py"), scenario,
+               OMP_NUM_THREADS="1", OFFLOAD_EMA_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, worker), scenario,
                                str(r), str(world), str(init), str(tmp_path)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for r in range(world)]

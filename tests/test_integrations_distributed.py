@@ -27,7 +27,7 @@ def launch(framework, phase, tmp_path, world=2, timeout=150):
     init = tmp_path / f"pg_init_{framework}_{phase}"
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1", OFFLOAD_EMA_NUM_THREADS="1",
-               PYTHONWARNINGS="ignore")
+               PYTHONWARNINGS="ignore", DS_ACCELERATOR="cpu")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)  # the worker sets its own
     procs = [subprocess.Popen([sys.executable, WORKER, framework, phase, str(r), str(world),
@@ -108,3 +108,44 @@ def test_transformers_ddp_each_rank_saves_and_resumes_its_own_file(tmp_path):
     assert resumed[0]["missing_error"].startswith("RuntimeError")
     assert "failed on rank 1" in resumed[0]["missing_error"]
     assert_same(straight, resumed)
+
+
+def test_transformers_deepspeed_zero3_trains_evaluates_saves_and_resumes(tmp_path):
+    """The Trainer with a DeepSpeed ZeRO-3 config on two CPU ranks: the averages of the
+    partitions equal a float64 reference of the parameters DeepSpeed gathers after each step;
+    evaluation on the average reports the reference average's loss over every rank's share of
+    the data; each rank saves and resumes its own file, and the resumed run ends bit for bit
+    where the uninterrupted one did."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    pytest.importorskip("deepspeed")
+    from helpers import Reg
+    from offload_ema.integrations.transformers import rank_state_file
+
+    straight = launch("transformers_zero3", "straight", tmp_path)
+    folder = tmp_path / "hfz" / f"checkpoint-{HALF}"
+    names = sorted(p.name for p in folder.iterdir() if p.name.startswith("offload_ema"))
+    assert names == [rank_state_file(0, 2), rank_state_file(1, 2)]
+    for r, res in enumerate(straight):
+        for name in ("ema", "lawa"):
+            ref = res["refs"][name]
+            assert {k: tuple(v.shape) for k, v in res[name].items()} == {
+                k: tuple(v.shape) for k, v in ref.items()}  # full tensors, not placeholders
+            for k, v in ref.items():
+                torch.testing.assert_close(res[name][k].double(), v, rtol=1e-5, atol=1e-7)
+        model = Reg().double()
+        model.load_state_dict(res["ref_model"])
+        with torch.no_grad():
+            expect = torch.nn.functional.mse_loss(model.net(res["eval_x"].double()),
+                                                  res["eval_y"].double()).item()
+        assert abs(res["eval_ema_loss"] - expect) < 1e-5, (r, res["eval_ema_loss"], expect)
+        assert res["eval_ema_loss"] != res["eval_loss"]
+    shutil.copytree(folder, tmp_path / "hfz_resume" / folder.name)
+    resumed = launch("transformers_zero3", "resume", tmp_path)
+    for r, (a, b) in enumerate(zip(straight, resumed)):
+        assert (b["step"], b["taken"]) == (a["step"], a["taken"]) == (2 * HALF, 2 * HALF)
+        for k in a["raw"]:
+            assert torch.equal(a["raw"][k], b["raw"][k]), f"rank {r}: training diverged at {k}"
+        for name in ("ema", "lawa"):
+            for k in a[name]:
+                assert torch.equal(a[name][k], b[name][k]), f"rank {r}: {name} {k}"

@@ -50,36 +50,40 @@ def _reference(beta, steps):
     return acc
 
 
-def _run_slab(seed, steps, beta, staging=None, manual_no_fence=False):
+def _run_slab(seed, steps, beta, staging=None, manual_no_fence=False, manual=False):
     model, opt = _slab()
     with lazy_device(seed=seed):
         with oe.Averager(model, {"ema": oe.EMA(beta)}, staging_bytes=staging) as avg:
-            if not manual_no_fence:
+            if not (manual_no_fence or manual):
                 avg.attach(opt)
             for s in range(1, steps + 1):
                 model.fake_backward(s)
                 opt.step()
                 if manual_no_fence:
                     avg.step(fence=False)  # breaks the contract: no fence() before the next step
+                elif manual:
+                    avg.step()  # fences at once: the training thread may issue the copies itself
             sd = avg.averaged_state_dict("ema")
             st = avg.stats()
     return [sd[f"ps.{i}"] for i in range(len(model.ps))], st
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("staging", ["default", "chunked", "unpacked"])
+@pytest.mark.parametrize("staging", ["default", "chunked", "unpacked", "manual_step"])
 def test_race_low_density_model_matches_synchronous_reference(seed, staging, monkeypatch):
     """Default: the slab's small tensors are packed on the "device" and leave in one copy;
-    unpacked: one copy per tensor; chunked: the worker issues a quarter snapshot at a time."""
+    unpacked: one copy per tensor; chunked: the worker issues a quarter snapshot at a time;
+    manual_step: avg.step() fences at once (the copies issued by whichever thread comes first)."""
     if staging == "unpacked":
         monkeypatch.setenv("OFFLOAD_EMA_PACK_BYTES", "0")
     steps, beta = 200, 0.9
     nbytes = 4 * 4096 * 2
     # Chunked: two buffers of a quarter snapshot, 4 chunks per snapshot.
-    got, st = _run_slab(seed, steps, beta, nbytes // 2 if staging == "chunked" else None)
+    got, st = _run_slab(seed, steps, beta, nbytes // 2 if staging == "chunked" else None,
+                        manual=staging == "manual_step")
     assert st["snapshots_applied"] == steps
     if staging != "chunked":  # (a chunk here holds one tensor: nothing to pack)
-        assert (st["device_pack_bytes"] > 0) == (staging == "default")
+        assert (st["device_pack_bytes"] > 0) == (staging != "unpacked")
     if staging == "chunked":
         assert st["chunks_per_snapshot"] > 1
     for i, (a, b) in enumerate(zip(got, _reference(beta, steps))):

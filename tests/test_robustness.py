@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import offload_ema as oe
+from offload_ema.testing import lazy_device
 from offload_ema import engine as engine_mod
 from helpers import RefEMA, RefLAWA, assert_matches, make, snapshot, train_step
 
@@ -44,10 +45,14 @@ SPECS = lambda: {"ema": oe.EMA(0.7), "lawa": oe.LAWA(2, every=1)}  # noqa: E731
 INTERRUPTED_STEP = 3
 
 
-def _run_with_interrupt(at, on_busy="block"):
+def _run_with_interrupt(at, on_busy="block", device="host"):
     """Trains 5 steps; step 3's optimizer.step() is interrupted at the ``at``-th library line.
     Returns the averages and both references (with and without step 3's snapshot), or raises
-    AssertionError when a later call hangs."""
+    AssertionError when a later call hangs. ``device="lazy"``: on the simulated copy engine
+    (the asynchronous path: issuer thread, fence that may issue the copies itself)."""
+    if device == "lazy":
+        with lazy_device(seed=at or 0, max_delay=0.001):
+            return _run_with_interrupt(at, on_busy)
     model, opt = make()
     avg = oe.Averager(model, SPECS(), on_busy=on_busy, buffers="average").attach(opt)
     with_refs = {"ema": RefEMA(0.7), "lawa": RefLAWA(2)}
@@ -95,13 +100,14 @@ def _matches(got, refs):
         return False
 
 
-@pytest.mark.parametrize("on_busy", ["block", "coalesce"])
-def test_an_interrupt_at_any_line_of_a_step_leaves_a_consistent_averager(on_busy):
-    _, _, _, lines, interrupted = _run_with_interrupt(None, on_busy)
+@pytest.mark.parametrize("on_busy,device", [("block", "host"), ("coalesce", "host"),
+                                            ("block", "lazy")])
+def test_an_interrupt_at_any_line_of_a_step_leaves_a_consistent_averager(on_busy, device):
+    _, _, _, lines, interrupted = _run_with_interrupt(None, on_busy, device)
     assert not interrupted and lines > 20  # the library's lines during one optimizer.step()
     outcomes = {"with": 0, "without": 0}
     for at in range(1, lines + 1):
-        result, with_refs, without_refs, _, interrupted = _run_with_interrupt(at, on_busy)
+        result, with_refs, without_refs, _, interrupted = _run_with_interrupt(at, on_busy, device)
         assert interrupted, at
         # The step's snapshot is in every average, or in none.
         if _matches(result["avgs"], with_refs):

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from offload_ema.averager import Averager
+from offload_ema.hooks import is_deepspeed_optimizer
 from offload_ema.integrations import check_callback_args, is_sharded, on_every_rank, world
 
 __all__ = ["AveragerCallback", "STATE_FILE", "rank_state_file"]
@@ -64,9 +65,16 @@ def _save_atomic(obj, path: str) -> None:
 
 
 def _innermost(optimizer):
-    """The torch optimizer under accelerate's / the Trainer's wrappers (its step hooks fire)."""
-    while hasattr(optimizer, "optimizer") and isinstance(optimizer.optimizer, torch.optim.Optimizer):
-        optimizer = optimizer.optimizer
+    """The torch optimizer under accelerate's / the Trainer's wrappers (its step hooks fire); with
+    DeepSpeed, DeepSpeed's optimizer under accelerate's wrapper (whose step does nothing: the
+    engine steps inside backward)."""
+    while hasattr(optimizer, "optimizer"):
+        inner = optimizer.optimizer
+        if is_deepspeed_optimizer(inner):
+            return inner
+        if not isinstance(inner, torch.optim.Optimizer):
+            break
+        optimizer = inner
     return optimizer
 
 
@@ -173,4 +181,10 @@ class AveragerCallback(transformers.TrainerCallback):
                 total += float(out["loss"] if isinstance(out, dict) else out.loss) * n
                 count += n
         model.train(was_training)
+        if world()[1] > 1:  # every rank evaluated its share: the loss over all of them
+            # (NCCL reduces CUDA tensors only, gloo CPU ones.)
+            comm = device if "nccl" in str(dist.get_backend()).lower() else torch.device("cpu")
+            sums = torch.tensor([total, float(count)], dtype=torch.float64, device=comm)
+            dist.all_reduce(sums)
+            total, count = float(sums[0]), int(sums[1])
         metrics[f"eval_{name}_loss"] = total / max(count, 1)
