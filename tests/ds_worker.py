@@ -63,10 +63,14 @@ def batch(rank, s):
     return torch.randn(4, 8, generator=g)
 
 
-def train(engine, rank, start, steps, accumulation, on_step):
+def train(engine, rank, start, steps, accumulation, on_step, poison=None):
+    """``poison``: the step whose first micro-batch has a NaN: DeepSpeed skips that update."""
     for s in range(start, start + steps):
         for micro in range(accumulation):
-            loss = engine(batch(rank, 10 * s + micro)).pow(2).mean()
+            x = batch(rank, 10 * s + micro)
+            if s == poison and micro == 0:
+                x[0, 0] = float("nan")
+            loss = engine(x).pow(2).mean()
             engine.backward(loss)
             engine.step()  # DeepSpeed's optimizer steps at the accumulation boundary only
         on_step(s)
@@ -81,16 +85,24 @@ def zero(rank, world, out, stage):
         placeholders = [n for n, p in engine.module.named_parameters() if p.numel() == 0]
         assert placeholders, "the model should hold ZeRO-3 placeholders outside forward"
     refs = {"ema": RefEMA(0.8), "lawa": RefLAWA(3)}
+    skipped = [engine.skipped_steps]
+    taken = [0]
 
     def record(s):
+        if engine.skipped_steps != skipped[0]:  # DeepSpeed skipped this update (non-finite)
+            skipped[0] = engine.skipped_steps
+            return
+        taken[0] += 1
         full = full_params(engine, stage)
         refs["ema"].update(full)
-        if s % 2 == 0:
+        if taken[0] % 2 == 0:
             refs["lawa"].update(full)
-    train(engine, rank, 1, 8, accumulation, record)
+    train(engine, rank, 1, 9, accumulation, record, poison=5)
     avg.flush()
     st = avg.stats()
-    assert st["snapshots_applied"] == 8, st  # one per optimizer step, not per micro-step
+    assert engine.skipped_steps == 1, engine.skipped_steps
+    # One snapshot per optimizer step (not per micro-step), none of the skipped one.
+    assert st["snapshots_applied"] == 8, st
     n_full = sum(p.numel() for p in make_model().parameters()) * 4
     # Each rank holds about half of the model (partitions, or its owned tensors).
     assert st["snapshot_bytes"] < 0.75 * n_full + 64 * 8, (st["snapshot_bytes"], n_full)
@@ -131,7 +143,7 @@ def zero(rank, world, out, stage):
     avg2 = oe.Averager(engine, specs)
     avg2.load_state_dict(state)
     avg2.attach(engine)
-    train(engine, rank, 9, 4, accumulation, record)
+    train(engine, rank, 10, 4, accumulation, record)
     for name, ref in refs.items():
         assert_matches(avg2.averaged_state_dict(name), ref.avg, rtol=1e-5, atol=1e-7)
     avg2.close()
