@@ -722,6 +722,10 @@ def main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="offload_ema_bench_") as tmp:
         if args.save_every and args.save_dir is None:
             args.save_dir = tmp
+        elif args.save_dir is not None:
+            if os.path.exists(args.save_dir) and not os.path.isdir(args.save_dir):
+                raise SystemExit(f"--save-dir {args.save_dir}: a file, not a directory")
+            os.makedirs(args.save_dir, exist_ok=True)  # a new directory is made, not an error
         rows = run(args) if args.nproc == 1 else _spawn(args, tmp)
     report(rows)
     if args.json:

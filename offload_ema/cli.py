@@ -43,6 +43,16 @@ def inspect(path: str) -> int:
     try:
         tensors, meta = load_snapshot(path)
     except (OSError, ValueError) as exc:
+        import os
+        if os.path.isdir(path):  # not a checkpoint directory (format="dcp") either
+            found = sorted(f for f in os.listdir(path)
+                           if f.endswith((".safetensors", ".index.json", ".dcp")))
+            print(f"offload-ema inspect: {path} is a directory, not a snapshot; " + (
+                f"it holds {len(found)} snapshot file(s): {', '.join(found[:10])}"
+                f"{' ...' if len(found) > 10 else ''}: give one of them (or an index)"
+                if found else "it holds no snapshot files (*.safetensors, *.index.json, *.dcp)"),
+                file=sys.stderr)
+            return 1
         print(f"offload-ema inspect: {exc}", file=sys.stderr)
         return 1
     print(path)

@@ -78,8 +78,10 @@ class SnapshotWriter:
             raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         path = os.fspath(path)
         directory = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(directory):
-            raise FileNotFoundError(f"directory of the snapshot path does not exist: {directory}")
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise NotADirectoryError(f"the snapshot path's parent is a file, not a directory: "
+                                     f"{directory}")
+        os.makedirs(directory, exist_ok=True)  # (every rank may create it: exist_ok)
         strategy, layout = self._strategy, self._layout
         layout.check_unchanged()  # never a file of tensors the model no longer has
         file_path, index_path = strategy.file_paths(path)

@@ -168,12 +168,12 @@ def test_bench_save_every_reports_write_and_disk_speed(tmp_path, capsys):
     js = tmp_path / "o.json"
     rc = cli.main(["bench", "--layers", "1", "--width", "64", "--rounds", "1", "--steps", "4",
                    "--warmup", "0", "--modes", "none,offload", "--save-every", "2",
-                   "--save-dir", str(tmp_path), "--json", str(js)])
-    assert rc == 0
+                   "--save-dir", str(tmp_path / "new" / "dir"), "--json", str(js)])
+    assert rc == 0  # a missing --save-dir is created
     off = {r["mode"]: r for r in json.loads(js.read_text())}["offload"]
     assert off["saves"] == 2 and off["save_gbps"] > 0 and off["disk_write_gbps"] > 0
     import offload_ema as oe
-    tensors, meta = oe.load_snapshot(tmp_path / "offload.safetensors")
+    tensors, meta = oe.load_snapshot(tmp_path / "new" / "dir" / "offload.safetensors")
     assert meta["name"] == "ema" and meta["step"] == 4
     assert "of the disk's sequential write speed" in capsys.readouterr().out
 

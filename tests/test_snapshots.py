@@ -126,8 +126,9 @@ def test_save_every_rejects_bad_arguments(tmp_path):
             avg.save(tmp_path / "x.safetensors", "nope")
         with pytest.raises(ValueError, match="dtype must be a floating-point"):
             avg.save(tmp_path / "x.safetensors", "ema", dtype=torch.int32)
-        with pytest.raises(FileNotFoundError, match="directory of the snapshot path"):
-            avg.save(tmp_path / "missing" / "x.safetensors", "ema")
+        (tmp_path / "afile").write_text("x")
+        with pytest.raises(NotADirectoryError, match="parent is a file"):
+            avg.save(tmp_path / "afile" / "x.safetensors", "ema")
 
 
 def test_apply_snapshot_into_fresh_and_compiled_models(tmp_path):
@@ -203,6 +204,13 @@ def test_inspect_prints_metadata_and_tensors(tmp_path, capsys):
     line = next(l for l in out.splitlines() if l.strip().startswith("fc1.weight "))
     assert "[16, 8]" in line and "float32" in line
     assert abs(float(line.split()[-1]) - sd["fc1.weight"].double().norm().item()) < 1e-4
+    # A directory: said so, with the snapshot files it holds.
+    assert cli.main(["inspect", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "is a directory, not a snapshot" in err and "e.safetensors" in err
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["inspect", str(tmp_path / "empty")]) == 1
+    assert "holds no snapshot files" in capsys.readouterr().err
 
 
 # ---- faults ------------------------------------------------------------------------------------
@@ -254,10 +262,15 @@ def test_unwritable_directory_is_reported_by_the_future(tmp_path):
         with pytest.raises(OSError):
             fut.result(timeout=60)
         train_step(model, opt, 6)  # seen through result(): not raised again
-    with pytest.raises(FileNotFoundError, match="directory of the snapshot path does not exist"):
-        with oe.Averager(model, {"ema": oe.EMA(0.9)}) as avg2:
-            avg2.step()
-            avg2.save(tmp_path / "no" / "such" / "e.safetensors", "ema")
+    # Missing parent directories are created (save and save_every templates alike).
+    with oe.Averager(model, {"ema": oe.EMA(0.9)}) as avg2:
+        avg2.step()
+        avg2.save(tmp_path / "no" / "such" / "e.safetensors", "ema").result(timeout=60)
+        avg2.save_every(1, str(tmp_path / "new" / "{step}" / "{name}.safetensors"))
+        avg2.step()
+        avg2.flush()
+    assert (tmp_path / "no" / "such" / "e.safetensors").is_file()
+    assert (tmp_path / "new" / "2" / "ema.safetensors").is_file()
 
 
 def test_a_failing_write_reaches_flush_and_close(tmp_path, monkeypatch):
