@@ -13,7 +13,7 @@ EXT := offload_ema/_C$(EXT_SUFFIX)
 
 deps:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_SPEC)"
-	@$(PYTHON) -m pip install -q "setuptools>=64" wheel ninja pytest psutil safetensors matplotlib lightning transformers accelerate
+	@$(PYTHON) -m pip install -q "setuptools>=64" wheel ninja pytest psutil safetensors matplotlib lightning transformers accelerate diffusers
 	@# DeepSpeed (optional, for its ZeRO tests): built against the torch above, never a second one.
 	@$(PYTHON) -c "import deepspeed" 2>/dev/null || DS_BUILD_OPS=0 $(PYTHON) -m pip install -q --no-build-isolation "$(DEEPSPEED_SPEC)"
 

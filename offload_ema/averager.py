@@ -7,6 +7,7 @@ training thread), ``engine.Engine`` (staging, copies, fence, worker, the average
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import weakref
 from typing import Dict, Mapping, Optional, Union
@@ -18,7 +19,7 @@ from offload_ema import ops, resume, sharding
 from offload_ema.averages import EMA, LAWA
 from offload_ema.engine import Engine
 from offload_ema.hooks import OptimizerHooks, close_at_exit, release, step_hooks
-from offload_ema.layout import Layout
+from offload_ema.layout import Layout, normalise_name, unwrap_model
 from offload_ema.schedule import Schedule
 from offload_ema.snapshots import SnapshotFuture
 from offload_ema.writer import SnapshotWriter
@@ -195,6 +196,52 @@ class Averager:
             self._schedule.raise_no_snapshot(name)
         return self._writer.save(name, self._schedule.specs[name], path, self._schedule.step,
                                  dtype=dtype, format=format)
+
+    def save_pretrained(self, out_dir: str, name: str, *, model=None) -> SnapshotFuture:
+        """Writes the average ``name`` as a model directory that the model class's
+        ``from_pretrained`` loads (transformers ``PreTrainedModel``, diffusers ``ModelMixin``):
+        the model's config and safetensors weights in the model's dtypes, tied weights as the
+        model ties them. The copy is taken now (sharded: gathered to rank 0, a collective every
+        rank must call; only rank 0 writes), the directory is written in the background.
+
+        Args:
+            out_dir: the directory to write (replaced once the new one is complete).
+            name: the average.
+            model: the model whose config and class describe the weights (default: the model
+                this Averager was built on).
+
+        Returns:
+            SnapshotFuture: ``result()`` is the directory once written.
+        """
+        from offload_ema.writer import pretrained_kind
+
+        self._check_open()
+        self._schedule.check_name(name)
+        target = unwrap_model(model if model is not None else self._layout.model)
+        if pretrained_kind(target) is None:
+            raise TypeError(
+                f"save_pretrained needs a model with save_pretrained() and a config (a "
+                f"transformers PreTrainedModel or a diffusers ModelMixin); "
+                f"{type(target).__name__} has not: use avg.save(path, {name!r}) for a "
+                "snapshot file, or avg.averaged_state_dict() with your own saving")
+        if not self._schedule.scheduled[name]:
+            self._schedule.raise_no_snapshot(name)
+        dtypes = {normalise_name(k): v.dtype for k, v in target.state_dict().items()}
+        sharded = self._strategy.world > 1
+        values = self.averaged_state_dict(name, rank=0 if sharded else None)
+        if sharded and self._strategy.rank != 0:
+            done = SnapshotFuture(os.path.abspath(os.fspath(out_dir)))
+            done.set_running_or_notify_cancel()
+            done.set_result(done.path)
+            return done
+        cast: Dict[int, torch.Tensor] = {}  # tied names keep sharing one tensor
+        out = {}
+        for k, t in values.items():
+            if id(t) not in cast:
+                dtype = dtypes.get(k, t.dtype)
+                cast[id(t)] = t.to(dtype) if t.is_floating_point() else t
+            out[k] = cast[id(t)]
+        return self._writer.save_pretrained(out_dir, target, out)
 
     def save_every(self, every: int, path_template: str, *, names=None,
                    keep_last: Optional[int] = None, dtype: torch.dtype = torch.float32) -> None:

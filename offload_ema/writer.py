@@ -130,6 +130,19 @@ class SnapshotWriter:
         self._engine.run_after(take_copy)
         return fut
 
+    def save_pretrained(self, out_dir: str, model, values: Dict[str, torch.Tensor]
+                        ) -> SnapshotFuture:
+        """Writes ``values`` (a full state dict) as ``model``'s directory (config + safetensors
+        weights in each tensor's dtype), loadable with the model class's ``from_pretrained``.
+        Written under a temporary name, then renamed into place (an older directory of that name
+        is replaced only once the new one is complete)."""
+        out_dir = os.path.abspath(os.fspath(out_dir))
+        fut = SnapshotFuture(out_dir)
+        fut.set_running_or_notify_cancel()
+        with self._lock: self._futures.append(fut)  # noqa: E701 (see unseen_error)
+        self._submit(fut, lambda: _write_pretrained(out_dir, model, values))
+        return fut
+
     def save_every(self, every: int, template: str, names: List[str], keep_last: Optional[int],
                    dtype: torch.dtype) -> None:
         check_int(every, "every", 1)
@@ -246,3 +259,59 @@ class SnapshotWriter:
                 self._stats["save_seconds"] += fut.seconds
                 self._stats["save_bytes"] += nbytes
             fut.set_result(fut.path)
+
+
+def pretrained_kind(model) -> Optional[str]:
+    """``"transformers"`` (a PreTrainedModel: ``save_pretrained(..., state_dict=...)``),
+    ``"diffusers"`` (a ModelMixin: ``save_config`` + ``diffusion_pytorch_model.safetensors``), or
+    None for a model that cannot be written as a ``from_pretrained`` directory."""
+    import inspect
+    save = getattr(model, "save_pretrained", None)
+    if not callable(save) or getattr(model, "config", None) is None:
+        return None
+    try:
+        params = inspect.signature(save).parameters
+    except (TypeError, ValueError):
+        return None
+    if "state_dict" in params:
+        return "transformers"
+    if callable(getattr(model, "save_config", None)):
+        return "diffusers"
+    return None
+
+
+def _write_pretrained(out_dir: str, model, values: Dict[str, torch.Tensor]) -> int:
+    import shutil
+
+    parent, base = os.path.split(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}-{threading.get_ident()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        if pretrained_kind(model) == "transformers":
+            # Tied weights share one tensor in ``values``: transformers writes them once.
+            model.save_pretrained(tmp, state_dict=values, safe_serialization=True)
+        else:
+            import safetensors.torch
+            model.save_config(tmp)
+            seen: Dict[int, str] = {}
+            tensors = {}
+            for k, t in values.items():  # a file holds no two names for one memory
+                tensors[k] = t.clone() if id(t) in seen else t.contiguous()
+                seen.setdefault(id(t), k)
+            safetensors.torch.save_file(tensors, os.path.join(tmp, "diffusion_pytorch_model.safetensors"),
+                                        metadata={"format": "pt"})
+        nbytes = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp)
+                     if os.path.isfile(os.path.join(tmp, f)))
+        old = None
+        if os.path.exists(out_dir):  # replaced only now that the new one is whole
+            old = os.path.join(parent, f".{base}.old-{os.getpid()}-{threading.get_ident()}")
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return nbytes
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

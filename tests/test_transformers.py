@@ -125,3 +125,45 @@ def test_decay_schedules_through_the_trainer(tmp_path):
         assert_matches(cb.averager.averaged_state_dict(n), refs[n].avg, rtol=1e-6, atol=1e-7)
     assert "eval_power_loss" in t.evaluate()
     cb.averager.close()
+
+
+class _Ids(torch.utils.data.Dataset):
+    def __init__(self, n):
+        g = torch.Generator().manual_seed(3)
+        self.ids = torch.randint(0, 50, (n, 8), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def test_checkpoints_hold_a_from_pretrained_directory_of_the_average(tmp_path):
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    ref = RefEMA(0.8)
+
+    class Rec(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            ref.update({k: v.detach().double().clone() for k, v in model.state_dict().items()})
+
+    cb = AveragerCallback({"ema": oe.EMA(0.8)}, save_pretrained="ema")
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2, learning_rate=0.01,
+        report_to=[], use_cpu=True, logging_strategy="no", save_strategy="steps", save_steps=4,
+        dataloader_num_workers=0, seed=0, disable_tqdm=True)
+    transformers.Trainer(model=model, args=args, train_dataset=_Ids(16),
+                         callbacks=[cb, Rec()]).train()
+    cb.averager.close()
+    folder = tmp_path / "checkpoint-4" / "offload_ema-ema"
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(folder)
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    sd = loaded.state_dict()
+    for k, v in ref.avg.items():
+        if k in sd and sd[k].is_floating_point():
+            torch.testing.assert_close(sd[k].double(), v, rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, k=k: f"{k}: {m}")
+    with pytest.raises(ValueError, match="save_pretrained must name one of the averages"):
+        AveragerCallback({"ema": oe.EMA(0.8)}, save_pretrained="nope")

@@ -95,14 +95,20 @@ class AveragerCallback(transformers.TrainerCallback):
         evaluate_with (str, optional): after each evaluation, also compute the evaluation loss
             with this average swapped in; reported as ``eval_<name>_loss`` in the metrics.
         save_every / save_path / keep_last: periodic snapshot files (``Averager.save_every``).
+        save_pretrained (str, optional): with each Trainer checkpoint, also write this average
+            as a model directory ``checkpoint-N/offload_ema-<name>`` that the model class's
+            ``from_pretrained`` loads (``Averager.save_pretrained``; a PreTrainedModel).
         **averager_kwargs: more keyword arguments of :class:`offload_ema.Averager`.
     """
 
     def __init__(self, averages: Mapping, *, evaluate_with: Optional[str] = None,
                  save_every: Optional[int] = None, save_path: Optional[str] = None,
-                 keep_last: Optional[int] = None, **averager_kwargs):
+                 keep_last: Optional[int] = None, save_pretrained: Optional[str] = None,
+                 **averager_kwargs):
         check_callback_args(averages, evaluate_with, "evaluate_with", save_every, save_path)
+        check_callback_args(averages, save_pretrained, "save_pretrained", None, None)
         self.averages = dict(averages)
+        self.save_pretrained = save_pretrained
         self.evaluate_with = evaluate_with
         self.save_every, self.save_path, self.keep_last = save_every, save_path, keep_last
         self.averager_kwargs = averager_kwargs
@@ -162,6 +168,13 @@ class AveragerCallback(transformers.TrainerCallback):
         # in place) before any rank goes on, e.g. to rank 0 deleting checkpoints beyond
         # save_total_limit at the end of training; and a rank whose write failed fails them all.
         on_every_rank(write, "saving the averager state")
+        name = self.save_pretrained
+        if name and self.averager is not None and self.averager.ready(name) and \
+                os.path.isdir(folder):
+            # Every rank: sharded averages are gathered to rank 0 (a collective), which writes.
+            self.averager.save_pretrained(os.path.join(folder, f"offload_ema-{name}"), name,
+                                          model=kwargs.get("model")).result()
+            _barrier()  # whole before rank 0 may rotate checkpoints
 
     def on_evaluate(self, args, state, control, metrics=None, model=None, eval_dataloader=None,
                     **kwargs):
