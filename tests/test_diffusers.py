@@ -57,12 +57,15 @@ def _unet():
                                  up_block_types=("UpBlock2D", "UpBlock2D"))
 
 
-def _script(EMA, out):
+def _script(EMA, out, separate=False):
     """The EMA lines of diffusers' examples/unconditional_image_generation/train_unconditional.py
-    (and train_text_to_image.py's checkpoint hooks), around a tiny denoising loop."""
+    (and train_text_to_image.py's checkpoint hooks), around a tiny denoising loop. ``separate``:
+    as train_text_to_image.py, the EMAModel is built on a copy of the model (``ema_unet``) and
+    stepped with the training model's parameters."""
     model = _unet()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    ema_model = EMA(model.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0,
+    source = _unet() if separate else model
+    ema_model = EMA(source.parameters(), decay=0.9999, use_ema_warmup=True, inv_gamma=1.0,
                     power=3 / 4, model_cls=diffusers.UNet2DModel, model_config=model.config)
     ema_model.to("cpu")
     g = torch.Generator().manual_seed(2)
@@ -99,11 +102,12 @@ def _script(EMA, out):
     return record
 
 
-def test_diffusers_training_script_lines_with_one_import_swapped(tmp_path):
+@pytest.mark.parametrize("separate", [False, True])
+def test_diffusers_training_script_lines_with_one_import_swapped(tmp_path, separate):
     (tmp_path / "theirs").mkdir()
     (tmp_path / "ours").mkdir()
-    theirs = _script(DiffusersEMA, tmp_path / "theirs")
-    ours = _script(EMAModel, tmp_path / "ours")
+    theirs = _script(DiffusersEMA, tmp_path / "theirs", separate)
+    ours = _script(EMAModel, tmp_path / "ours", separate)
     assert ours["decay"] == pytest.approx(theirs["decay"], abs=1e-15)
     for a, b in zip(ours["raw"], theirs["raw"]):
         assert torch.equal(a, b)  # training itself is untouched
