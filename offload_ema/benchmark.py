@@ -579,8 +579,53 @@ def disk_write_gbps(directory: str, nbytes: int) -> float:
     return nbytes / seconds / 1e9
 
 
+LEGEND = """\
+median / p90 ms: step time over every timed step of the mode; overhead: median vs none's, and in
+  brackets the lowest..highest of the per-round overheads (each round's median vs none's median
+  in the same round: the spread this machine's drift puts on the figure)
+GPU mem +: peak GPU memory above none's; host RSS +: resident host memory added by the mode;
+  pinned: page-locked staging bytes (GPU only)
+applied: snapshots in the averages; skip / coal: snapshots dropped or merged into the next one
+  because the worker was still busy (on_busy="skip" / "coalesce"; "block" waits instead)
+fence / copy / update ms: per snapshot, the training thread's wait in the fence, the copy into
+  staging (GPU: on the copy engine) and the worker's kernel time
+avg us/step: the training thread's own time in the averaging code per step (for offload: inside
+  the Averager's optimizer-step hooks)
+rounds: each round's median step time (modes run in interleaved rounds)"""
+
+
+def _round_overheads(rows: List[dict]) -> None:
+    """Adds each mode's per-round overheads vs none's median in the same round."""
+    none = next((r for r in rows if r["mode"] == "none"), None)
+    if none is None:
+        return
+    for r in rows:
+        pairs = zip(r["round_medians_ms"], none["round_medians_ms"])
+        r["overhead_pct_rounds"] = [100 * (a / b - 1) for a, b in pairs if b > 0]
+
+
+def _noise_warnings(rows: List[dict]) -> List[str]:
+    """Why this run's figures may not support themselves (printed after the table)."""
+    out = []
+    by = {r["mode"]: r for r in rows}
+    none = by.get("none")
+    if none is not None and len(none["round_medians_ms"]) > 1:
+        rounds = none["round_medians_ms"]
+        drift = 100 * (max(rounds) / min(rounds) - 1)
+        for r in rows:
+            if r["mode"] != "none" and 0 < abs(r["overhead_pct"]) < drift:
+                out.append(f"{r['mode']}'s overhead ({r['overhead_pct']:+.1f}%) is smaller than "
+                           f"the drift of none's own round medians ({drift:.1f}%)")
+    for r in rows:
+        if r["step_ms_p90"] > 2 * r["step_ms_median"]:
+            out.append(f"{r['mode']}: p90 step time is over twice the median "
+                       f"({r['step_ms_p90']:.1f} vs {r['step_ms_median']:.1f} ms)")
+    return out
+
+
 def report(rows: List[dict]) -> None:
-    hdr = (f"{'mode':<14}{'median ms':>10}{'p90 ms':>9}{'overhead':>10}{'GPU mem +':>11}"
+    _round_overheads(rows)
+    hdr = (f"{'mode':<14}{'median ms':>10}{'p90 ms':>9}{'overhead':>10}{'(rounds)':>16}{'GPU mem +':>11}"
            f"{'host RSS +':>11}{'pinned':>9}{'applied':>8}{'skip':>6}{'coal':>6}"
            f"{'fence ms':>9}{'copy ms':>9}{'update ms':>10}{'avg us/step':>12}"
            f"  rounds (median ms)")
@@ -588,12 +633,19 @@ def report(rows: List[dict]) -> None:
     print("-" * len(hdr))
     for r in rows:
         print(f"{r['mode']:<14}{r['step_ms_median']:>10.2f}{r['step_ms_p90']:>9.2f}"
-              f"{r['overhead_pct']:>+9.1f}%{_size(r['gpu_mem_delta_bytes']):>11}"
+              f"{r['overhead_pct']:>+9.1f}%{_spread(r):>16}{_size(r['gpu_mem_delta_bytes']):>11}"
               f"{_size(r['rss_delta_bytes']):>11}{_size(r['pinned_bytes']):>9}{r['applied']:>8}"
               f"{r['skipped']:>6}{r['coalesced']:>6}{r['fence_ms_per_snapshot']:>9.2f}"
               f"{r['copy_ms_per_snapshot']:>9.2f}{r['update_ms_per_snapshot']:>10.2f}"
               f"{r['averager_us_per_step']:>12.1f}  "
               + " ".join(f"{x:.1f}" for x in r["round_medians_ms"]))
+    print(LEGEND)
+    warnings = _noise_warnings(rows)
+    if warnings:
+        print("warning: this run is too noisy to support some of its figures (rerun in a quieter "
+              "moment, or with more --rounds / --steps):")
+        for w in warnings:
+            print(f"  - {w}")
     by = {r["mode"]: r for r in rows}
     for r in rows:
         if r.get("host_bytes_per_rank") and r["mode"].startswith("offload"):
@@ -645,6 +697,13 @@ def plot(rows: List[dict], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _spread(r: dict) -> str:
+    rounds = r.get("overhead_pct_rounds") or []
+    if r["mode"] == "none" or not rounds:
+        return ""
+    return f"({min(rounds):+.1f}..{max(rounds):+.1f})"
 
 
 def _size(n: int) -> str:

@@ -336,3 +336,28 @@ def test_rank_teardown_stops_the_gloo_group_before_exit(tmp_path):
     if not threads["during"]:
         pytest.skip("this torch does not name its gloo threads")
     assert threads["after"] == [], threads
+
+
+def test_report_explains_itself_and_warns_when_too_noisy(capsys):
+    from offload_ema import benchmark
+
+    def row(mode, med, p90, overhead, rounds):
+        return {"mode": mode, "step_ms_median": med, "step_ms_p90": p90, "overhead_pct": overhead,
+                "round_medians_ms": rounds, "gpu_mem_delta_bytes": 0, "rss_delta_bytes": 0,
+                "pinned_bytes": 0, "applied": 3, "skipped": 0, "coalesced": 0,
+                "fence_ms_per_snapshot": 0.0, "copy_ms_per_snapshot": 0.0,
+                "update_ms_per_snapshot": 0.0, "averager_us_per_step": 0.0,
+                "averager_us_median": 0.0, "tensors": 29}
+    quiet = [row("none", 10.0, 10.5, 0.0, [10.0, 10.1]),
+             row("offload", 10.5, 11.0, 5.0, [10.4, 10.6])]
+    benchmark.report(quiet)
+    out = capsys.readouterr().out
+    assert "skip / coal: snapshots dropped or merged" in out and "warning" not in out
+    assert quiet[1]["overhead_pct_rounds"] == pytest.approx([4.0, 100 * (10.6 / 10.1 - 1)])
+    assert "(+4.0..+5.0)" in out
+    noisy = [row("none", 10.0, 25.0, 0.0, [9.0, 12.0]), row("offload", 10.3, 11.0, 3.0, [9.3, 12.3])]
+    benchmark.report(noisy)
+    out = capsys.readouterr().out
+    assert "warning: this run is too noisy" in out
+    assert "offload's overhead (+3.0%) is smaller than the drift of none's own round medians" in out
+    assert "none: p90 step time is over twice the median" in out
