@@ -44,6 +44,16 @@ setup(
     # torch is not listed: pip would otherwise be free to fetch a (CUDA) build of its choosing.
     # Install torch first (README); the build uses whatever torch >= 2.4 is present.
     install_requires=["psutil", "safetensors"],
+    # Integrations and tools, each optional: `pip install --no-build-isolation -e .[lightning]`.
+    # (DeepSpeed is left out: its sdist must be built with --no-build-isolation against the
+    # installed torch, which an extra cannot ask for; `make deps` installs it that way.)
+    extras_require={
+        "lightning": ["lightning"],
+        "transformers": ["transformers", "accelerate"],
+        "diffusers": ["diffusers"],
+        "bench": ["matplotlib"],
+        "test": ["pytest", "lightning", "transformers", "accelerate", "diffusers", "matplotlib"],
+    },
     ext_modules=ext_modules,
     cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)},
     entry_points={"console_scripts": ["offload-ema = offload_ema.cli:main"]},
