@@ -167,3 +167,50 @@ def test_checkpoints_hold_a_from_pretrained_directory_of_the_average(tmp_path):
                                        msg=lambda m, k=k: f"{k}: {m}")
     with pytest.raises(ValueError, match="save_pretrained must name one of the averages"):
         AveragerCallback({"ema": oe.EMA(0.8)}, save_pretrained="nope")
+
+
+def test_trainer_loop_logs_every_metric_of_the_average_and_picks_the_best_by_it(tmp_path):
+    """AveragerTrainer: the average is evaluated through the Trainer's own loop, so its loss and
+    every compute_metrics value reach log_history under eval_ema_*, and eval_ema_loss can pick
+    the best checkpoint."""
+    from offload_ema.integrations.transformers import AveragerTrainer
+
+    def compute_metrics(pred):
+        return {"mae": float(abs(pred.predictions - pred.label_ids).mean())}
+
+    cb, rec = AveragerCallback(specs(), evaluate_with="ema"), Recorder()
+    refs_at = {}
+
+    class Keep(transformers.TrainerCallback):  # the reference EMA at every evaluation
+        def on_evaluate(self, args, state, control, **kw):
+            refs_at[state.global_step] = {k: v.clone() for k, v in rec.ema.avg.items()}
+
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=2,
+        learning_rate=0.2, lr_scheduler_type="constant", report_to=[], use_cpu=True,
+        logging_strategy="no", eval_strategy="steps", eval_steps=3, save_strategy="steps",
+        save_steps=3, metric_for_best_model="ema_loss", greater_is_better=False,
+        dataloader_num_workers=0, seed=0, data_seed=0, disable_tqdm=True)
+    t = AveragerTrainer(model=Reg(), args=args, train_dataset=Data(40, 1),
+                        eval_dataset=Data(8, 2), compute_metrics=compute_metrics,
+                        callbacks=[cb, rec, Keep()])
+    t.train()
+    logged = [h for h in t.state.log_history if "eval_ema_loss" in h]
+    assert [h["step"] for h in logged] == [3, 6, 9, 12]
+    data = Data(8, 2)
+    for h in logged:
+        assert "eval_ema_mae" in h and "eval_ema_runtime" in h
+        ref = Reg()
+        ref.load_state_dict({k: v.float() for k, v in refs_at[h["step"]].items()})
+        with torch.no_grad():
+            out = ref(data.x, data.y)
+        assert abs(h["eval_ema_loss"] - out["loss"].item()) < 1e-5
+        assert abs(h["eval_ema_mae"] - (out["logits"] - data.y).abs().mean().item()) < 1e-5
+    raw = [h for h in t.state.log_history if "eval_loss" in h]
+    assert len(raw) == 4 and all("eval_mae" in h for h in raw)  # the raw weights' too
+    best = min(logged, key=lambda h: h["eval_ema_loss"])
+    # (This run's raw weights would pick another checkpoint: the choice was the average's.)
+    assert best["step"] != min(raw, key=lambda h: h["eval_loss"])["step"]
+    assert t.state.best_model_checkpoint.endswith(f"checkpoint-{best['step']}")
+    assert t.state.best_metric == pytest.approx(best["eval_ema_loss"])
+    cb.averager.close()

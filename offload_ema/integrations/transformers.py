@@ -24,7 +24,8 @@ from offload_ema.averager import Averager
 from offload_ema.hooks import is_deepspeed_optimizer
 from offload_ema.integrations import check_callback_args, is_sharded, on_every_rank, world
 
-__all__ = ["AveragerCallback", "STATE_FILE", "rank_state_file"]
+__all__ = ["AveragerCallback", "AverageEvaluationMixin", "AveragerTrainer", "STATE_FILE",
+           "rank_state_file"]
 
 STATE_FILE = "offload_ema_averager.pt"
 
@@ -113,6 +114,8 @@ class AveragerCallback(transformers.TrainerCallback):
         self.save_every, self.save_path, self.keep_last = save_every, save_path, keep_last
         self.averager_kwargs = averager_kwargs
         self.averager: Optional[Averager] = None
+        # Set by AverageEvaluationMixin: the Trainer evaluates the average in its own loop.
+        self.trainer_evaluates = False
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.averager is None:
@@ -179,6 +182,8 @@ class AveragerCallback(transformers.TrainerCallback):
     def on_evaluate(self, args, state, control, metrics=None, model=None, eval_dataloader=None,
                     **kwargs):
         name = self.evaluate_with
+        if self.trainer_evaluates:  # AverageEvaluationMixin runs the Trainer's loop instead
+            return
         if not name or self.averager is None or not self.averager.ready(name) or \
                 eval_dataloader is None or metrics is None:
             return
@@ -201,3 +206,39 @@ class AveragerCallback(transformers.TrainerCallback):
             dist.all_reduce(sums)
             total, count = float(sums[0]), int(sums[1])
         metrics[f"eval_{name}_loss"] = total / max(count, 1)
+
+
+class AverageEvaluationMixin:
+    """Mix into a ``Trainer`` class (before it) to evaluate the average through the Trainer's own
+    evaluation loop: ``evaluate()`` also runs with the ``AveragerCallback``'s ``evaluate_with``
+    average swapped in, under the metric prefix ``<prefix>_<name>`` (``eval_ema_loss``,
+    ``eval_ema_accuracy``, ... for "ema"). So every ``compute_metrics`` value and the loss of the
+    average reach ``log_history`` and every reporter (TensorBoard, W&B, ...) and can be
+    ``metric_for_best_model``.
+
+        class MyTrainer(AverageEvaluationMixin, SFTTrainer): ...
+        trainer = AveragerTrainer(model=model, args=args, callbacks=[cb], ...)  # plain Trainer
+
+    Several evaluation datasets (a dict) are each evaluated both ways. Until the average's first
+    snapshot only the raw weights are evaluated.
+    """
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        cb = next((c for c in self.callback_handler.callbacks
+                   if isinstance(c, AveragerCallback)), None)
+        if cb is not None:
+            cb.trainer_evaluates = True
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        target = eval_dataset if eval_dataset is not None else self.eval_dataset
+        name = cb.evaluate_with if cb is not None else None
+        if isinstance(target, dict) or not name or cb.averager is None or \
+                not cb.averager.ready(name):
+            return metrics  # (a dict: evaluate() came back here for each dataset)
+        with cb.averager.swapped(self.model, name):
+            metrics.update(super().evaluate(eval_dataset, ignore_keys,
+                                            f"{metric_key_prefix}_{name}"))
+        return metrics
+
+
+class AveragerTrainer(AverageEvaluationMixin, transformers.Trainer):
+    """``transformers.Trainer`` with :class:`AverageEvaluationMixin`."""
