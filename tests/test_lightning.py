@@ -169,3 +169,50 @@ def test_decay_schedules_through_the_callback():
     for n in specs:
         assert_matches(cb.averager.averaged_state_dict(n), refs[n].avg, rtol=1e-6, atol=1e-7)
     cb.averager.close()
+
+
+class Logged(Tiny):
+    def validation_step(self, batch, _):
+        x, y = batch
+        out = self.net(x)
+        self.log("val_loss", nn.functional.mse_loss(out, y))
+        self.log("val_mae", (out - y).abs().mean())
+
+
+def test_keep_raw_logs_the_average_beside_the_raw_metrics(tmp_path):
+    """validate_with + keep_raw: the raw validation as usual, then the average's, logged as
+    val_loss/ema and val_mae/ema beside val_loss and val_mae (CSVLogger: both series)."""
+    cb, rec = AveragerCallback(specs(), validate_with="ema", keep_raw=True), Recorder()
+    module = Logged()
+    logger = pl.loggers.CSVLogger(str(tmp_path), name="run")
+    mc = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), monitor="val_loss/ema",
+                                      mode="min")
+    t = pl.Trainer(max_steps=8, accumulate_grad_batches=2, accelerator="cpu", logger=logger,
+                   enable_progress_bar=False,
+                   enable_model_summary=False, callbacks=[cb, rec, mc], val_check_interval=8,
+                   check_val_every_n_epoch=None, limit_val_batches=3, num_sanity_val_steps=0,
+                   log_every_n_steps=1)
+    val = data(6)  # 3 batches of 2
+    t.fit(module, data(), val)
+    ref = Tiny()
+    ref.load_state_dict({k: v.float() for k, v in rec.ema.avg.items()})
+    x, y = val.dataset.tensors
+    with torch.no_grad():
+        out = ref.net(x)
+        raw_out = module.net(x)
+    assert t.callback_metrics["val_loss/ema"].item() == pytest.approx(
+        nn.functional.mse_loss(out, y).item(), rel=1e-5)
+    assert t.callback_metrics["val_mae/ema"].item() == pytest.approx(
+        (out - y).abs().mean().item(), rel=1e-5)
+    assert t.callback_metrics["val_loss"].item() == pytest.approx(
+        nn.functional.mse_loss(raw_out, y).item(), rel=1e-5)  # the raw weights, restored
+    import csv
+    rows = list(csv.DictReader(open(logger.log_dir + "/metrics.csv")))
+    names = set().union(*(r.keys() for r in rows))
+    assert {"val_loss", "val_mae", "val_loss/ema", "val_mae/ema"} <= names
+    assert any(r.get("val_loss/ema") for r in rows) and any(r.get("val_loss") for r in rows)
+    # A checkpoint callback can monitor the average's metric.
+    assert mc.best_model_score.item() == pytest.approx(t.callback_metrics["val_loss/ema"].item())
+    with pytest.raises(ValueError, match="keep_raw needs validate_with"):
+        AveragerCallback(specs(), keep_raw=True)
+    cb.averager.close()

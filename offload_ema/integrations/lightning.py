@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from typing import Mapping, Optional
 
+import torch
 import torch.distributed as dist
 
 try:
@@ -45,6 +46,12 @@ class AveragerCallback(pl.Callback):
         averages (Mapping[str, EMA | LAWA]): as for :class:`offload_ema.Averager`.
         validate_with (str, optional): run validation with this average swapped in (the weights
             are restored after). Until its first snapshot, validation uses the raw weights.
+        keep_raw (bool, default False): with ``validate_with``, validation runs on the raw
+            weights as usual, and then once more with the average swapped in, whose metrics are
+            logged under their own names: ``val_loss/ema`` beside ``val_loss`` (every value the
+            module logs in ``validation_step``, batch-size weighted means, averaged over the
+            ranks), to the loggers and ``trainer.callback_metrics`` (so ModelCheckpoint or
+            EarlyStopping can monitor them).
         save_every (int, optional) / save_path (str) / keep_last (int, optional): write
             snapshots every ``save_every`` optimizer steps (``Averager.save_every``).
         **averager_kwargs: more keyword arguments of :class:`offload_ema.Averager`.
@@ -54,12 +61,17 @@ class AveragerCallback(pl.Callback):
     """
 
     def __init__(self, averages: Mapping, *, validate_with: Optional[str] = None,
-                 save_every: Optional[int] = None, save_path: Optional[str] = None,
-                 keep_last: Optional[int] = None, **averager_kwargs):
+                 keep_raw: bool = False, save_every: Optional[int] = None,
+                 save_path: Optional[str] = None, keep_last: Optional[int] = None,
+                 **averager_kwargs):
         super().__init__()
         check_callback_args(averages, validate_with, "validate_with", save_every, save_path)
+        if keep_raw and not validate_with:
+            raise ValueError("keep_raw needs validate_with (the average to validate beside the "
+                             "raw weights)")
         self.averages = dict(averages)
         self.validate_with = validate_with
+        self.keep_raw = bool(keep_raw)
         self.save_every, self.save_path, self.keep_last = save_every, save_path, keep_last
         self.averager_kwargs = averager_kwargs
         self.averager: Optional[Averager] = None
@@ -93,12 +105,22 @@ class AveragerCallback(pl.Callback):
         self.averager.flush()
 
     def on_validation_start(self, trainer, pl_module) -> None:
-        if self.validate_with and self.averager is not None and \
+        if self.validate_with and not self.keep_raw and self.averager is not None and \
                 self.averager.ready(self.validate_with):
             self._swap.enter_context(self.averager.swapped(pl_module, self.validate_with))
 
     def on_validation_end(self, trainer, pl_module) -> None:
         self._swap.close()
+        name = self.validate_with
+        if self.keep_raw and not trainer.sanity_checking and self.averager is not None and \
+                self.averager.ready(name):
+            with self.averager.swapped(pl_module, name):
+                metrics = _validate(trainer, pl_module, f"/{name}")
+            if metrics:
+                for logger in trainer.loggers:
+                    logger.log_metrics(metrics, step=trainer.global_step)
+                trainer.callback_metrics.update(
+                    {k: torch.tensor(v) for k, v in metrics.items()})
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._swap.close()
@@ -147,3 +169,64 @@ class AveragerCallback(pl.Callback):
                 f"{size}: each rank holds its own share of the averages, so resume with {saved} "
                 "processes")
         self.averager.load_state_dict(state["averager_ranks"][rank])
+
+
+def _validate(trainer, pl_module, suffix: str) -> dict:
+    """One pass of ``validation_step`` over the trainer's validation data (this rank's share),
+    with what it logs collected instead of logged: ``{name + suffix: mean}``, each value's mean
+    weighted by its batch size, summed over the ranks. Model in eval mode, no gradients (as in
+    Lightning's own loop, which called us)."""
+    from lightning.pytorch.utilities.data import extract_batch_size
+
+    sums: dict = {}
+    loaders = trainer.val_dataloaders
+    if loaders is None:
+        return {}
+    if not isinstance(loaders, (list, tuple)):
+        loaders = [loaders]
+    batch_size = [1]
+
+    def collect(name, value, *args, **kwargs):
+        n = kwargs.get("batch_size") or batch_size[0]
+        v = float(value.detach().float().mean()) if torch.is_tensor(value) else float(value)
+        total, count = sums.get(name, (0.0, 0))
+        sums[name] = (total + v * n, count + n)
+
+    def collect_dict(values, *args, **kwargs):
+        for k, v in values.items():
+            collect(k, v, *args, **kwargs)
+
+    own = [a for a in ("log", "log_dict") if a in vars(pl_module)]  # set on the instance?
+    saved = {a: vars(pl_module)[a] for a in own}
+    pl_module.log, pl_module.log_dict = collect, collect_dict
+    was_training = pl_module.training
+    pl_module.eval()
+    try:
+        with torch.no_grad():
+            counts = list(trainer.num_val_batches)  # what Lightning's own pass ran
+            for idx, loader in enumerate(loaders):
+                limit = counts[idx] if idx < len(counts) else float("inf")
+                for i, batch in enumerate(loader):
+                    if i >= limit:
+                        break
+                    batch = pl_module.transfer_batch_to_device(batch, pl_module.device, idx)
+                    try:
+                        batch_size[0] = extract_batch_size(batch)
+                    except Exception:  # noqa: BLE001 -- no tensor to tell: weight 1
+                        batch_size[0] = 1
+                    args = (batch, i) if len(loaders) == 1 else (batch, i, idx)
+                    pl_module.validation_step(*args)
+    finally:
+        del pl_module.log, pl_module.log_dict  # the class's methods again
+        for a, v in saved.items():
+            setattr(pl_module, a, v)
+        pl_module.train(was_training)
+    names = sorted(sums)
+    totals = torch.tensor([[sums[n][0], sums[n][1]] for n in names], dtype=torch.float64)
+    if names and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # Every rank validated its share (the same names on every rank: the same module).
+        if "nccl" in str(dist.get_backend()).lower():  # NCCL reduces CUDA tensors only
+            totals = totals.to(pl_module.device)
+        dist.all_reduce(totals)
+        totals = totals.cpu()
+    return {f"{n}{suffix}": float(t / c) for n, (t, c) in zip(names, totals.tolist()) if c}
