@@ -51,6 +51,10 @@ def lightning(phase, rank, out):
             x, y = batch
             return nn.functional.mse_loss(self.net(x), y)
 
+        def validation_step(self, batch, _):
+            x, y = batch
+            self.log("val_loss", nn.functional.mse_loss(self.net(x), y), sync_dist=True)
+
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
@@ -61,17 +65,23 @@ def lightning(phase, rank, out):
     x = torch.randn(16, 6, generator=g)
     data = DataLoader(TensorDataset(x, x.sum(1, keepdim=True).sin()), batch_size=2, shuffle=False)
     ckpt_dir = os.path.join(out, "lightning_ckpts")
-    cb = AveragerCallback(specs())
+    # Validation at each epoch's end on the raw weights and on the EMA (keep_raw: val_loss/ema,
+    # each rank its share of the data, reduced over the ranks).
+    vx = torch.randn(8, 6, generator=g)
+    val = DataLoader(TensorDataset(vx, vx.sum(1, keepdim=True).sin()), batch_size=2, shuffle=False)
+    cb = AveragerCallback(specs(), validate_with="ema", keep_raw=True)
     # ModelCheckpoint, not a hand-made save: its saves must reach the gather on every rank too.
     mc = pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=HALF,
                                       save_top_k=-1)
     trainer = pl.Trainer(max_steps=STEPS, accelerator="cpu", devices=2, strategy="ddp",
                          logger=False, enable_progress_bar=False, enable_model_summary=False,
-                         limit_val_batches=0, callbacks=[cb, mc])
+                         num_sanity_val_steps=0, callbacks=[cb, mc])
     module = Tiny()
     ckpt = os.path.join(ckpt_dir, f"step={HALF}.ckpt") if phase == "resume" else None
-    trainer.fit(module, data, ckpt_path=ckpt)
-    dump(cb, module, out, "lightning", phase, rank)
+    trainer.fit(module, data, val, ckpt_path=ckpt)
+    dump(cb, module, out, "lightning", phase, rank,
+         {"val_loss_ema": float(trainer.callback_metrics["val_loss/ema"]),
+          "val_loss": float(trainer.callback_metrics["val_loss"]), "val_x": vx})
 
 
 # ---- Hugging Face Trainer -------------------------------------------------------------------

@@ -82,6 +82,16 @@ def test_lightning_ddp_checkpoint_holds_every_rank_and_resume_matches(tmp_path):
     assert all(s["world"] == 2 and s["step"] == HALF for s in state["averager_ranks"])
     resumed = launch("lightning", "resume", tmp_path)
     assert_same(straight, resumed)
+    # keep_raw: the last validation (at the end, step 8) on the EMA, over both ranks' shares.
+    from torch import nn
+    net = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 1)).double()
+    net.load_state_dict({k.removeprefix("net."): v.double() for k, v in straight[0]["ema"].items()})
+    x = straight[0]["val_x"].double()
+    with torch.no_grad():
+        expect = nn.functional.mse_loss(net(x), x.sum(1, keepdim=True).sin()).item()
+    for r in range(2):
+        assert abs(straight[r]["val_loss_ema"] - expect) < 1e-5, (r, straight[r]["val_loss_ema"])
+        assert straight[r]["val_loss"] != straight[r]["val_loss_ema"]
 
 
 def test_transformers_ddp_each_rank_saves_and_resumes_its_own_file(tmp_path):
