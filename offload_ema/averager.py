@@ -13,6 +13,7 @@ import weakref
 from typing import Dict, Mapping, Optional, Union
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from offload_ema import ops, resume, sharding
@@ -218,6 +219,10 @@ class Averager:
         self._check_open()
         self._schedule.check_name(name)
         target = unwrap_model(model if model is not None else self._layout.model)
+        if getattr(target, "hf_quantizer", None) is not None:
+            # transformers would write the live (quantized) weights instead of the state given.
+            raise TypeError(f"save_pretrained cannot write the average of a quantized model "
+                            f"({type(target).__name__}); use avg.save(path, {name!r})")
         if pretrained_kind(target) is None:
             raise TypeError(
                 f"save_pretrained needs a model with save_pretrained() and a config (a "
@@ -229,7 +234,10 @@ class Averager:
         dtypes = {normalise_name(k): v.dtype for k, v in target.state_dict().items()}
         sharded = self._strategy.world > 1
         values = self.averaged_state_dict(name, rank=0 if sharded else None)
-        if sharded and self._strategy.rank != 0:
+        # One writer per directory: rank 0 (sharded, it has the gathered average; replicated
+        # under torch.distributed, every rank has the same one).
+        global_rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        if global_rank != 0 or (sharded and self._strategy.rank != 0):
             done = SnapshotFuture(os.path.abspath(os.fspath(out_dir)))
             done.set_running_or_notify_cancel()
             done.set_result(done.path)

@@ -37,7 +37,7 @@ def choose(model: nn.Module, shard: Optional[bool], process_group=None):
     if any(is_dtensor(p) for p in params):
         return FSDP2Shards(process_group)
     if any(is_zero3(p) for p in params):
-        return ZeroShards(params, process_group)
+        return ZeroShards(model, params, process_group)
     if shard is None:
         shard = initialised and dist.get_world_size(process_group) > 1
     if not shard:
@@ -223,10 +223,13 @@ class ZeroShards(FSDP2Shards):
     when asked for; ``swapped`` writes the partitions and releases every gathered copy, so the
     next forward gathers the averages (and, after restoring, the training weights again)."""
 
-    def __init__(self, params, process_group=None):
-        _check_zero3(params)
+    def __init__(self, model, params, process_group=None):
+        _check_zero3(params, process_group)
         OwnerSharded.__init__(self, process_group)
         self.dcp_group = self.dcp_mesh = None
+        # DeepSpeed's parameter coordinator, when the engine was given: it releases every
+        # gathered parameter, prefetched ones included.
+        self._offload = getattr(getattr(model, "optimizer", None), "parameter_offload", None)
 
     def gather(self, layout, values, dst):
         out = {}
@@ -239,10 +242,16 @@ class ZeroShards(FSDP2Shards):
         pass
 
     def before_swap(self, model):
-        _release_gathered(model)  # a gathered copy would hide the partitions written next
+        self._release(model)  # a gathered copy would hide the partitions written next
 
     def after_restore(self, model):
-        _release_gathered(model)  # what the body gathered holds the average
+        self._release(model)  # what the body gathered holds the average
+
+    def _release(self, model):
+        if self._offload is not None:
+            self._offload.partition_all_parameters()
+        else:
+            _release_gathered(model)
 
     def file_value(self, entry, value: torch.Tensor) -> torch.Tensor:
         """The part of this rank's average that its file holds: a partition without padding."""
@@ -270,11 +279,19 @@ class ZeroShards(FSDP2Shards):
                          "saved as safetensors files per rank with an index")
 
 
-def _check_zero3(params) -> None:
-    """Refuses ZeRO-3 set-ups whose partitions are not plain tensors on the training device."""
+def _check_zero3(params, process_group=None) -> None:
+    """Refuses ZeRO-3 set-ups whose partitions are not plain tensors on the training device, or
+    are partitioned over another group than the Averager's (tensor / pipeline parallelism)."""
+    world = dist.get_world_size(process_group)
     for p in params:
         if not is_zero3(p):
             continue
+        group = getattr(p, "ds_process_group", None)
+        if group is not None and dist.get_world_size(group) != world:
+            raise NotImplementedError(
+                f"DeepSpeed partitions this model over {dist.get_world_size(group)} of "
+                f"{world} processes (tensor, pipeline or hierarchical parallelism): ZeRO-3 "
+                "averaging supports partitions over the whole data-parallel world only")
         part = p.ds_tensor
         where = getattr(part, "final_location", None)
         if where is not None and "nvme" in str(where).lower():

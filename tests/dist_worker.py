@@ -176,12 +176,38 @@ def ddp_lazy(rank, world, out):
                                                    rtol=1.2e-7, atol=1e-30)
 
 
+def diffusers_main_only(rank, world, out):
+    """The diffusers EMAModel drop-in under DDP: every rank keeps the whole EMA (no collective),
+    so the main process alone may copy_to / save, as diffusers' scripts do."""
+    from torch import nn
+    from offload_ema.integrations.diffusers import EMAModel
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    ema = EMAModel(model.parameters(), decay=0.9)
+    ref = RefDecay(lambda k: 0.0 if k == 1 else min(0.9, (1 + (k - 1)) / (10 + (k - 1))))
+    for _ in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * (rank + 1))
+        ema.step(model.parameters())
+        ref.update({f"params.{i}": p.detach().double().clone()
+                    for i, p in enumerate(model.parameters())})
+    assert ema.averager.stats()["world"] == 1
+    if rank == 0:
+        target = [torch.zeros_like(p) for p in model.parameters()]
+        ema.copy_to(target)
+        for i, t in enumerate(target):
+            torch.testing.assert_close(t.double(), ref.avg[f"params.{i}"], rtol=1e-6, atol=1e-7)
+    ema.close()
+
+
 def main():
     scenario, rank, world, init_file, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), \
         sys.argv[4], sys.argv[5]
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=20))
-    scenarios = {"fsdp2": fsdp2, "fsdp2_root": fsdp2_root, "tiny": tiny, "ddp_lazy": ddp_lazy}
+    scenarios = {"fsdp2": fsdp2, "fsdp2_root": fsdp2_root, "tiny": tiny, "ddp_lazy": ddp_lazy,
+                 "diffusers_main_only": diffusers_main_only}
     if scenario in scenarios:
         scenarios[scenario](rank, world, out)
         dist.barrier()

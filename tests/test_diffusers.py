@@ -149,3 +149,32 @@ def test_attached_to_the_optimizer_the_numbers_stay_the_same():
     for a, b in zip(ours.state_dict()["shadow_params"], theirs.shadow_params):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     ours.close()
+
+
+def test_a_loaded_state_is_what_copy_to_and_state_dict_give_before_the_next_step():
+    """Resume, then validate or checkpoint before the next step: the loaded EMA, not the
+    construction-time weights; a settings-only load keeps the average so far."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    theirs = DiffusersEMA(model.parameters(), decay=0.9)
+    ours = EMAModel(model.parameters(), decay=0.9)
+    g = torch.Generator().manual_seed(4)
+    for _ in range(10):
+        model(torch.randn(8, 6, generator=g)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        theirs.step(model.parameters())
+        ours.step(model.parameters())
+    state = ours.state_dict()
+    fresh = EMAModel(_mlp().parameters(), decay=0.9)  # other weights at construction
+    fresh.load_state_dict(state)
+    target = [torch.zeros_like(p) for p in model.parameters()]
+    fresh.copy_to(target)
+    for a, b in zip(target, theirs.shadow_params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert "offload_ema" in fresh.state_dict()
+    ours.load_state_dict({"decay": 0.95})  # settings only: the average so far is kept
+    for a, b in zip(ours.state_dict()["shadow_params"], theirs.shadow_params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert ours.decay == 0.95
+    ours.close()

@@ -143,3 +143,8 @@ def test_ddp_rank_that_owns_no_tensor_works(tmp_path):
 
 def test_ddp_on_the_simulated_copy_engine_over_several_seeds(tmp_path):
     _check_ranks(launch("ddp_lazy", tmp_path))
+
+
+def test_diffusers_drop_in_keeps_the_whole_ema_on_every_rank(tmp_path):
+    pytest.importorskip("diffusers")
+    _check_ranks(launch("diffusers_main_only", tmp_path, timeout=90))

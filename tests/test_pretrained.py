@@ -79,3 +79,14 @@ def test_a_plain_module_is_pointed_to_save(tmp_path):
             avg.save_pretrained(tmp_path / "x", "ema")
         with pytest.raises(ValueError, match="no average named"):
             avg.save_pretrained(tmp_path / "x", "nope")
+
+
+def test_a_quantized_model_is_refused(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16)
+    model = transformers.GPT2LMHeadModel(cfg)
+    model.hf_quantizer = object()  # as transformers marks a quantized model
+    with oe.Averager(model, {"ema": oe.EMA(0.9)}) as avg:
+        avg.step()
+        with pytest.raises(TypeError, match="quantized model"):
+            avg.save_pretrained(tmp_path / "q", "ema")

@@ -203,6 +203,8 @@ class EMAModel:
                "power": self.power, "shadow_params": self._values()}
         if self._averager is not None:
             out["offload_ema"] = self._averager.state_dict()
+        elif isinstance(self._seed, dict):  # loaded, not yet stepped: handed on as it came
+            out["offload_ema"] = self._seed
         return out
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -221,16 +223,25 @@ class EMAModel:
         shadow = state_dict.get("shadow_params")
         if shadow is not None and not isinstance(shadow, list):
             raise ValueError("shadow_params must be a list")
-        if self._averager is not None:  # settings may have changed: a fresh one, same params
+        if self._averager is not None and \
+                self._averager.state_dict()["averages"][_NAME]["config"] != self._spec().config():
+            # New settings: a new Averager on the same parameters, which keeps the average so far
+            # unless the state brings one.
+            kept = self._averager.state_dict()
+            kept["averages"][_NAME]["config"] = self._spec().config()
             params = list(self._stepped.params)
             self._averager.close()
             self._averager = None
             self._build(params)
+            if exact is None and shadow is None:
+                self._averager.load_state_dict(kept)
         if exact is not None and self._averager is not None:
             self._averager.load_state_dict(exact)
             self._seed = None
         elif exact is not None:
-            self._seed = exact
+            self._seed = exact  # applied when step() builds the Averager
+            if shadow is not None:  # what copy_to / state_dict report until then
+                self._initial = [t.detach().to("cpu", copy=True) for t in shadow]
         elif shadow is not None:
             self._seed = [t.detach().to("cpu", torch.float32, copy=True) for t in shadow]
             if self._averager is not None:
@@ -285,7 +296,9 @@ class EMAModel:
 
     def _build(self, params: List[nn.Parameter]) -> None:
         self._stepped = _Params(params)
-        self._averager = Averager(self._stepped, {_NAME: self._spec()})
+        # Not sharded: every process keeps the whole EMA, as diffusers' class does (its scripts
+        # read it on the main process only, e.g. copy_to before saving the pipeline).
+        self._averager = Averager(self._stepped, {_NAME: self._spec()}, shard=False)
         self._initial = None  # diffusers' construction-time copy: not needed any more
         if self._seed is not None:
             if isinstance(self._seed, dict):

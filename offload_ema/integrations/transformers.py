@@ -49,6 +49,16 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _on_rank0(fn):
+    """``fn()`` on global rank 0, the same value on every rank (rank 0 alone may see the
+    checkpoint folder: multi-node without a shared filesystem)."""
+    if world()[1] == 1:
+        return fn()
+    box = [fn() if world()[0] == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _save_atomic(obj, path: str) -> None:
     # A name of its own per process: with save_on_each_node several processes may write the same
     # file on a shared filesystem; each replace is atomic, so readers see one whole file.
@@ -173,7 +183,7 @@ class AveragerCallback(transformers.TrainerCallback):
         on_every_rank(write, "saving the averager state")
         name = self.save_pretrained
         if name and self.averager is not None and self.averager.ready(name) and \
-                os.path.isdir(folder):
+                _on_rank0(lambda: os.path.isdir(folder)):  # one decision: a collective follows
             # Every rank: sharded averages are gathered to rank 0 (a collective), which writes.
             self.averager.save_pretrained(os.path.join(folder, f"offload_ema-{name}"), name,
                                           model=kwargs.get("model")).result()
@@ -219,16 +229,20 @@ class AverageEvaluationMixin:
         class MyTrainer(AverageEvaluationMixin, SFTTrainer): ...
         trainer = AveragerTrainer(model=model, args=args, callbacks=[cb], ...)  # plain Trainer
 
-    Several evaluation datasets (a dict) are each evaluated both ways. Until the average's first
-    snapshot only the raw weights are evaluated.
+    Several evaluation datasets (a dict) are each evaluated both ways; extra arguments (e.g.
+    ``Seq2SeqTrainer``'s generation settings) reach both. Until the average's first snapshot only
+    the raw weights are evaluated. With ``load_best_model_at_end`` and an average's metric, the
+    Trainer loads that checkpoint's raw weights: apply the average saved beside it
+    (``save_pretrained=`` of the callback) to get the model that scored best.
     """
 
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval",
+                 **kwargs):
         cb = next((c for c in self.callback_handler.callbacks
                    if isinstance(c, AveragerCallback)), None)
         if cb is not None:
             cb.trainer_evaluates = True
-        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **kwargs)
         target = eval_dataset if eval_dataset is not None else self.eval_dataset
         name = cb.evaluate_with if cb is not None else None
         if isinstance(target, dict) or not name or cb.averager is None or \
@@ -236,7 +250,7 @@ class AverageEvaluationMixin:
             return metrics  # (a dict: evaluate() came back here for each dataset)
         with cb.averager.swapped(self.model, name):
             metrics.update(super().evaluate(eval_dataset, ignore_keys,
-                                            f"{metric_key_prefix}_{name}"))
+                                            f"{metric_key_prefix}_{name}", **kwargs))
         return metrics
 
 
