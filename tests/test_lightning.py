@@ -172,11 +172,30 @@ def test_decay_schedules_through_the_callback():
 
 
 class Logged(Tiny):
+    """Logs per batch, keeps per-epoch outputs (cleared at epoch end) and a torchmetrics-style
+    object, and scales its inputs in a batch-transfer hook: the average's pass must honour all."""
+
+    def __init__(self):
+        super().__init__()
+        self.outputs, self.epoch_sizes = [], []
+        from torchmetrics import MeanAbsoluteError
+        self.mae = MeanAbsoluteError()
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        x, y = batch
+        return x * 0.5, y
+
     def validation_step(self, batch, _):
         x, y = batch
         out = self.net(x)
+        self.outputs.append(out)
         self.log("val_loss", nn.functional.mse_loss(out, y))
-        self.log("val_mae", (out - y).abs().mean())
+        self.mae(out, y)
+        self.log("val_mae", self.mae)
+
+    def on_validation_epoch_end(self):
+        self.epoch_sizes.append(len(self.outputs))
+        self.outputs.clear()
 
 
 def test_keep_raw_logs_the_average_beside_the_raw_metrics(tmp_path):
@@ -197,6 +216,8 @@ def test_keep_raw_logs_the_average_beside_the_raw_metrics(tmp_path):
     ref = Tiny()
     ref.load_state_dict({k: v.float() for k, v in rec.ema.avg.items()})
     x, y = val.dataset.tensors
+    x = x * 0.5  # the module's on_after_batch_transfer
+    assert module.epoch_sizes == [3] * 4  # 2 validations x (raw, average): no leak
     with torch.no_grad():
         out = ref.net(x)
         raw_out = module.net(x)
@@ -216,3 +237,9 @@ def test_keep_raw_logs_the_average_beside_the_raw_metrics(tmp_path):
     with pytest.raises(ValueError, match="keep_raw needs validate_with"):
         AveragerCallback(specs(), keep_raw=True)
     cb.averager.close()
+    # An EarlyStopping on the average's metric listed first would look before it exists.
+    early = pl.callbacks.EarlyStopping(monitor="val_loss/ema")
+    cb2 = AveragerCallback(specs(), validate_with="ema", keep_raw=True)
+    with pytest.raises(ValueError, match="list the AveragerCallback first"):
+        pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, callbacks=[early, cb2]).fit(Logged(), data(), val)

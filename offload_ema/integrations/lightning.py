@@ -93,6 +93,17 @@ class AveragerCallback(pl.Callback):
                 # (over NCCL they would be staged on rank 0's GPU). Created here, where every
                 # rank is: creating a group is itself a collective.
                 self._gather_group = dist.new_group(backend="gloo")
+        if self.keep_raw:
+            # The average's metrics are in callback_metrics once this callback's
+            # on_validation_end ran: an EarlyStopping listed before it would look too early.
+            mine = trainer.callbacks.index(self) if self in trainer.callbacks else -1
+            for cb in trainer.callbacks[:max(mine, 0)]:
+                monitor = getattr(cb, "monitor", None) or ""
+                if isinstance(cb, pl.callbacks.EarlyStopping) and \
+                        monitor.endswith(f"/{self.validate_with}"):
+                    raise ValueError(
+                        f"EarlyStopping(monitor={monitor!r}) comes before the AveragerCallback "
+                        "that computes it: list the AveragerCallback first in callbacks=[...]")
         if self._pending_state is not None:
             # Every rank restores from the same checkpoint, so every rank gets here.
             on_every_rank(self._restore_pending, "restoring the averager state")
@@ -172,21 +183,28 @@ class AveragerCallback(pl.Callback):
 
 
 def _validate(trainer, pl_module, suffix: str) -> dict:
-    """One pass of ``validation_step`` over the trainer's validation data (this rank's share),
-    with what it logs collected instead of logged: ``{name + suffix: mean}``, each value's mean
-    weighted by its batch size, summed over the ranks. Model in eval mode, no gradients (as in
-    Lightning's own loop, which called us)."""
+    """One more pass of validation over the trainer's validation data (this rank's share), the
+    way Lightning runs it (the strategy's batch transfer with the module's transfer hooks, its
+    ``validation_step`` with the precision context, the module's epoch start / end hooks), with
+    what the module logs collected instead of logged: ``{name + suffix: value}``. Plain values:
+    batch-size weighted means, summed over the ranks; torchmetrics objects: ``compute()`` (which
+    syncs the ranks itself), then ``reset()``. The model is in eval mode without gradients here
+    (Lightning's own loop called us)."""
     from lightning.pytorch.utilities.data import extract_batch_size
 
-    sums: dict = {}
     loaders = trainer.val_dataloaders
     if loaders is None:
         return {}
     if not isinstance(loaders, (list, tuple)):
         loaders = [loaders]
+    sums: dict = {}
+    metrics: dict = {}  # name -> torchmetrics object
     batch_size = [1]
 
     def collect(name, value, *args, **kwargs):
+        if hasattr(value, "compute") and hasattr(value, "reset") and not torch.is_tensor(value):
+            metrics[name] = value  # updated by the step; computed once at the end
+            return
         n = kwargs.get("batch_size") or batch_size[0]
         v = float(value.detach().float().mean()) if torch.is_tensor(value) else float(value)
         total, count = sums.get(name, (0.0, 0))
@@ -199,34 +217,52 @@ def _validate(trainer, pl_module, suffix: str) -> dict:
     own = [a for a in ("log", "log_dict") if a in vars(pl_module)]  # set on the instance?
     saved = {a: vars(pl_module)[a] for a in own}
     pl_module.log, pl_module.log_dict = collect, collect_dict
-    was_training = pl_module.training
-    pl_module.eval()
     try:
+        # The module's torchmetrics objects still hold the raw pass's state (Lightning resets
+        # them after this hook): emptied first, so the average's values are its own.
+        try:
+            from torchmetrics import Metric
+        except ImportError:  # no torchmetrics: no such objects
+            Metric = ()
+        for m in pl_module.modules():
+            if isinstance(m, Metric):
+                m.reset()
         with torch.no_grad():
+            pl_module.on_validation_epoch_start()
             counts = list(trainer.num_val_batches)  # what Lightning's own pass ran
             for idx, loader in enumerate(loaders):
                 limit = counts[idx] if idx < len(counts) else float("inf")
                 for i, batch in enumerate(loader):
                     if i >= limit:
                         break
-                    batch = pl_module.transfer_batch_to_device(batch, pl_module.device, idx)
+                    batch = trainer.strategy.batch_to_device(batch, dataloader_idx=idx)
                     try:
                         batch_size[0] = extract_batch_size(batch)
                     except Exception:  # noqa: BLE001 -- no tensor to tell: weight 1
                         batch_size[0] = 1
                     args = (batch, i) if len(loaders) == 1 else (batch, i, idx)
-                    pl_module.validation_step(*args)
+                    trainer.strategy.validation_step(*args)
+            pl_module.on_validation_epoch_end()  # e.g. logs an epoch metric, clears outputs
+        out = {f"{n}{suffix}": float(m.compute()) for n, m in metrics.items()}
     finally:
         del pl_module.log, pl_module.log_dict  # the class's methods again
         for a, v in saved.items():
             setattr(pl_module, a, v)
-        pl_module.train(was_training)
+        for m in metrics.values():
+            m.reset()
     names = sorted(sums)
-    totals = torch.tensor([[sums[n][0], sums[n][1]] for n in names], dtype=torch.float64)
-    if names and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        # Every rank validated its share (the same names on every rank: the same module).
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # Every rank validated its share; a name one rank did not log counts zero there.
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, names)
+        names = sorted(set().union(*everyone))
+        totals = torch.tensor([list(sums.get(n, (0.0, 0))) for n in names], dtype=torch.float64)
         if "nccl" in str(dist.get_backend()).lower():  # NCCL reduces CUDA tensors only
             totals = totals.to(pl_module.device)
-        dist.all_reduce(totals)
+        if names:
+            dist.all_reduce(totals)
         totals = totals.cpu()
-    return {f"{n}{suffix}": float(t / c) for n, (t, c) in zip(names, totals.tolist()) if c}
+    else:
+        totals = torch.tensor([list(sums[n]) for n in names], dtype=torch.float64)
+    out.update({f"{n}{suffix}": float(t / c) for n, (t, c) in zip(names, totals.tolist()) if c})
+    return out
