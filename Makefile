@@ -18,7 +18,7 @@ EXT := offload_ema/_C$(EXT_SUFFIX)
 # (looked up without importing anything): a set-up machine skips this in well under a second.
 PACKAGES := setuptools:setuptools>=64 wheel:wheel ninja:ninja pytest:pytest psutil:psutil \
 	safetensors:safetensors matplotlib:matplotlib lightning:lightning transformers:transformers \
-	accelerate:accelerate diffusers:diffusers
+	accelerate:accelerate diffusers:diffusers sklearn:scikit-learn
 MISSING = $(shell $(PYTHON) -c "import importlib.util as u, sys; print(' '.join(repr(p.split(':', 1)[1]) for p in sys.argv[1:] if u.find_spec(p.split(':')[0]) is None))" $(foreach p,$(PACKAGES),'$(p)'))
 
 deps:
