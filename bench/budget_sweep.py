@@ -276,16 +276,20 @@ def plot(out, directory):
     largest = out["budgets"][str(budgets[-1])]
     s, run0 = largest["summary"], largest["runs"][0]
     fig, ax = plt.subplots(figsize=(6, 3.5))
+    shown = []
     for n, style in (("raw", "-"), (s["best"]["ema"], "--"), (s["best"]["lawa"], ":")):
         xs, ys = zip(*run0["decay"][n])
         ax.plot(xs, ys, style, label=f"{n}, cosine")
+        shown += ys
     if "constant" in run0:
         xs, ys = zip(*run0["constant"]["raw"])
         ax.plot(xs, ys, "-", alpha=0.5, label="raw, constant LR")
+        shown += ys
         xs, ys = zip(*run0["constant"][s["best"]["ema"]])
         ax.plot(xs, ys, "--", alpha=0.5, label=f"{s['best']['ema']}, constant LR")
+        shown += ys
     ax.axhline(s["targets"][0], color="grey", lw=0.8)
-    lo = min(y for _, y in run0["decay"]["raw"])
+    lo = min(shown)
     ax.set_ylim(lo * 0.98, lo * 1.3)
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss")

@@ -163,6 +163,7 @@ def train(work, seed, schedule, specs, every_eval, profile_dir=None):
     opt = torch.optim.NAdam(model.parameters(), lr=work.lr, weight_decay=0.05,
                             decoupled_weight_decay=True)
     g = torch.Generator().manual_seed(1000 + seed)
+    saves = []
     with oe.Averager(model, specs) as avg:
         avg.attach(opt)
         for step in range(1, work.steps + 1):
@@ -184,9 +185,11 @@ def train(work, seed, schedule, specs, every_eval, profile_dir=None):
                         curves[n].append((step, work.evaluate(model)))
                 if profile_dir is not None:
                     for n in PROFILES:
-                        avg.save(os.path.join(profile_dir, f"{n}-{step:06d}.safetensors"), n)
+                        saves.append(avg.save(
+                            os.path.join(profile_dir, f"{n}-{step:06d}.safetensors"), n))
         if profile_dir is not None:
-            avg.flush()
+            for fut in saves:  # written (flush() waits for the averages, not for the files)
+                fut.result()
             curves["posthoc"] = _posthoc_losses(work, model, avg, profile_dir)
     return curves
 
