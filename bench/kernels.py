@@ -67,6 +67,26 @@ def _cases(numel, window):
     cases.append(("ema_update_multi x3", "bfloat16", "torch lerp_(src.float())", numel * (3 * 8 + 2),
                   multi_torch))
 
+    # Four bf16 snapshots into one float32 accumulator: one pass (2 B per snapshot + 8 B) vs four
+    # (4 x (2 + 8) B); the fold's traffic bound is 40 / 16 = 2.5x fewer bytes.
+    def fold():
+        avg = torch.zeros(numel)
+        srcs = [torch.randn(numel).to(torch.bfloat16) for _ in range(4)]
+        return lambda: ops.ema_fold_(avg, srcs, [1e-3] * 4)
+    cases.append(("4 updates, 1 accumulator", "bfloat16", "offload_ema ema_fold_",
+                  numel * (4 * 2 + 8), fold))
+
+    def four():
+        avg = torch.zeros(numel)
+        srcs = [torch.randn(numel).to(torch.bfloat16) for _ in range(4)]
+
+        def run():
+            for s in srcs:
+                ops.ema_update_(avg, s, 1e-3)
+        return run
+    cases.append(("4 updates, 1 accumulator", "bfloat16", "offload_ema ema_update_ x4",
+                  numel * 4 * (2 + 8), four))
+
     def mean():
         out = torch.empty(numel)
         srcs = [torch.randn(numel).to(torch.bfloat16) for _ in range(window)]
@@ -127,12 +147,18 @@ def goals(rows, window):
         theirs = _find(rows, threads, "ema_update", "bfloat16", "torch lerp_(src.float())")
         copy = _find(rows, threads, "copy_", "float32", "torch copy_")
         multi = _find(rows, threads, "ema_update_multi x3", "bfloat16", "offload_ema")
+        fold = _find(rows, threads, "4 updates, 1 accumulator", "bfloat16", "offload_ema ema_fold_")
+        four = _find(rows, threads, "4 updates, 1 accumulator", "bfloat16",
+                     "offload_ema ema_update_ x4")
         checks = [
             ("bf16 EMA speed-up over torch's bf16 lerp path", theirs["seconds"] / ours["seconds"], ">=", 3.0),
             ("bf16 EMA bandwidth / copy_ bandwidth", ours["gbps"] / copy["gbps"], ">=", 0.8),
             # Memory-traffic floor of this ratio: (3 * 8 + 2) / (8 + 2) = 2.6 bytes per param.
             ("3 accumulators time / 1 accumulator time (traffic ratio 2.6)",
              multi["seconds"] / ours["seconds"], "<", 2.0),
+            # Traffic bound of this ratio: 4 x (2 + 8) / (4 x 2 + 8) = 2.5.
+            ("fold of 4 bf16 snapshots speed-up over 4 ema_update_ (traffic bound 2.5)",
+             four["seconds"] / fold["seconds"], ">=", 2.0),
         ]
         for name, value, op, target in checks:
             ok = value >= target if op == ">=" else value < target

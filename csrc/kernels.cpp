@@ -27,12 +27,21 @@ void ema_multi(float* const* avgs, const float* ws, int k, const void* src, int6
   for (int j = 0; j < k; ++j) ema<T>(avgs[j], src, begin, end, ws[j]);
 }
 
+template <class T>
+void ema_fold(float* const* avgs, const float* ws, int m, const void* const* srcs, int K,
+              int64_t begin, int64_t end) {
+  const T* s[kMaxFold];
+  for (int k = 0; k < K; ++k) s[k] = static_cast<const T*>(srcs[k]);
+  for (int j = 0; j < m; ++j) scalar::fold(avgs[j], s, ws + j * K, K, begin, end);
+}
+
 }  // namespace
 
 const Kernels& table() {
   static const Kernels k = {
       {&ema<float>, &ema<bf16_t>, &ema<fp16_t>},
       {&ema_multi<float>, &ema_multi<bf16_t>, &ema_multi<fp16_t>},
+      {&ema_fold<float>, &ema_fold<bf16_t>, &ema_fold<fp16_t>},
       &scalar::mean,
   };
   return k;
@@ -177,6 +186,13 @@ std::vector<float> run_check(const Kernels& k, const CheckInput& in) {
     float* avgs[3] = {m0.data(), m1.data(), m2.data()};
     k.ema_multi[d](avgs, ws, 3, srcs[d], 0, n);
     for (const auto* m : {&m0, &m1, &m2}) out.insert(out.end(), m->begin(), m->end());
+    // Three snapshots (the one source thrice) folded into two accumulators.
+    std::vector<float> f0 = in.avg, f1 = in.f32;
+    float* folds[2] = {f0.data(), f1.data()};
+    const void* snaps[3] = {srcs[d], srcs[d], srcs[d]};
+    const float fws[6] = {0.37f, 1e-3f, 1.0f, 0.5f, 0.25f, 0.125f};
+    k.ema_fold[d](folds, fws, 2, snaps, 3, 0, n);
+    for (const auto* f : {&f0, &f1}) out.insert(out.end(), f->begin(), f->end());
   }
   const void* slots[3] = {in.fp16.data(), in.f32.data(), in.bf16.data()};
   const DType dts[3] = {DType::kFloat16, DType::kFloat32, DType::kBFloat16};

@@ -11,6 +11,8 @@ namespace oe {
 enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 constexpr int kNumDTypes = 3;
 
+constexpr int kMaxFold = 16;  // snapshots one ema_fold call takes
+
 enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kNeon = 3 };
 
 struct Kernels {
@@ -19,6 +21,11 @@ struct Kernels {
   // The same for k accumulators, reading each block of src from memory once.
   void (*ema_multi[kNumDTypes])(float* const* avgs, const float* ws, int k, const void* src,
                                 int64_t begin, int64_t end);
+  // Folds K snapshots into each of m accumulators in one pass over memory: for every j and i,
+  // for k = 0 .. K-1 in order, avgs[j][i] += ws[j * K + k] * (srcs[k][i] - avgs[j][i]), each
+  // with one rounding (bit-identical to K ema calls). The srcs share one dtype; K <= kMaxFold.
+  void (*ema_fold[kNumDTypes])(float* const* avgs, const float* ws, int m,
+                               const void* const* srcs, int K, int64_t begin, int64_t end);
   // out[i] = mean_j srcs[j][i], summed in float64 in slot order; slots may mix dtypes.
   void (*mean)(float* out, const void* const* srcs, const DType* dtypes, int m, int64_t begin,
                int64_t end);

@@ -91,6 +91,44 @@ void ema_update_multi_(at::TensorList avgs, const at::Tensor& src, at::ArrayRef<
                [&](int64_t b, int64_t e) { kernel(ptrs.data(), ws.data(), k, s, b, e); });
 }
 
+void ema_fold_(at::TensorList avgs, at::TensorList srcs, at::ArrayRef<double> weights) {
+  const size_t m = avgs.size(), K = srcs.size();
+  TORCH_CHECK_VALUE(K >= 1 && K <= static_cast<size_t>(kMaxFold), "srcs must hold 1 to ",
+                    kMaxFold, " snapshots, got ", K);
+  TORCH_CHECK_VALUE(weights.size() == m * K, "weights must have one entry per (avgs tensor, "
+                    "srcs tensor) pair (", m, " x ", K, " = ", m * K, "), got ", weights.size());
+  if (m == 0) {
+    for (size_t k = 0; k < K; ++k) check_cpu_contiguous(srcs[k], item("srcs", k));
+    return;
+  }
+  std::vector<float*> ptrs(m);
+  std::vector<float> ws(m * K);
+  std::vector<const void*> sp(K);
+  DType dt = DType::kFloat32;
+  for (size_t j = 0; j < m; ++j) {
+    check_accumulator(avgs[j], item("avgs", j));
+    TORCH_CHECK_VALUE(avgs[j].sizes() == avgs[0].sizes(), item("avgs", j), " must have the shape "
+                      "of avgs[0] ", avgs[0].sizes(), ", got ", avgs[j].sizes());
+    ptrs[j] = avgs[j].data_ptr<float>();
+  }
+  for (size_t k = 0; k < K; ++k) {
+    const DType d = check_source(srcs[k], item("srcs", k), avgs[0], "avgs[0]");
+    if (k == 0) dt = d;
+    TORCH_CHECK_TYPE(d == dt, item("srcs", k), " must have the dtype of srcs[0] (",
+                     srcs[0].scalar_type(), "), got ", srcs[k].scalar_type());
+    sp[k] = srcs[k].data_ptr();
+  }
+  for (size_t i = 0; i < m * K; ++i) {
+    check_weight(weights[i], item("weights", i));
+    ws[i] = static_cast<float>(weights[i]);
+  }
+  auto* kernel = active_kernels().ema_fold[static_cast<int>(dt)];
+  const int mi = static_cast<int>(m), Ki = static_cast<int>(K);
+  parallel_for(avgs[0].numel(), kGrain, kAlign, [&](int64_t b, int64_t e) {
+    kernel(ptrs.data(), ws.data(), mi, sp.data(), Ki, b, e);
+  });
+}
+
 void mean_(at::Tensor& out, at::TensorList srcs) {
   check_accumulator(out, "out");
   TORCH_CHECK_VALUE(!srcs.empty(), "srcs must hold at least one tensor");
@@ -114,12 +152,14 @@ void mean_(at::Tensor& out, at::TensorList srcs) {
 TORCH_LIBRARY(offload_ema, m) {
   m.def("ema_update_(Tensor(a!) avg, Tensor src, float weight) -> ()");
   m.def("ema_update_multi_(Tensor(a!)[] avgs, Tensor src, float[] weights) -> ()");
+  m.def("ema_fold_(Tensor(a!)[] avgs, Tensor[] srcs, float[] weights) -> ()");
   m.def("mean_(Tensor(a!) out, Tensor[] srcs) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(offload_ema, CPU, m) {
   m.impl("ema_update_", &oe::ema_update_);
   m.impl("ema_update_multi_", &oe::ema_update_multi_);
+  m.impl("ema_fold_", &oe::ema_fold_);
   m.impl("mean_", &oe::mean_);
 }
 
@@ -129,6 +169,7 @@ TORCH_LIBRARY_IMPL(offload_ema, CPU, m) {
 TORCH_LIBRARY_IMPL(offload_ema, CUDA, m) {
   m.impl("ema_update_", &oe::ema_update_);
   m.impl("ema_update_multi_", &oe::ema_update_multi_);
+  m.impl("ema_fold_", &oe::ema_fold_);
   m.impl("mean_", &oe::mean_);
 }
 

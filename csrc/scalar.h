@@ -46,6 +46,17 @@ inline void ema(float* avg, const T* src, int64_t n, float w) {
   for (int64_t i = 0; i < n; ++i) avg[i] = std::fma(w, to_float(src[i]) - avg[i], avg[i]);
 }
 
+// avg[i] updated by K snapshots in order, each as ema() does (one fused multiply-add).
+template <class T>
+inline void fold(float* avg, const T* const* srcs, const float* ws, int K, int64_t begin,
+                 int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    float a = avg[i];
+    for (int k = 0; k < K; ++k) a = std::fma(ws[k], to_float(srcs[k][i]) - a, a);
+    avg[i] = a;
+  }
+}
+
 // out[i] = float(sum_j srcs[j][i] / m): summed in float64 in slot order, rounded once.
 inline void mean(float* out, const void* const* srcs, const DType* dtypes, int m, int64_t begin,
                  int64_t end) {

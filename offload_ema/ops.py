@@ -111,6 +111,39 @@ def ema_update_multi_(avgs: Sequence[torch.Tensor], src: torch.Tensor,
         _torch_ema_multi(avgs, src, weights)
 
 
+MAX_FOLD = 16  # snapshots one ema_fold_ call takes
+
+
+def ema_fold_(avg: torch.Tensor, srcs: Sequence[torch.Tensor], weights: Sequence[float]) -> None:
+    """Folds K snapshots into ``avg`` in one pass over memory: for k = 0 .. K-1 in order,
+    ``avg += weights[k] * (srcs[k] - avg)``, bit-identical to K ``ema_update_`` calls. The srcs
+    share one dtype (float32, bfloat16 or float16); 1 <= K <= 16."""
+    ema_fold_multi_([avg], srcs, [list(weights)])
+
+
+def ema_fold_multi_(avgs: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor],
+                    weights: Sequence[Sequence[float]]) -> None:
+    """``ema_fold_`` for several accumulators over the same K snapshots: ``weights[j][k]`` is
+    accumulator j's weight for snapshot k; the snapshots are read from memory once per block."""
+    avgs, srcs = list(avgs), list(srcs)
+    if len(weights) != len(avgs):
+        raise ValueError(f"weights must have one row per avgs tensor ({len(avgs)}), got "
+                         f"{len(weights)}")
+    flat = []
+    for j, row in enumerate(weights):
+        row = [float(w) for w in row]
+        if len(row) != len(srcs):
+            raise ValueError(f"weights[{j}] must have one entry per srcs tensor ({len(srcs)}), "
+                             f"got {len(row)}")
+        flat += row
+    if _C is not None:
+        if not _isa_checked:
+            _check_isa()
+        _ops.ema_fold_(avgs, srcs, flat)
+    else:
+        _torch_fold(avgs, srcs, flat)
+
+
 def mean_(out: torch.Tensor, srcs: Sequence[torch.Tensor]) -> None:
     """``out = mean(srcs)`` elementwise, summed in float64 in list order, rounded to float32."""
     srcs = list(srcs)
@@ -233,6 +266,31 @@ def _torch_ema_multi(avgs, src, weights):
         for a, w in zip(flats, weights):
             part = a[b:b + _CHUNK]
             part.add_(chunk - part, alpha=w)
+
+
+@torch.no_grad()
+def _torch_fold(avgs, srcs, weights):
+    """The C++ checks, then K single updates in order (what the kernel must equal)."""
+    K = len(srcs)
+    if not 1 <= K <= MAX_FOLD:
+        raise ValueError(f"srcs must hold 1 to {MAX_FOLD} snapshots, got {K}")
+    for j, a in enumerate(avgs):
+        _check_accumulator(a, f"avgs[{j}]")
+        if a.shape != avgs[0].shape:
+            raise ValueError(f"avgs[{j}] must have the shape of avgs[0] {list(avgs[0].shape)}, "
+                             f"got {list(a.shape)}")
+    for k, src in enumerate(srcs):
+        if avgs:
+            _check_source(src, f"srcs[{k}]", avgs[0], "avgs[0]")
+            if src.dtype != srcs[0].dtype:
+                raise TypeError(f"srcs[{k}] must have the dtype of srcs[0] ({srcs[0].dtype}), "
+                                f"got {src.dtype}")
+        else:
+            _check_cpu_contiguous(src, f"srcs[{k}]")
+    for i, w in enumerate(weights):
+        _check_weight(w, f"weights[{i}]")
+    for k, src in enumerate(srcs):
+        _torch_ema_multi(avgs, src, [weights[j * K + k] for j in range(len(avgs))])
 
 
 @torch.no_grad()

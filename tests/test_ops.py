@@ -580,3 +580,70 @@ def test_isa_check_passes_every_set_in_this_process(cpp_backend):
     # A set this host cannot run is never run, not even by the check.
     foreign = "avx2" if ops._C.detected_isa() == "neon" else "neon"
     assert not ops._C.matches_scalar(foreign)
+
+
+# ---- folding K snapshots in one pass ------------------------------------------------------------
+
+@pytest.mark.parametrize("n,K", [(1, 3), (17, 1), (17, 16), (2048 * 2 + 5, 2), (2048 * 2 + 5, 7),
+                                 (2 * 65536 + 13, 4), (1_000_003, 4)])
+@pytest.mark.parametrize("dtype", SRC_DTYPES, ids=str)
+def test_fold_equals_the_same_updates_one_by_one(backend, n, dtype, K):
+    """Tails and blocks of every vector width, K from 1 to the maximum, several accumulators."""
+    srcs = [sample(n, dtype, seed=20 + k) for k in range(K)]
+    weights = [[0.5 / (k + 1) for k in range(K)], [min(1.0, 0.05 * (k + 1)) for k in range(K)],
+               [1e-3] * K]
+    avgs = [sample(n, torch.float32, seed=40 + j) for j in range(3)]
+    singles = [a.clone() for a in avgs]
+    ops.ema_fold_multi_(avgs, srcs, weights)
+    for a, row in zip(singles, weights):
+        for s, w in zip(srcs, row):
+            ops.ema_update_(a, s, w)
+    for j, (f, s) in enumerate(zip(avgs, singles)):
+        assert torch.equal(f, s), f"accumulator {j}: folding {K} differs from {K} updates"
+    one = sample(n, torch.float32, seed=40)
+    ops.ema_fold_(one, srcs, weights[0])
+    assert torch.equal(one, avgs[0])
+    # And against float64 recurrences, so that a bug shared by both paths cannot hide.
+    ref = sample(n, torch.float32, seed=40).double()
+    for s, w in zip(srcs, weights[0]):
+        ref += w * (s.double() - ref)
+    torch.testing.assert_close(avgs[0].double(), ref, rtol=1e-5 * K, atol=1e-5 * K)
+
+
+def test_fold_propagates_nan_like_single_updates(backend):
+    srcs = [torch.tensor([1.0, float("nan"), 3.0, float("inf")]) for _ in range(3)]
+    a = torch.zeros(4)
+    b = a.clone()
+    ops.ema_fold_(a, srcs, [0.5, 0.25, 0.125])
+    for s, w in zip(srcs, [0.5, 0.25, 0.125]):
+        ops.ema_update_(b, s, w)
+    assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a[~a.isnan()], b[~b.isnan()])
+
+
+BAD_FOLD = [
+    ("srcs must hold 1 to 16 snapshots", ValueError, lambda: ([_f32(8)], [], [[]])),
+    ("srcs must hold 1 to 16 snapshots", ValueError,
+     lambda: ([_f32(8)], [_f32(8)] * 17, [[0.1] * 17])),
+    ("weights must have one row per avgs tensor", ValueError, lambda: ([_f32(8)], [_f32(8)], [])),
+    ("weights\\[0\\] must have one entry per srcs tensor", ValueError,
+     lambda: ([_f32(8)], [_f32(8), _f32(8)], [[0.1]])),
+    ("weights\\[1\\] must be in", ValueError, lambda: ([_f32(8)], [_f32(8), _f32(8)], [[0.1, 1.5]])),
+    ("srcs\\[1\\] must have the dtype of srcs\\[0\\]", TypeError,
+     lambda: ([_f32(8)], [_f32(8), torch.ones(8, dtype=torch.bfloat16)], [[0.1, 0.2]])),
+    ("srcs\\[1\\] must have the shape of avgs\\[0\\]", ValueError,
+     lambda: ([_f32(8)], [_f32(8), _f32(7)], [[0.1, 0.2]])),
+    ("avgs\\[1\\] must have the shape of avgs\\[0\\]", ValueError,
+     lambda: ([_f32(8), _f32(7)], [_f32(8)], [[0.1], [0.1]])),
+    ("avgs\\[0\\] must be float32", TypeError,
+     lambda: ([torch.ones(8, dtype=torch.float16)], [_f32(8)], [[0.1]])),
+]
+
+
+@pytest.mark.parametrize("message,exc,make", BAD_FOLD, ids=[f"{i}" for i in range(len(BAD_FOLD))])
+def test_fold_rejects_bad_input_and_writes_nothing(backend, message, exc, make):
+    avgs, srcs, ws = make()
+    before = [a.clone() for a in avgs]
+    with pytest.raises(exc, match=message):
+        ops.ema_fold_multi_(avgs, srcs, ws)
+    for a, b in zip(avgs, before):
+        assert torch.equal(a, b), "an accumulator was written before the error"
