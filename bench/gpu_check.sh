@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU check, run through the device tool on one H200. The whole script stays under 5 minutes
 # (one device command may run 10, and a rerun must still fit): every step has its own timeout,
-# and the timeouts, kill grace included, add up to 292 s.
+# and the timeouts, kill grace included, add up to 298 s.
 #   build    the extension against the torch there (torch 2.11 preinstalled)
 #   tests    the CUDA tests (tests/test_cuda.py)
-#   overhead the overhead benchmark on the 1b preset (bf16), 2 short rounds
+#   overhead the overhead benchmark on the 1b preset (bf16), 2 short rounds, diffusers' EMAModel
+#            (on the GPU, and its scripts' offload pattern) beside ours
 #   many     the many-tensor preset, small tensors packed and not
 # Each step writes into $OUT while it runs and appends "name rc seconds" to $OUT/steps.txt when
 # it ends, and the benchmark rewrites overhead.json after every mode: a run cut short still
@@ -55,14 +56,14 @@ tail -5 "$OUT/tests.txt"
 # synchronous baseline. The plot needs matplotlib, which the wheels do not carry.
 plot=()
 timeout 5 python -c "import matplotlib" 2>/dev/null && plot=(--plot "$OUT/overhead.png")
-step overhead 80 python -m offload_ema bench --preset 1b --dtype bf16 --rounds 2 --steps 4 \
-  --warmup 1 --modes none,gpu_foreach,offload,offload_multi,naive \
+step overhead 90 python -m offload_ema bench --preset 1b --dtype bf16 --rounds 2 --steps 4 \
+  --warmup 1 --modes none,gpu_foreach,offload,offload_multi,diffusers,diffusers_offload,naive \
   --json "$OUT/overhead.json" ${plot[@]+"${plot[@]}"}
 cat "$OUT/overhead.txt"
 
 # 10,023 small tensors: the training thread's time in the Averager (avg us/step) and the step
 # overhead with small tensors packed on the GPU (default) and copied one by one (pack off).
-step many 30 bash -c "python -m offload_ema bench --preset many --rounds 1 --steps 8 \
+step many 26 bash -c "python -m offload_ema bench --preset many --rounds 1 --steps 8 \
   --warmup 2 --modes none,offload --json $OUT/many.json && OFFLOAD_EMA_PACK_BYTES=0 \
   python -m offload_ema bench --preset many --rounds 1 --steps 8 --warmup 2 \
   --modes none,offload --json $OUT/many_unpacked.json"

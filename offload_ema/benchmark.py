@@ -42,7 +42,8 @@ import offload_ema as oe
 from offload_ema.gpt import GPT, PRESETS, GPTConfig, lm_loss
 from offload_ema.layout import unwrap_model
 
-MODES = ["none", "naive", "swa_utils", "gpu_foreach", "offload", "offload_multi"]
+MODES = ["none", "naive", "swa_utils", "gpu_foreach", "offload", "offload_multi", "diffusers",
+         "diffusers_offload", "timm_v3", "lightning_ema"]
 BETA = 0.999
 
 
@@ -249,8 +250,119 @@ class OffloadMulti(Offload):
         return {"ema": oe.EMA(BETA), "ema_slow": oe.EMA(0.9999), "lawa": oe.LAWA(10, every=10)}
 
 
+class Unavailable(RuntimeError):
+    """A peer's package is missing (or cannot be installed here): its mode reports why."""
+
+
+class DiffusersEma(Mode):
+    """diffusers' own ``EMAModel`` (``foreach=True``), its EMA on the model's device: what its
+    training scripts do by default."""
+    name = "diffusers"
+    offload = False
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        try:
+            from diffusers.training_utils import EMAModel
+        except ImportError as exc:
+            raise Unavailable(f"not installed (pip install diffusers): {exc}") from None
+        self.device = self.params[0].device
+        self.ema = EMAModel(self.params, decay=BETA, foreach=True)
+        if self.offload:
+            self.ema.to("cpu")
+            if self.device.type == "cuda":
+                self.ema.pin_memory()
+
+    def after_step(self):
+        t0 = time.perf_counter()
+        if self.offload:  # the scripts' --offload_ema: to the GPU, step, back, every step
+            self.ema.to(self.device, non_blocking=True)
+        self.ema.step(self.params)
+        if self.offload:
+            self.ema.to("cpu", non_blocking=True)
+        dt = time.perf_counter() - t0
+        self.update_s += dt
+        self.avg_s += dt
+
+    def counters(self, wait=True):
+        return dict(super().counters(), applied=self.ema.optimization_step)
+
+
+class DiffusersOffload(DiffusersEma):
+    """diffusers' scripts' ``--offload_ema`` pattern around its own ``EMAModel``. On a CPU-only run
+    the moves are no-ops: the mode is then the same as ``diffusers`` (marked in the output)."""
+    name = "diffusers_offload"
+    offload = True
+
+
+class TimmV3(Mode):
+    """timm's ``ModelEmaV3``, where timm is installed (it is not installed by ``make``: its
+    torchvision dependency pins a torch version, and pip would replace the installed torch)."""
+    name = "timm_v3"
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        try:
+            from timm.utils import ModelEmaV3
+        except ImportError:
+            raise Unavailable("not installed (timm needs torchvision, whose wheels pin one torch "
+                              "version: installing it here would replace the installed torch; "
+                              "pip install timm where that is fine)") from None
+        self.ema = ModelEmaV3(unwrap_model(self.model), decay=BETA)
+        self.applied = 0
+
+    def after_step(self):
+        t0 = time.perf_counter()
+        self.ema.update(unwrap_model(self.model), step=self.applied)
+        dt = time.perf_counter() - t0
+        self.update_s += dt
+        self.avg_s += dt
+        self.applied += 1
+
+    def counters(self, wait=True):
+        return dict(super().counters(), applied=self.applied)
+
+
+class LightningEma(Mode):
+    """Lightning's own ``EMAWeightAveraging`` callback (Lightning >= 2.6), driven as its Trainer
+    would drive it after each optimizer step (an ``AveragedModel`` on the model's device)."""
+    name = "lightning_ema"
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        try:
+            import lightning.pytorch as pl
+            from lightning.pytorch.callbacks import EMAWeightAveraging
+        except ImportError as exc:
+            raise Unavailable(f"not available (Lightning >= 2.6 has EMAWeightAveraging): "
+                              f"{exc}") from None
+
+        class Shell(pl.LightningModule):  # the benchmark model as the callback's module
+            def __init__(self, net):
+                super().__init__()
+                self.net = net
+        self.module = Shell(unwrap_model(self.model))
+        self.trainer = type("TrainerState", (), {"global_step": 0})()
+        self.cb = EMAWeightAveraging(decay=BETA)
+        self.cb.setup(self.trainer, self.module, "fit")
+
+    def after_step(self):
+        t0 = time.perf_counter()
+        self.trainer.global_step += 1
+        self.cb.on_train_batch_end(self.trainer, self.module, None, None, 0)
+        dt = time.perf_counter() - t0
+        self.update_s += dt
+        self.avg_s += dt
+
+    def counters(self, wait=True):
+        return dict(super().counters(), applied=int(self.cb._average_model.n_averaged))
+
+
 MODE_CLASSES = {"none": Mode, "naive": Naive, "swa_utils": SwaUtils, "gpu_foreach": GpuForeach,
-                "offload": Offload, "offload_multi": OffloadMulti}
+                "offload": Offload, "offload_multi": OffloadMulti, "diffusers": DiffusersEma,
+                "diffusers_offload": DiffusersOffload, "timm_v3": TimmV3,
+                "lightning_ema": LightningEma}
+PEERS = ("diffusers", "diffusers_offload", "timm_v3", "lightning_ema")
 
 
 class MemoryMeter:
@@ -404,6 +516,7 @@ def run(args, rank: int = 0, world: int = 1) -> List[dict]:
     sync()
 
     objs: Dict[str, Mode] = {}
+    unavailable: Dict[str, str] = {}  # mode -> why it did not run
     times: Dict[str, List[float]] = {m: [] for m in modes}
     avg_times: Dict[str, List[float]] = {m: [] for m in modes}  # training thread, averaging
     meter = cuda_memory_meter(device) if cuda else no_memory_meter()
@@ -454,11 +567,17 @@ def run(args, rank: int = 0, world: int = 1) -> List[dict]:
     try:
         for r in range(args.rounds):
             for m in modes:
+                if m in unavailable:
+                    continue
                 first = m not in objs
                 if first:
                     rss0 = _rss()
-                    with meter.constructing(m):
-                        objs[m] = MODE_CLASSES[m](model, opt, args)
+                    try:
+                        with meter.constructing(m):
+                            objs[m] = MODE_CLASSES[m](model, opt, args)
+                    except Unavailable as exc:  # a peer's package is missing: said, not fatal
+                        unavailable[m] = str(exc)
+                        continue
                 mode = objs[m]
                 with meter.running(m):
                     mode.begin()
@@ -480,6 +599,7 @@ def run(args, rank: int = 0, world: int = 1) -> List[dict]:
                     write_json(args.json, records(final=False))
         progress.close()
         rows = records(final=True)
+        rows += [{"mode": m, "unavailable": why} for m, why in unavailable.items()]
     finally:
         # Averagers hold worker threads and, under DDP, take part in collectives: stop them
         # here, on every rank, also when a mode failed, rather than at interpreter exit.
@@ -624,6 +744,8 @@ def _noise_warnings(rows: List[dict]) -> List[str]:
 
 
 def report(rows: List[dict]) -> None:
+    missing = [r for r in rows if "unavailable" in r]
+    rows = [r for r in rows if "unavailable" not in r]
     _round_overheads(rows)
     hdr = (f"{'mode':<14}{'median ms':>10}{'p90 ms':>9}{'overhead':>10}{'(rounds)':>16}{'GPU mem +':>11}"
            f"{'host RSS +':>11}{'pinned':>9}{'applied':>8}{'skip':>6}{'coal':>6}"
@@ -639,6 +761,12 @@ def report(rows: List[dict]) -> None:
               f"{r['copy_ms_per_snapshot']:>9.2f}{r['update_ms_per_snapshot']:>10.2f}"
               f"{r['averager_us_per_step']:>12.1f}  "
               + " ".join(f"{x:.1f}" for x in r["round_medians_ms"]))
+    for r in missing:
+        print(f"{r['mode']}: {r['unavailable']}")
+    if any(r["mode"] == "diffusers_offload" and r.get("device", "").startswith("cpu")
+           for r in rows):
+        print("diffusers_offload: on a CPU-only run its moves to and from the device do nothing "
+              "(the same as diffusers here); it measures the offload pattern on a GPU only")
     print(LEGEND)
     warnings = _noise_warnings(rows)
     if warnings:
@@ -652,6 +780,17 @@ def report(rows: List[dict]) -> None:
             print(f"{r['mode']}: averager host memory per rank "
                   f"{[_size(b) for b in r['host_bytes_per_rank']]} ({r['nproc']} processes); "
                   f"host RSS delta per rank {[_size(b) for b in r['rss_delta_bytes_per_rank']]}")
+    off = by.get("offload")
+    for peer in PEERS:
+        r = by.get(peer)
+        if off is None or r is None:
+            continue
+        print(f"offload vs {peer}: step overhead {off['overhead_pct']:+.1f}% vs "
+              f"{r['overhead_pct']:+.1f}% (step time ratio "
+              f"{off['step_ms_median'] / r['step_ms_median']:.2f}x); GPU memory "
+              f"{_size(off['gpu_mem_delta_bytes'])} vs {_size(r['gpu_mem_delta_bytes'])}; host RSS "
+              f"{_size(off['rss_delta_bytes'])} vs {_size(r['rss_delta_bytes'])}; training thread "
+              f"{off['averager_us_per_step']:.0f} vs {r['averager_us_per_step']:.0f} us/step")
     if "none" in by and "naive" in by:
         print(f"\nnaive / none step time: {by['naive']['step_ms_median'] / by['none']['step_ms_median']:.2f}x")
     for m in ("offload", "offload_multi"):
@@ -678,6 +817,7 @@ def report(rows: List[dict]) -> None:
 
 
 def plot(rows: List[dict], path: str) -> None:
+    rows = [r for r in rows if "unavailable" not in r]
     try:
         import matplotlib
         matplotlib.use("Agg")

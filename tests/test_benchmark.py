@@ -361,3 +361,29 @@ def test_report_explains_itself_and_warns_when_too_noisy(capsys):
     assert "warning: this run is too noisy" in out
     assert "offload's overhead (+3.0%) is smaller than the drift of none's own round medians" in out
     assert "none: p90 step time is over twice the median" in out
+
+
+def test_peer_modes_run_the_peers_own_classes_and_missing_ones_are_reported(tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    js = tmp_path / "peers.json"
+    rc = cli.main(["bench", "--layers", "1", "--width", "64", "--rounds", "1", "--steps", "3",
+                   "--warmup", "0", "--modes",
+                   "none,offload,diffusers,diffusers_offload,timm_v3,lightning_ema",
+                   "--json", str(js)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    rows = {r["mode"]: r for r in json.loads(js.read_text())}
+    for peer in ("diffusers", "diffusers_offload"):
+        assert rows[peer]["applied"] == 3 and "overhead_pct" in rows[peer]
+        assert f"offload vs {peer}: step overhead" in out
+    assert "diffusers_offload: on a CPU-only run" in out
+    import importlib.util
+    if importlib.util.find_spec("timm") is None:
+        assert "would replace the installed torch" in rows["timm_v3"]["unavailable"]
+        assert "timm_v3: not installed" in out
+    try:
+        from lightning.pytorch.callbacks import EMAWeightAveraging  # noqa: F401
+    except ImportError:
+        assert "unavailable" in rows["lightning_ema"]
+    else:
+        assert rows["lightning_ema"]["applied"] == 3
