@@ -48,14 +48,22 @@ def test_experts_model_counts_and_trains_every_expert():
         GPT(dataclasses.replace(cfg, experts=-1))
 
 
+def _measured(rows):
+    """The modes that ran (a peer whose package is missing is a row saying so), checked."""
+    from offload_ema.benchmark import PEERS
+    assert all(r["mode"] in PEERS for r in rows if "unavailable" in r)
+    return [r for r in rows if "unavailable" not in r]
+
+
 def test_bench_many_tensors_reports_the_averager_time_of_every_mode(tmp_path, capsys):
     js = tmp_path / "o.json"
     # 5 + 2 x (9 + 4 x 150) = 1223 tensors at 2 x 150 experts (42x tiny): a few seconds.
     rc = cli.main(["bench", "--layers", "2", "--width", "32", "--experts", "150", "--rounds", "1",
                    "--steps", "2", "--warmup", "1", "--json", str(js)])
     assert rc == 0
-    rows = json.loads(js.read_text())
-    assert [r["mode"] for r in rows] == ["none", "naive", "swa_utils", "offload", "offload_multi"]
+    rows = _measured(json.loads(js.read_text()))
+    assert [r["mode"] for r in rows][:5] == ["none", "naive", "swa_utils", "offload",
+                                             "offload_multi"]
     for r in rows:
         assert KEYS <= set(r), KEYS - set(r)
         assert r["tensors"] == 1223 and r["experts"] == 150
@@ -135,8 +143,9 @@ def test_bench_writes_records_table_and_plot(tmp_path, capsys):
     rc = cli.main(["bench", "--layers", "1", "--width", "64", "--rounds", "2", "--steps", "2",
                    "--warmup", "1", "--json", str(js), "--plot", str(png)])
     assert rc == 0
-    rows = json.loads(js.read_text())
-    assert [r["mode"] for r in rows] == ["none", "naive", "swa_utils", "offload", "offload_multi"]
+    rows = _measured(json.loads(js.read_text()))
+    assert [r["mode"] for r in rows][:5] == ["none", "naive", "swa_utils", "offload",
+                                             "offload_multi"]
     for r in rows:
         assert KEYS <= set(r), KEYS - set(r)
         assert r["step_ms_median"] > 0 and r["step_ms_p90"] >= r["step_ms_median"]
