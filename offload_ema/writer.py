@@ -283,8 +283,17 @@ def pretrained_kind(model) -> Optional[str]:
 def _write_pretrained(out_dir: str, model, values: Dict[str, torch.Tensor]) -> int:
     import shutil
 
+    from offload_ema.snapshots import _alive
+
     parent, base = os.path.split(out_dir)
     os.makedirs(parent, exist_ok=True)
+    # Directories of writers killed mid-write (another process's, no longer running).
+    for name in os.listdir(parent):
+        for kind in (".tmp-", ".old-"):
+            prefix = f".{base}{kind}"
+            pid = name[len(prefix):].split("-", 1)[0] if name.startswith(prefix) else ""
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
     tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}-{threading.get_ident()}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)

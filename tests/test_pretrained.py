@@ -1,5 +1,7 @@
 """Averages written as from_pretrained-loadable model directories (transformers, diffusers),
 against float64 references of the training snapshots."""
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -90,3 +92,28 @@ def test_a_quantized_model_is_refused(tmp_path):
         avg.step()
         with pytest.raises(TypeError, match="quantized model"):
             avg.save_pretrained(tmp_path / "q", "ema")
+
+
+def test_temporaries_of_killed_writers_are_removed(tmp_path):
+    """A directory left by a writer killed mid-write (its process gone) is removed by the next
+    save_pretrained of that name; one of a live process is left alone."""
+    import subprocess
+    import sys
+    diffusers = pytest.importorskip("diffusers")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    stale = tmp_path / f".unet_ema.tmp-{dead}-1"
+    stale.mkdir()
+    (stale / "half-written.safetensors").write_bytes(b"x")
+    live = tmp_path / f".unet_ema.tmp-{os.getppid()}-1"  # our parent: alive
+    live.mkdir()
+    torch.manual_seed(0)
+    model = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1,
+                                  layers_per_block=1, block_out_channels=(8, 16),
+                                  down_block_types=("DownBlock2D", "DownBlock2D"),
+                                  up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+    with oe.Averager(model, {"ema": oe.EMA(0.9)}) as avg:
+        avg.step()
+        avg.save_pretrained(tmp_path / "unet_ema", "ema").result(timeout=120)
+    assert not stale.exists() and live.exists()
+    assert (tmp_path / "unet_ema" / "config.json").is_file()
