@@ -34,7 +34,6 @@ import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import offload_ema as oe
@@ -46,9 +45,9 @@ es = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(es)  # lr_at, steps_to, train (one run with its curves), post-hoc
 
 
-class TeacherFresh:
+class TeacherFresh(es.TeacherMLP):
     """An MLP learning a fixed random teacher from fresh samples every step (10% label noise):
-    unlimited data, so longer budgets do not overfit."""
+    unlimited data, so longer budgets do not overfit. Loss and evaluation as the teacher-mlp's."""
     name = "teacher-fresh"
 
     def __init__(self, quick):
@@ -74,16 +73,10 @@ class TeacherFresh:
     def batch(self, g):
         return self._label(torch.randn(self.bs, 32, generator=g), g)
 
-    def loss(self, model, batch):
-        return F.cross_entropy(model(batch[0]), batch[1])
 
-    @torch.no_grad()
-    def evaluate(self, model):
-        return F.cross_entropy(model(self.val[0]), self.val[1]).item()
-
-
-class Digits:
-    """scikit-learn's bundled 8x8 digits (real data, no download): an MLP, 80 / 20 split."""
+class Digits(es.TeacherMLP):
+    """scikit-learn's bundled 8x8 digits (real data, no download): an MLP, 80 / 20 split. Batches,
+    loss and evaluation as the teacher-mlp's."""
     name = "digits"
 
     def __init__(self, quick):
@@ -99,17 +92,6 @@ class Digits:
 
     def model(self):
         return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
-
-    def batch(self, g):
-        i = torch.randint(0, len(self.train[0]), (self.bs,), generator=g)
-        return self.train[0][i], self.train[1][i]
-
-    def loss(self, model, batch):
-        return F.cross_entropy(model(batch[0]), batch[1])
-
-    @torch.no_grad()
-    def evaluate(self, model):
-        return F.cross_entropy(model(self.val[0]), self.val[1]).item()
 
 
 WORKLOADS = {"teacher-fresh": TeacherFresh, "digits": Digits}

@@ -242,14 +242,7 @@ class Averager:
             done.set_running_or_notify_cancel()
             done.set_result(done.path)
             return done
-        cast: Dict[int, torch.Tensor] = {}  # tied names keep sharing one tensor
-        out = {}
-        for k, t in values.items():
-            if id(t) not in cast:
-                dtype = dtypes.get(k, t.dtype)
-                cast[id(t)] = t.to(dtype) if t.is_floating_point() else t
-            out[k] = cast[id(t)]
-        return self._writer.save_pretrained(out_dir, target, out)
+        return self._writer.save_pretrained(out_dir, target, values, dtypes)
 
     def save_every(self, every: int, path_template: str, *, names=None,
                    keep_last: Optional[int] = None, dtype: torch.dtype = torch.float32) -> None:

@@ -283,6 +283,9 @@ class Engine:
         # still runs after every job submitted before it.
         self._issuer: Optional[threading.Thread] = None
         self._inbox = self._queue
+        # Whole snapshots (one chunk) on an asynchronous device: their copies are the issuer's
+        # (or the fence's, first come); chunked ones the worker's, as buffers free up.
+        self._issuer_copies = self.asynchronous and len(self._chunks) == 1
         if self.asynchronous:
             self._inbox = queue.SimpleQueue()
             self._issuer = threading.Thread(target=self._run_issuer, name="offload_ema-issuer",
@@ -510,8 +513,8 @@ class Engine:
         if job is None:
             return
         t0 = time.perf_counter()
-        if self._issuer is not None and job.ready_event is not None and \
-                len(self._chunks) == 1 and job.claim.acquire(blocking=False):
+        if self._issuer_copies and job.ready_event is not None and \
+                job.claim.acquire(blocking=False):
             try:  # not yet taken by the issuer: issued here, no hand-off
                 self._issue_copies(job, training_thread=True)
             except BaseException:  # an interrupt: the issuer issues it from the start
@@ -690,7 +693,7 @@ class Engine:
                     self._error = exc
         while True:
             item = self._inbox.get()
-            if isinstance(item, Job) and item.ready_event is not None and len(self._chunks) == 1:
+            if isinstance(item, Job) and item.ready_event is not None and self._issuer_copies:
                 # Unless the training thread issues it (then the worker needs its copy events
                 # first); if that was interrupted, it lets the claim go and this issues it.
                 while not item.issued.wait(0.001 if item.claim.locked() else 0):

@@ -88,12 +88,20 @@ def backend() -> str:
     return "cpp" if _C is not None else "torch"
 
 
+def _cpp():
+    """The C++ ops (their instruction set checked once, at first use), or None: the fallback."""
+    if _C is None:
+        return None
+    if not _isa_checked:
+        _check_isa()
+    return _ops
+
+
 def ema_update_(avg: torch.Tensor, src: torch.Tensor, weight: float) -> None:
     """``avg += weight * (src - avg)`` in one pass; avg float32, src float32/bfloat16/float16."""
-    if _C is not None:
-        if not _isa_checked:
-            _check_isa()
-        _ops.ema_update_(avg, src, float(weight))
+    cpp = _cpp()
+    if cpp is not None:
+        cpp.ema_update_(avg, src, float(weight))
     else:
         _torch_ema_multi([avg], src, [float(weight)])
 
@@ -103,10 +111,9 @@ def ema_update_multi_(avgs: Sequence[torch.Tensor], src: torch.Tensor,
     """``avgs[j] += weights[j] * (src - avgs[j])`` for every j, reading src from memory once."""
     avgs = list(avgs)
     weights = [float(w) for w in weights]
-    if _C is not None:
-        if not _isa_checked:
-            _check_isa()
-        _ops.ema_update_multi_(avgs, src, weights)
+    cpp = _cpp()
+    if cpp is not None:
+        cpp.ema_update_multi_(avgs, src, weights)
     else:
         _torch_ema_multi(avgs, src, weights)
 
@@ -136,10 +143,9 @@ def ema_fold_multi_(avgs: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor],
             raise ValueError(f"weights[{j}] must have one entry per srcs tensor ({len(srcs)}), "
                              f"got {len(row)}")
         flat += row
-    if _C is not None:
-        if not _isa_checked:
-            _check_isa()
-        _ops.ema_fold_(avgs, srcs, flat)
+    cpp = _cpp()
+    if cpp is not None:
+        cpp.ema_fold_(avgs, srcs, flat)
     else:
         _torch_fold(avgs, srcs, flat)
 
@@ -147,10 +153,9 @@ def ema_fold_multi_(avgs: Sequence[torch.Tensor], srcs: Sequence[torch.Tensor],
 def mean_(out: torch.Tensor, srcs: Sequence[torch.Tensor]) -> None:
     """``out = mean(srcs)`` elementwise, summed in float64 in list order, rounded to float32."""
     srcs = list(srcs)
-    if _C is not None:
-        if not _isa_checked:
-            _check_isa()
-        _ops.mean_(out, srcs)
+    cpp = _cpp()
+    if cpp is not None:
+        cpp.mean_(out, srcs)
     else:
         _torch_mean(out, srcs)
 

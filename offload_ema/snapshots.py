@@ -20,6 +20,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import string
 import threading
 from typing import Dict, List, Mapping, Optional, Tuple
@@ -180,8 +181,6 @@ def write_dcp(path: str, state: Mapping[str, torch.Tensor], meta: Dict[str, str]
     its own shards). It is written under a temporary name that is the same on every rank and,
     once complete, renamed to ``path`` by rank 0; a previous checkpoint there is replaced.
     Returns the bytes this rank wrote."""
-    import shutil
-
     import torch.distributed.checkpoint as dcp
 
     path = os.path.abspath(path)
@@ -198,15 +197,48 @@ def write_dcp(path: str, state: Mapping[str, torch.Tensor], meta: Dict[str, str]
         f.flush()
         os.fsync(f.fileno())
     _fsync_dir(tmp)
-    old = None
-    if os.path.exists(path):
-        old = os.path.join(directory, f".{base}{_TMP_INFIX}old-{tag}")
+    _put_directory(tmp, path, os.path.join(directory, f".{base}{_TMP_INFIX}old-{tag}"))
+    return mine
+
+
+def _put_directory(tmp: str, path: str, old: str) -> None:
+    """Renames the complete directory ``tmp`` to ``path``; a directory already there is moved to
+    ``old`` first and removed only after."""
+    moved = os.path.exists(path)
+    if moved:
         os.replace(path, old)
     os.replace(tmp, path)
-    _fsync_dir(directory)
-    if old is not None:
+    _fsync_dir(os.path.dirname(path))
+    if moved:
         shutil.rmtree(old, ignore_errors=True)
-    return mine
+
+
+def write_directory(path: str, write) -> int:
+    """Calls ``write(tmp)`` for a temporary directory beside ``path``, then puts it in place of
+    ``path`` (``_put_directory``); the temporary is removed if anything fails, and those of
+    writers killed mid-write are removed too. Returns the bytes of the files written."""
+    path = os.path.abspath(path)
+    directory, base = os.path.split(path)
+    os.makedirs(directory, exist_ok=True)
+    _remove_stale_temporaries(directory, base)
+    tmp = os.path.join(directory, f".{base}{_TMP_INFIX}{os.getpid()}-{next(_counter)}")
+    old = os.path.join(directory, f".{base}{_TMP_INFIX}{os.getpid()}-{next(_counter)}")
+    with _writing_lock:
+        _writing.update((tmp, old))
+    try:
+        os.makedirs(tmp)
+        write(tmp)
+        nbytes = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp)
+                     if os.path.isfile(os.path.join(tmp, f)))
+        _fsync_dir(tmp)
+        _put_directory(tmp, path, old)
+        return nbytes
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        with _writing_lock:
+            _writing.difference_update((tmp, old))
 
 
 def _load_dcp(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, object]]:
@@ -249,7 +281,10 @@ def _remove_stale_temporaries(directory: str, base: str) -> None:
         if pid == os.getpid() and _own_in_flight(tmp):
             continue
         try:
-            os.unlink(tmp)
+            if os.path.isdir(tmp):  # a directory's (write_directory)
+                shutil.rmtree(tmp)
+            else:
+                os.unlink(tmp)
         except OSError:
             pass
 

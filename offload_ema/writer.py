@@ -26,7 +26,7 @@ from offload_ema import ops
 from offload_ema.averages import Decaying, check_int
 from offload_ema.layout import Layout
 from offload_ema.snapshots import (Retention, SnapshotFuture, metadata, write_atomic, write_dcp,
-                                   write_index)
+                                   write_directory, write_index)
 
 __all__ = ["SnapshotWriter"]
 
@@ -130,12 +130,19 @@ class SnapshotWriter:
         self._engine.run_after(take_copy)
         return fut
 
-    def save_pretrained(self, out_dir: str, model, values: Dict[str, torch.Tensor]
-                        ) -> SnapshotFuture:
-        """Writes ``values`` (a full state dict) as ``model``'s directory (config + safetensors
-        weights in each tensor's dtype), loadable with the model class's ``from_pretrained``.
-        Written under a temporary name, then renamed into place (an older directory of that name
-        is replaced only once the new one is complete)."""
+    def save_pretrained(self, out_dir: str, model, values: Dict[str, torch.Tensor],
+                        dtypes: Dict[str, torch.dtype]) -> SnapshotFuture:
+        """Writes ``values`` (a full float32 state dict) as ``model``'s directory (config +
+        safetensors weights in ``dtypes``, the model's), loadable with the model class's
+        ``from_pretrained``. Written under a temporary name, then renamed into place (an older
+        directory of that name is replaced only once the new one is complete)."""
+        cast: Dict[int, torch.Tensor] = {}  # tied names keep sharing one tensor
+        out = {}
+        for k, t in values.items():
+            if id(t) not in cast:
+                cast[id(t)] = t.to(dtypes.get(k, t.dtype)) if t.is_floating_point() else t
+            out[k] = cast[id(t)]
+        values = out
         out_dir = os.path.abspath(os.fspath(out_dir))
         fut = SnapshotFuture(out_dir)
         fut.set_running_or_notify_cancel()
@@ -281,46 +288,19 @@ def pretrained_kind(model) -> Optional[str]:
 
 
 def _write_pretrained(out_dir: str, model, values: Dict[str, torch.Tensor]) -> int:
-    import shutil
-
-    from offload_ema.snapshots import _alive
-
-    parent, base = os.path.split(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    # Directories of writers killed mid-write (another process's, no longer running).
-    for name in os.listdir(parent):
-        for kind in (".tmp-", ".old-"):
-            prefix = f".{base}{kind}"
-            pid = name[len(prefix):].split("-", 1)[0] if name.startswith(prefix) else ""
-            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-    tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}-{threading.get_ident()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    def write(tmp: str) -> None:
         if pretrained_kind(model) == "transformers":
             # Tied weights share one tensor in ``values``: transformers writes them once.
             model.save_pretrained(tmp, state_dict=values, safe_serialization=True)
-        else:
-            import safetensors.torch
-            model.save_config(tmp)
-            seen: Dict[int, str] = {}
-            tensors = {}
-            for k, t in values.items():  # a file holds no two names for one memory
-                tensors[k] = t.clone() if id(t) in seen else t.contiguous()
-                seen.setdefault(id(t), k)
-            safetensors.torch.save_file(tensors, os.path.join(tmp, "diffusion_pytorch_model.safetensors"),
-                                        metadata={"format": "pt"})
-        nbytes = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp)
-                     if os.path.isfile(os.path.join(tmp, f)))
-        old = None
-        if os.path.exists(out_dir):  # replaced only now that the new one is whole
-            old = os.path.join(parent, f".{base}.old-{os.getpid()}-{threading.get_ident()}")
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return nbytes
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            return
+        import safetensors.torch
+        model.save_config(tmp)
+        seen: set = set()
+        tensors = {}
+        for k, t in values.items():  # a file holds no two names for one memory
+            tensors[k] = t.clone() if id(t) in seen else t.contiguous()
+            seen.add(id(t))
+        safetensors.torch.save_file(
+            tensors, os.path.join(tmp, "diffusion_pytorch_model.safetensors"),
+            metadata={"format": "pt"})
+    return write_directory(out_dir, write)
