@@ -66,31 +66,18 @@ def restore(state: dict, schedule, engine, layout, strategy) -> None:
                                          default=0))
 
 
-def seeded(state: dict, name: str, values, applied: int, step: int) -> dict:
-    """``state`` (a fresh Averager's, one decaying average ``name``, parameters only) with that
-    average set to ``values`` (entry name -> tensor) as its value after ``applied`` snapshots,
-    at step ``step``: how an average stored elsewhere (diffusers' shadow parameters) continues."""
+def seeded(state: dict, layout, name: str, values, applied: int, step: int) -> dict:
+    """``state`` (a fresh Averager's over ``layout``, with a decaying average ``name``) with
+    that average set to ``values`` (entry name -> tensor) as its value after ``applied``
+    snapshots, at step ``step``: how an average stored elsewhere (diffusers' shadow parameters)
+    continues."""
     import copy
-
-    import torch
-
-    from offload_ema.layout import staged_dtype
 
     state = copy.copy(state)
     d = dict(state["averages"][name])
-    groups: dict = {}
-    offsets = {}
-    for entry_name, shape, dtype in state["layout"]:
-        key = staged_dtype(getattr(torch, str(dtype).replace("torch.", "")))
-        n = 1
-        for x in shape:
-            n *= int(x)
-        start = groups.get(key, 0)
-        offsets[entry_name] = (list(groups).index(key) if key in groups else len(groups), start, n)
-        groups[key] = start + n
     acc = [t.clone() for t in d["acc"]]
-    for entry_name, (g, start, n) in offsets.items():
-        acc[g][start:start + n].copy_(values[entry_name].reshape(-1))
+    for e in layout.entries:  # where each entry sits in its group's accumulator
+        acc[e.group][e.offset:e.offset + e.numel].copy_(values[e.name].reshape(-1))
     d.update(acc=acc, applied=applied, periods=applied, last_step=step, scheduled=applied,
              pending=0)
     state["averages"] = dict(state["averages"], **{name: d})

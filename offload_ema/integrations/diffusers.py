@@ -315,8 +315,8 @@ class EMAModel:
         if applied == 0:
             return  # the EMA has not started: its first snapshot initialises it
         names = [f"params.{i}" for i in range(len(shadow))]
-        state = resume.seeded(self._averager.state_dict(), _NAME, dict(zip(names, shadow)),
-                              applied, self.optimization_step)
+        state = resume.seeded(self._averager.state_dict(), self._averager._layout, _NAME,
+                              dict(zip(names, shadow)), applied, self.optimization_step)
         self._averager.load_state_dict(state)
 
     def _values(self) -> List[torch.Tensor]:
