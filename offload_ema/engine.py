@@ -42,11 +42,12 @@ reached the worker, and give back what an unqueued job held.
 from __future__ import annotations
 
 import collections
+import numbers
 import os
 import queue
 import threading
 import time
-from typing import Deque, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Deque, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 
@@ -71,6 +72,10 @@ def _per_thread_intraop() -> bool:
 PACK_TENSOR_BYTES = 256 << 10
 PACK_MAX_BYTES = 64 << 20
 INPLACE_MIN_BYTES = 64 << 10
+# fold="auto": the default staging is that of fold=AUTO_FOLD (2 x 4 snapshots); a backlog of up to
+# every staged snapshot (at most ops.MAX_FOLD) is folded in one pass.
+AUTO_FOLD = 4
+MAX_FOLD = ops.MAX_FOLD
 
 
 def _pack_limit() -> int:
@@ -85,6 +90,10 @@ def _pack_limit() -> int:
     if value < 0:
         raise ValueError(f"OFFLOAD_EMA_PACK_BYTES must be a byte count >= 0, got {raw!r}")
     return value
+
+
+def _nothing() -> None:
+    pass
 
 
 class CopyPlan:
@@ -202,21 +211,45 @@ class Engine:
     """
 
     def __init__(self, layout: Layout, specs: Mapping[str, object],
-                 staging_bytes: Optional[int] = None):
+                 staging_bytes: Optional[int] = None, fold: Union[int, str] = 1):
         self.layout = layout
         self._ops = device_mod.ops_for(layout.device)
         self.asynchronous = self._ops.asynchronous
+        auto = isinstance(fold, str) and fold == "auto"
+        if not auto:
+            if isinstance(fold, bool) or not isinstance(fold, numbers.Integral) or \
+                    not 1 <= fold <= MAX_FOLD:
+                raise ValueError(f"fold must be an int from 1 to {MAX_FOLD} or 'auto', "
+                                 f"got {fold!r}")
+            fold = int(fold)
+        elif not self.asynchronous:
+            # On the host the fence holds the training thread until the worker has read each
+            # snapshot, so no backlog forms for "auto" to fold: it is one snapshot per pass.
+            auto, fold = False, 1
         # A rank that owns no tensor (DDP with fewer tensors than ranks) still runs the schedule;
         # its staging is the minimum, so that every size below stays valid.
         snapshot = max(layout.nbytes, ALIGN)
         if staging_bytes is None:
-            staging_bytes = 2 * snapshot
+            # K snapshots folded while the next K arrive (two for one snapshot per pass).
+            staging_bytes = 2 * (AUTO_FOLD if auto else fold) * snapshot
         staging_bytes = check_int(staging_bytes, "staging_bytes", 2 * ALIGN)
         if staging_bytes >= snapshot:
             n_buffers, buffer_bytes = staging_bytes // snapshot, snapshot
         else:
             n_buffers, buffer_bytes = 2, staging_bytes // 2
         self._chunks = layout.plan(buffer_bytes)
+        whole = len(self._chunks) <= 1
+        if auto:  # as many as the budget holds; chunked snapshots cannot be held
+            fold = min(MAX_FOLD, n_buffers) if whole else 1
+        elif fold > 1 and (not whole or n_buffers < fold + 1):
+            raise ValueError(
+                f"fold={fold} needs staging_bytes for at least fold + 1 = {fold + 1} whole "
+                f"snapshots ({(fold + 1) * snapshot} bytes; default {2 * fold} snapshots), got "
+                f"{staging_bytes}")
+        # Snapshots applied per pass over the accumulators: up to ``fold`` staged ones are held
+        # by the worker; "auto" holds none while idle, folding only a backlog (it keeps up).
+        self.fold = fold
+        self._fold_auto = auto
         # Snapshots in flight at once: one per buffer when a buffer holds a snapshot; one in
         # chunked mode (its chunks take both buffers in turn).
         self.capacity = n_buffers if len(self._chunks) <= 1 else 1
@@ -229,7 +262,8 @@ class Engine:
         # Every chunk's copies and reads, planned once here: a snapshot's per-tensor work is then
         # a few foreach calls (one pack kernel, one batch of copies) on the issuing thread.
         self._pack_limit = _pack_limit() if self._ops.asynchronous else 0
-        self._inplace = not self._ops.asynchronous
+        # A held snapshot must be a copy: parameters read in place change at the next step.
+        self._inplace = not self._ops.asynchronous and self.fold == 1
         self._plans = {(s, c): self._build_plan(self._staging[s], self._chunks[c])
                        for s in range(n_buffers) for c in range(len(self._chunks))}
         pack_bytes = max([p.pack_bytes for p in self._plans.values()] + [0])
@@ -273,6 +307,7 @@ class Engine:
         self._submitting: Optional[Job] = None                              # training thread
         self._last_queued_step = 0                                          # training thread
         self._queue: "queue.SimpleQueue" = queue.SimpleQueue()  # Job, callable, None (stop)
+        self._held: List[Job] = []  # staged jobs waiting to be folded             (worker)
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="offload_ema-worker", daemon=True)
         self._thread.start()
@@ -558,6 +593,8 @@ class Engine:
         return value
 
     def flush(self) -> None:
+        if self.fold > 1:  # held snapshots are applied before any callable runs
+            self.run_after(_nothing)
         with self._cond: self._cond.wait_for(self._idle)  # noqa: E701 (see run_after)
 
     def _idle(self) -> bool:
@@ -577,6 +614,10 @@ class Engine:
             "snapshots_dropped_nonfinite": int(s.get("snapshots_dropped_nonfinite", 0)),
             "in_flight": in_flight, "last_applied_step": int(s.get("last_applied_step", 0)),
             "bytes_copied": int(s.get("bytes_copied", 0)),
+            # Folding: the most snapshots per pass ("auto": what the staging holds), passes
+            # made and the snapshots they applied (their mean size says how far "auto" folded).
+            "fold": self.fold, "folds": int(s.get("folds", 0)),
+            "snapshots_folded": int(s.get("snapshots_folded", 0)),
             **{k: s.get(k, 0.0) for k in ("copy_seconds", "update_seconds", "fence_wait_seconds",
                                           "lag_seconds_last", "lag_seconds_max")},
             "snapshot_bytes": self.layout.nbytes, "staging_bytes": self.staging_nbytes,
@@ -732,53 +773,92 @@ class Engine:
             # kernels use offload_ema's own threads.
             torch.set_num_threads(1)
         while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            if not isinstance(job, Job):
-                try:
-                    job()
-                finally:
-                    # A run_after callable may hold its Averager: not kept while idle, or a
-                    # dropped Averager could never be collected (and this thread never end).
-                    job = None
-                    with self._cond:
-                        self._pending_calls -= 1
-                        self._cond.notify_all()
+            item = self._queue.get()
+            if isinstance(item, Job):
+                self._take(item)
+                item = None  # a job or callable may hold an Averager: not kept while idle
                 continue
+            # A callable (a read, flush's marker) or the stop: the snapshots held for folding
+            # are applied first, so that it sees every snapshot submitted before it.
+            self._settle()
+            if item is None:
+                return
             try:
-                if self._error is None:
-                    self._process(job)
-                else:
-                    # Nothing more is applied, but copies issued for this job (the issuer may
-                    # have checked for an error just before it was set) must land before its
-                    # staging and sources are given back.
-                    self._ops.drain()
-            except BaseException as exc:  # reaches the user at the next step / flush / close
-                with self._cond:
-                    if self._error is None:
-                        self._error = exc
-                # Copies of this job may still be running: its staging and sources are released
-                # below, so wait for them first.
-                self._ops.drain()
+                item()
             finally:
+                # A run_after callable may hold its Averager: not kept while idle, or a
+                # dropped Averager could never be collected (and this thread never end).
+                item = None
                 with self._cond:
-                    self._free.extend(job.held)
-                    job.held = []
-                    self._tickets.put(job.ticket)
-                    self._ticket_back.set()
-                    job.sources = []
-                    job.issued.set()  # nobody may wait on a copy that will never be issued
-                    # (Parameters read in place are not copied.)
-                    self._stats["bytes_copied"] += self.layout.nbytes - self.read_in_place_nbytes
-                    if job.schedule is not None:
-                        self.applied_schedule = job.schedule
+                    self._pending_calls -= 1
                     self._cond.notify_all()
-                job = None
 
-    def _process(self, job: Job) -> None:
+    def _take(self, job: Job) -> None:
+        """Applies a job, or (folding) holds it staged until ``fold`` are, or no more wait."""
+        held = False
+        try:
+            if self._error is None:
+                held = self._process(job)
+            else:
+                # Nothing more is applied, but copies issued for this job (the issuer may have
+                # checked for an error just before it was set) must land before its staging
+                # and sources are given back.
+                self._ops.drain()
+        except BaseException as exc:  # reaches the user at the next step / flush / close
+            held = False
+            self._fail(exc)
+        finally:
+            if not held:
+                self._release(job)
+        if held:
+            self._held.append(job)
+            if len(self._held) >= self.fold or (self._fold_auto and self._queue.empty()):
+                self._settle()
+
+    def _settle(self) -> None:
+        """Applies the snapshots held for folding (in one pass) and releases them."""
+        jobs, self._held = self._held, []
+        if not jobs:
+            return
+        try:
+            if self._error is None:
+                self._fold(jobs)
+        except BaseException as exc:
+            self._fail(exc)
+        finally:
+            for job in jobs:
+                self._release(job)
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._cond:
+            if self._error is None:
+                self._error = exc
+        # Copies of the job may still be running: its staging and sources are released next,
+        # so wait for them first.
+        self._ops.drain()
+
+    def _release(self, job: Job) -> None:
+        """Gives back what a finished (applied, dropped or failed) job held."""
+        with self._cond:
+            self._free.extend(job.held)
+            job.held = []
+            self._tickets.put(job.ticket)
+            self._ticket_back.set()
+            job.sources = []
+            job.issued.set()  # nobody may wait on a copy that will never be issued
+            # (Parameters read in place are not copied.)
+            self._stats["bytes_copied"] += self.layout.nbytes - self.read_in_place_nbytes
+            if job.schedule is not None:
+                self.applied_schedule = job.schedule
+            self._cond.notify_all()
+
+    def _process(self, job: Job) -> bool:
+        """Applies ``job``; folding, only stages it and returns True (``_fold`` applies it)."""
         if job.issue_error is not None:
             raise job.issue_error
+        if self.fold > 1:
+            self._stage(job)
+            return True
         job.weights = [b.spec.weight(b.periods, p) for b, p in job.emas]
         # A parameter replaced, frozen or added since the Averager was built: stop with a clear
         # error instead of averaging a tensor training no longer changes.
@@ -821,6 +901,87 @@ class Engine:
             while issued:
                 self._apply(job, *issued.popleft())
         self._complete(job)
+        return False
+
+    # ---- folding: several staged snapshots per pass over the accumulators --------------------
+    def _stage(self, job: Job) -> None:
+        """Waits until the job's whole snapshot is in its staging buffer (on the host: copies
+        it there); ``_fold`` applies it later."""
+        if job.prepared is not None:  # issued by the issuer thread (or the fence)
+            for _, _, start, done in job.prepared:
+                self._ops.host_wait(done)  # the bytes are valid once the copy landed
+                job.copy_s += self._ops.elapsed_seconds(start, done)
+        elif self._chunks:  # the host: copied here while the fence holds the training thread
+            # Every job in flight holds a ticket and at most one buffer, and there are as
+            # many tickets as buffers: one is free.
+            buf = self._free.popleft()
+            job.held.append(buf)
+            t0 = time.perf_counter()
+            self._copy(self._plans[(buf, 0)])
+            job.copy_s += time.perf_counter() - t0
+        if job.buffers_event is not None:
+            self._ops.host_wait(job.buffers_event)
+        job.issued.set()  # the host's fence may go on: the parameters are read
+        job.sources = []  # every copy has landed: its sources may be freed
+
+    def _segments(self, job: Job) -> List[Tuple[int, int, int, torch.Tensor]]:
+        """A staged job's (group, lo, hi, staging view); the same ranges, in the same order,
+        for every job (the plans of all buffers and tickets are built alike)."""
+        segments = list(self._buffer_plans[job.ticket].staged) if self._buffer_plans else []
+        if job.held:
+            segments += self._plans[(job.held[0], 0)].staged
+        return segments
+
+    def _fold(self, jobs: List[Job]) -> None:
+        """Applies staged snapshots in order, with the results of applying them one by one:
+        per accumulator its updates in one pass over memory (``ops.ema_fold_multi_`` applies
+        them in order per element: the same roundings), LAWA entries copied per snapshot."""
+        # A parameter replaced, frozen or added since the Averager was built: stop with a clear
+        # error instead of averaging a tensor training no longer changes.
+        self.layout.check_model()
+        t0 = time.perf_counter()
+        live = [j for j in jobs if not self._is_dropped(j)]
+        segments = [self._segments(j) for j in live]
+        # Per accumulator: the snapshot that initialises it (its first applied one, copied),
+        # then the snapshots folded in with their weights, each from the periods applied
+        # before it. Accumulators fed by the same snapshots share one pass.
+        per_acc: Dict[int, list] = {}
+        for k, job in enumerate(live):
+            for b, p in job.emas:
+                a = per_acc.setdefault(id(b), [b, None, [], [], b.periods])
+                if b.applied == 0 and a[1] is None:
+                    a[1] = k
+                else:
+                    a[2].append(k)
+                    a[3].append(b.spec.weight(a[4], p))
+                a[4] += p
+        groups: Dict[Tuple[Optional[int], Tuple[int, ...]], list] = {}
+        for b, init, ks, weights, _ in per_acc.values():
+            groups.setdefault((init, tuple(ks)), []).append((b, weights))
+        for (init, ks), members in groups.items():
+            for i, (g, lo, hi, _) in enumerate(segments[0] if segments else []):
+                accs = [b.acc[g][lo:hi] for b, _ in members]
+                if init is not None:
+                    for acc in accs:
+                        acc.copy_(segments[init][i][3])
+                if ks:
+                    ops.ema_fold_multi_(accs, [segments[k][i][3] for k in ks],
+                                        [w for _, w in members])
+        k = 0
+        for job in jobs:  # LAWA entries and the counters, snapshot by snapshot
+            if job in live:
+                for b in job.lawas:  # the ring entry this snapshot fills: the oldest once full
+                    job.lawa_pos[id(b)] = b.next_pos
+                    entry = b.ring_entry(b.next_pos)
+                    for g, lo, hi, src in segments[k]:
+                        entry[g][lo:hi].copy_(src)
+                k += 1
+            self._complete(job)
+        elapsed = time.perf_counter() - t0
+        with self._cond:
+            self._stats["update_seconds"] += elapsed
+            self._stats["folds"] += 1
+            self._stats["snapshots_folded"] += len(live)
 
     def _apply(self, job: Job, chunk: int, buf: int, start=None, done=None) -> None:
         """Updates every average the job feeds from one chunk in a buffer, then frees it."""
