@@ -346,5 +346,6 @@ class Averager:
 
     def __repr__(self) -> str:
         avgs = ", ".join(f"{n}={spec}" for n, spec in self._schedule.specs.items())
+        fold = f", fold={self._engine.fold}" if self._engine.fold > 1 else ""
         return (f"Averager({avgs}, step={self._schedule.step}, device={self._layout.device}, "
-                f"on_busy={self.on_busy!r})")
+                f"on_busy={self.on_busy!r}{fold})")

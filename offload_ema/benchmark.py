@@ -42,8 +42,8 @@ import offload_ema as oe
 from offload_ema.gpt import GPT, PRESETS, GPTConfig, lm_loss
 from offload_ema.layout import unwrap_model
 
-MODES = ["none", "naive", "swa_utils", "gpu_foreach", "offload", "offload_multi", "diffusers",
-         "diffusers_offload", "timm_v3", "lightning_ema"]
+MODES = ["none", "naive", "swa_utils", "gpu_foreach", "offload", "offload_fold", "offload_multi",
+         "diffusers", "diffusers_offload", "timm_v3", "lightning_ema"]
 BETA = 0.999
 
 
@@ -195,9 +195,13 @@ class Offload(Mode):
     def averages(self):
         return {"ema": oe.EMA(BETA)}
 
+    def options(self):
+        return {}
+
     def __init__(self, *a):
         super().__init__(*a)
-        self.avg = oe.Averager(self.model, self.averages(), on_busy=self.args.on_busy)
+        self.avg = oe.Averager(self.model, self.averages(), on_busy=self.args.on_busy,
+                               **self.options())
         self.clock = HookClock(self, self.opt)
         self.steps = 0
         self.saves: List = []
@@ -240,7 +244,16 @@ class Offload(Mode):
                 "bytes_copied": st["bytes_copied"],
                 "read_in_place_bytes": st["read_in_place_bytes"],
                 "device_pack_bytes": st["device_pack_bytes"], "saves": st["saves_written"],
+                "fold": st["fold"], "folds": st["folds"],
                 "save_seconds": st["save_seconds"], "save_bytes": st["save_bytes"]}
+
+
+class OffloadFold(Offload):
+    """``offload`` folding ``--fold`` staged snapshots per pass over the accumulator."""
+    name = "offload_fold"
+
+    def options(self):
+        return {"fold": self.args.fold}
 
 
 class OffloadMulti(Offload):
@@ -359,8 +372,8 @@ class LightningEma(Mode):
 
 
 MODE_CLASSES = {"none": Mode, "naive": Naive, "swa_utils": SwaUtils, "gpu_foreach": GpuForeach,
-                "offload": Offload, "offload_multi": OffloadMulti, "diffusers": DiffusersEma,
-                "diffusers_offload": DiffusersOffload, "timm_v3": TimmV3,
+                "offload": Offload, "offload_fold": OffloadFold, "offload_multi": OffloadMulti,
+                "diffusers": DiffusersEma, "diffusers_offload": DiffusersOffload, "timm_v3": TimmV3,
                 "lightning_ema": LightningEma}
 PEERS = ("diffusers", "diffusers_offload", "timm_v3", "lightning_ema")
 _PEER_MODULES = {"diffusers": "diffusers.training_utils", "diffusers_offload":
@@ -571,7 +584,7 @@ def run(args, rank: int = 0, world: int = 1) -> List[dict]:
                 "rounds": args.rounds, "partial": not final,
             })
             for k in ("snapshot_bytes", "host_bytes", "bytes_copied", "read_in_place_bytes",
-                      "device_pack_bytes", "saves", "save_seconds", "save_bytes"):
+                      "device_pack_bytes", "saves", "save_seconds", "save_bytes", "fold", "folds"):
                 if k in c:
                     rows[-1][k] = c[k]
             if c.get("saves") and c["save_seconds"] > 0:
@@ -807,9 +820,12 @@ def report(rows: List[dict]) -> None:
               f"{_size(off['gpu_mem_delta_bytes'])} vs {_size(r['gpu_mem_delta_bytes'])}; host RSS "
               f"{_size(off['rss_delta_bytes'])} vs {_size(r['rss_delta_bytes'])}; training thread "
               f"{off['averager_us_per_step']:.0f} vs {r['averager_us_per_step']:.0f} us/step")
+    fold = _fold_summary(by)
+    if fold:
+        print(fold)
     if "none" in by and "naive" in by:
         print(f"\nnaive / none step time: {by['naive']['step_ms_median'] / by['none']['step_ms_median']:.2f}x")
-    for m in ("offload", "offload_multi"):
+    for m in ("offload", "offload_fold", "offload_multi"):
         if m in by and "none" in by:
             r = by[m]
             step = by["none"]["step_ms_median"]
@@ -830,6 +846,26 @@ def report(rows: List[dict]) -> None:
                   f" ; copy {copy_gbps:.1f} GB/s{in_place}")
             print(f"{m}: training thread in the Averager {r['averager_us_per_step']:.1f} us/step "
                   f"(median {r['averager_us_median']:.1f} us) for {r['tensors']} tensors")
+
+
+def _fold_summary(by: Dict[str, dict]) -> Optional[str]:
+    """offload vs offload_fold, measured in the same run: the worker's update time per snapshot
+    (the host's memory traffic) and what the fold costs elsewhere."""
+    one, k = by.get("offload"), by.get("offload_fold")
+    if one is None or k is None or not one["update_ms_per_snapshot"]:
+        return None
+    ratio = one["update_ms_per_snapshot"] / max(k["update_ms_per_snapshot"], 1e-9)
+    src = 2 if k["dtype"] == "bf16" else 4  # bytes per parameter read from a snapshot
+    bound = (src + 8) / (src + 8 / k["fold"])  # the float32 accumulator: read and written
+    line = (f"host update per snapshot: fold 1 {one['update_ms_per_snapshot']:.2f} ms vs fold "
+            f"{k['fold']} {k['update_ms_per_snapshot']:.2f} ms ({ratio:.2f}x less; memory traffic "
+            f"{bound:.2f}x less), {k['applied'] / max(k['folds'], 1):.1f} snapshots per pass; copy "
+            f"{one['copy_ms_per_snapshot']:.2f} vs {k['copy_ms_per_snapshot']:.2f} ms per snapshot; "
+            f"step overhead {one['overhead_pct']:+.1f}% vs {k['overhead_pct']:+.1f}%")
+    if one.get("read_in_place_bytes"):
+        line += ("\n  (CPU model: fold 1 reads large parameters in place, a held snapshot must be "
+                 "a copy: the fold pays that copy)")
+    return line
 
 
 def plot(rows: List[dict], path: str) -> None:
@@ -893,6 +929,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--on-busy", dest="on_busy", choices=["block", "skip", "coalesce"],
                    default="block")
     p.add_argument("--threads", type=int, help="offload_ema kernel threads")
+    p.add_argument("--fold", type=int, default=4,
+                   help="snapshots offload_fold folds per pass over the accumulator (default 4)")
     p.add_argument("--save-every", dest="save_every", type=int, default=0,
                    help="offload modes also save their EMA to a safetensors file every N steps")
     p.add_argument("--save-dir", dest="save_dir", default=None,
@@ -926,6 +964,8 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit("--save-every must be >= 0")
     if args.nproc < 1:
         raise SystemExit("--nproc must be >= 1")
+    if not 1 <= args.fold <= oe.ops.MAX_FOLD:
+        raise SystemExit(f"--fold must be from 1 to {oe.ops.MAX_FOLD}")
     if args.experts is not None and args.experts < 0:
         raise SystemExit("--experts must be >= 0")
     if args.expert_hidden is not None and args.expert_hidden < 1:

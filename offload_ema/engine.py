@@ -21,10 +21,18 @@ copy engine: the worker reads parameters of at least ``INPLACE_MIN_BYTES`` in pl
 backward never write parameters) and copies the smaller ones into staging in one call, and the
 fence waits until it has read them all.
 
+Folding (``fold`` > 1): the worker holds up to ``fold`` staged snapshots (whole ones: their
+staging buffers and tickets stay taken) and applies them in one pass per accumulator
+(``ops.ema_fold_multi_``), with the bits of one-by-one updates; anything else it takes (a
+``run_after`` callable, the stop) first applies what it holds. "auto" holds nothing while idle:
+it folds the jobs already waiting, up to every staging buffer. Parameters read in place would
+change before a held snapshot is applied, so a folding host engine copies them all.
+
 Ownership: the worker thread alone writes the averages (:class:`AverageBuffers`); the training
 thread alone calls ``busy`` / ``wait_capacity`` / ``submit`` / ``fence`` / ``recover``. They
 share the tickets (one per snapshot in flight, a ``queue.SimpleQueue``) and the free staging
-buffers (a deque): single atomic operations, no lock. The worker's counters (``_stats``,
+buffers (a deque): single atomic operations, no lock. The held jobs (``_held``) are the
+worker's alone. The worker's counters (``_stats``,
 ``_pending_calls``) are guarded by ``_cond``. The averages are read (``values``,
 ``export_state``) only while the worker is idle (after ``flush``) or from a ``run_after``
 callable, which runs on the worker (``read`` does that for any thread). The issuer thread
@@ -967,17 +975,18 @@ class Engine:
                 if ks:
                     ops.ema_fold_multi_(accs, [segments[k][i][3] for k in ks],
                                         [w for _, w in members])
-        k = 0
-        for job in jobs:  # LAWA entries and the counters, snapshot by snapshot
-            if job in live:
-                for b in job.lawas:  # the ring entry this snapshot fills: the oldest once full
-                    job.lawa_pos[id(b)] = b.next_pos
-                    entry = b.ring_entry(b.next_pos)
-                    for g, lo, hi, src in segments[k]:
-                        entry[g][lo:hi].copy_(src)
-                k += 1
-            self._complete(job)
+        next_pos: Dict[int, int] = {}
+        for job, segs in zip(live, segments):  # LAWA: one ring entry per snapshot, in order
+            for b in job.lawas:  # the entry this snapshot fills: the oldest once full
+                pos = next_pos.get(id(b), b.next_pos)
+                job.lawa_pos[id(b)] = pos
+                next_pos[id(b)] = (pos + 1) % b.spec.window
+                entry = b.ring_entry(pos)
+                for g, lo, hi, src in segs:
+                    entry[g][lo:hi].copy_(src)
         elapsed = time.perf_counter() - t0
+        for job in jobs:  # the counters, snapshot by snapshot (_complete moves next_pos on)
+            self._complete(job)
         with self._cond:
             self._stats["update_seconds"] += elapsed
             self._stats["folds"] += 1

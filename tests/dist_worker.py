@@ -122,34 +122,37 @@ def fsdp2_root(rank, world, out):
 
 def tiny(rank, world, out):
     """DDP over a model with fewer tensors than ranks: a rank that owns nothing still takes part
-    in every collective and its Averager works."""
+    in every collective and its Averager works, also folding (nothing staged to fold there)."""
     from torch import nn
 
-    torch.manual_seed(0)
-    model = nn.Linear(4, 3, bias=False)
-    ddp = DDP(model)
-    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
-    avg = oe.Averager(ddp, {"ema": oe.EMA(0.5), "lawa": oe.LAWA(2, every=1)}).attach(opt)
-    refs = {"ema": RefEMA(0.5), "lawa": RefLAWA(2)}
-    for s in range(1, 6):
-        g = torch.Generator().manual_seed(10 * rank + s)
-        ddp(torch.randn(2, 4, generator=g)).pow(2).mean().backward()
-        opt.step()
-        opt.zero_grad()
-        for r in refs.values():
-            r.update(snapshot(model))
-    assert (len(avg._layout.entries) == 0) == (rank == 1)
-    for n in refs:
-        assert_matches(avg.averaged_state_dict(n), refs[n].avg, rtol=1e-5, atol=1e-7)
-    with avg.swapped(ddp, "lawa"):
-        torch.testing.assert_close(model.weight.detach().double(), refs["lawa"].avg["weight"])
-    avg.save(os.path.join(out, "tiny.safetensors"), "ema").result(timeout=60)
-    avg.close()
+    for fold in (1, 2):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 3, bias=False)
+        ddp = DDP(model)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        avg = oe.Averager(ddp, {"ema": oe.EMA(0.5), "lawa": oe.LAWA(2, every=1)},
+                          fold=fold).attach(opt)
+        refs = {"ema": RefEMA(0.5), "lawa": RefLAWA(2)}
+        for s in range(1, 6):  # folding: the fifth snapshot is held until the read
+            g = torch.Generator().manual_seed(10 * rank + s)
+            ddp(torch.randn(2, 4, generator=g)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            for r in refs.values():
+                r.update(snapshot(model))
+        assert (len(avg._layout.entries) == 0) == (rank == 1)
+        for n in refs:
+            assert_matches(avg.averaged_state_dict(n), refs[n].avg, rtol=1e-5, atol=1e-7)
+        with avg.swapped(ddp, "lawa"):
+            torch.testing.assert_close(model.weight.detach().double(), refs["lawa"].avg["weight"])
+        avg.save(os.path.join(out, "tiny.safetensors"), "ema").result(timeout=60)
+        avg.close()
 
 
 def ddp_lazy(rank, world, out):
     """Owner-sharded DDP averaging on the simulated copy engine, over several seeds: deferred
-    copies on every rank, gathers and swaps against a float64 reference."""
+    copies on every rank, gathers and swaps against a float64 reference; odd seeds fold three
+    snapshots per pass."""
     from offload_ema.testing import lazy_device
 
     for seed in range(5):
@@ -159,7 +162,8 @@ def ddp_lazy(rank, world, out):
         opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
         refs = {"ema": RefEMA(0.8), "lawa": RefLAWA(2)}
         with lazy_device(seed=seed):
-            with oe.Averager(ddp, {"ema": oe.EMA(0.8), "lawa": oe.LAWA(2, every=1)}) as avg:
+            with oe.Averager(ddp, {"ema": oe.EMA(0.8), "lawa": oe.LAWA(2, every=1)},
+                             fold=3 if seed % 2 else 1) as avg:
                 avg.attach(opt)
                 for s in range(1, 9):
                     g = torch.Generator().manual_seed(100 * rank + s)

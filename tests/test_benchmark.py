@@ -62,8 +62,8 @@ def test_bench_many_tensors_reports_the_averager_time_of_every_mode(tmp_path, ca
                    "--steps", "2", "--warmup", "1", "--json", str(js)])
     assert rc == 0
     rows = _measured(json.loads(js.read_text()))
-    assert [r["mode"] for r in rows][:5] == ["none", "naive", "swa_utils", "offload",
-                                             "offload_multi"]
+    assert [r["mode"] for r in rows][:6] == ["none", "naive", "swa_utils", "offload",
+                                             "offload_fold", "offload_multi"]
     for r in rows:
         assert KEYS <= set(r), KEYS - set(r)
         assert r["tensors"] == 1223 and r["experts"] == 150
@@ -144,8 +144,8 @@ def test_bench_writes_records_table_and_plot(tmp_path, capsys):
                    "--warmup", "1", "--json", str(js), "--plot", str(png)])
     assert rc == 0
     rows = _measured(json.loads(js.read_text()))
-    assert [r["mode"] for r in rows][:5] == ["none", "naive", "swa_utils", "offload",
-                                             "offload_multi"]
+    assert [r["mode"] for r in rows][:6] == ["none", "naive", "swa_utils", "offload",
+                                             "offload_fold", "offload_multi"]
     for r in rows:
         assert KEYS <= set(r), KEYS - set(r)
         assert r["step_ms_median"] > 0 and r["step_ms_p90"] >= r["step_ms_median"]
@@ -154,11 +154,14 @@ def test_bench_writes_records_table_and_plot(tmp_path, capsys):
     assert by["none"]["overhead_pct"] == 0
     # 2 rounds x (1 warm-up + 2 timed) steps, every snapshot applied under on_busy="block".
     assert by["offload"]["applied"] == by["offload_multi"]["applied"] == 6
+    assert by["offload_fold"]["applied"] == 6 and by["offload_fold"]["fold"] == 4
+    assert 2 <= by["offload_fold"]["folds"] <= 4  # per round: the flush applies what is held
     assert by["offload"]["skipped"] == by["offload"]["coalesced"] == 0
     assert by["naive"]["applied"] == 6 and by["swa_utils"]["applied"] == 6
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = capsys.readouterr().out
     assert "naive / none step time" in out and "offload: overhead" in out
+    assert "host update per snapshot: fold 1" in out and "vs fold 4" in out
 
 
 def test_bench_rejects_unknown_modes():
