@@ -247,7 +247,10 @@ class Engine:
             n_buffers, buffer_bytes = 2, staging_bytes // 2
         self._chunks = layout.plan(buffer_bytes)
         whole = len(self._chunks) <= 1
-        if auto:  # as many as the budget holds; chunked snapshots cannot be held
+        if auto:
+            # As many as the budget holds (chunked snapshots cannot be held). Unlike a fixed K,
+            # "auto" holds only jobs already queued, each with its ticket: folding all of them
+            # takes no ticket a queued job would not hold anyway.
             fold = min(MAX_FOLD, n_buffers) if whole else 1
         elif fold > 1 and (not whole or n_buffers < fold + 1):
             raise ValueError(
@@ -601,8 +604,12 @@ class Engine:
         return value
 
     def flush(self) -> None:
-        if self.fold > 1:  # held snapshots are applied before any callable runs
-            self.run_after(_nothing)
+        if self.fold > 1:
+            # Held snapshots are applied before any callable runs: once this marker has run,
+            # everything submitted before it is applied and released. Not "every ticket back":
+            # a snapshot another thread submits meanwhile may be held until K are.
+            self.read(_nothing)
+            return
         with self._cond: self._cond.wait_for(self._idle)  # noqa: E701 (see run_after)
 
     def _idle(self) -> bool:
@@ -820,8 +827,10 @@ class Engine:
                 self._release(job)
         if held:
             self._held.append(job)
-            if len(self._held) >= self.fold or (self._fold_auto and self._queue.empty()):
-                self._settle()
+        # After an error nothing more is applied: what is held is given back now.
+        if self._held and (len(self._held) >= self.fold or self._error is not None or
+                           (self._fold_auto and self._queue.empty())):
+            self._settle()
 
     def _settle(self) -> None:
         """Applies the snapshots held for folding (in one pass) and releases them."""
@@ -842,8 +851,12 @@ class Engine:
             if self._error is None:
                 self._error = exc
         # Copies of the job may still be running: its staging and sources are released next,
-        # so wait for them first.
-        self._ops.drain()
+        # so wait for them first. A drain that fails as well (a sticky CUDA error: nothing runs
+        # any more) must not end the worker: reads, flush and close wait on it.
+        try:
+            self._ops.drain()
+        except BaseException:
+            pass
 
     def _release(self, job: Job) -> None:
         """Gives back what a finished (applied, dropped or failed) job held."""

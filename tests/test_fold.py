@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import offload_ema as oe
+from offload_ema import engine as engine_mod
 from offload_ema import ops
 from offload_ema.layout import Layout
 from offload_ema.testing import lazy_device
@@ -298,3 +299,49 @@ def test_fold_needs_staging_for_fold_plus_one_whole_snapshots():
         with oe.Averager(model, {"ema": oe.EMA(0.9)}, fold="auto",
                          staging_bytes=snap // 2) as avg:
             assert avg.stats()["fold"] == 1
+
+
+def test_flush_from_another_thread_returns_while_training_goes_on():
+    """A snapshot submitted after flush's marker may be held until K are: flush waits for what
+    was submitted before it, not for every snapshot to be applied."""
+    model, opt = make()
+    with oe.Averager(model, {"ema": oe.EMA(0.9)}, fold=4) as avg:
+        avg.attach(opt)
+        train_step(model, opt, 1)
+        engine, queued, go = avg._engine, threading.Event(), threading.Event()
+        run_after = engine.run_after
+
+        def marker_then_wait(fn):
+            run_after(fn)
+            queued.set()
+            go.wait(10)
+        engine.run_after = marker_then_wait
+        done = []
+        t = threading.Thread(target=lambda: (avg.flush(), done.append(True)), daemon=True)
+        t.start()
+        assert queued.wait(10)
+        engine.run_after = run_after
+        train_step(model, opt, 2)  # after the marker: held
+        go.set()
+        t.join(10)
+        assert done and avg.stats()["snapshots_applied"] >= 1
+
+
+def test_snapshots_held_when_the_worker_fails_are_given_back(monkeypatch):
+    real = engine_mod.Engine._stage
+
+    def failing(eng, job):
+        if job.step == 3:
+            raise RuntimeError("injected staging failure")
+        return real(eng, job)
+    monkeypatch.setattr(engine_mod.Engine, "_stage", failing)
+    model, opt = make()
+    avg = oe.Averager(model, {"ema": oe.EMA(0.9)}, fold=4).attach(opt)
+    for s in range(1, 4):
+        train_step(model, opt, s)
+    avg.fence()
+    _wait_until(lambda: avg.stats()["in_flight"] == 0)  # steps 1 and 2 were held: released
+    assert avg.stats()["snapshots_applied"] == 0
+    with pytest.raises(RuntimeError, match="injected staging failure"):
+        avg.flush()
+    avg.close()
