@@ -15,8 +15,8 @@ from helpers import RefDecay, RefEMA, RefLAWA, TinyNet, assert_matches, snapshot
 
 
 def fsdp2(rank, world, out):
-    """FSDP2 (fully_shard): each rank averages its local shards; gathered and swapped averages
-    must equal a float64 reference of the full parameters."""
+    """FSDP2 (fully_shard): each rank averages its local shards (three folded per pass);
+    gathered and swapped averages must equal a float64 reference of the full parameters."""
     from torch import nn
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -30,7 +30,8 @@ def fsdp2(rank, world, out):
     fully_shard(model, mesh=mesh)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     specs = {"ema": oe.EMA(0.8), "lawa": oe.LAWA(2, every=2), "swa": oe.SWA()}
-    avg = oe.Averager(model, specs).attach(opt)
+    # Folding three local-shard snapshots per pass (fsdp2_root below applies them one by one).
+    avg = oe.Averager(model, specs, fold=3).attach(opt)
     refs = {"ema": RefEMA(0.8), "lawa": RefLAWA(2), "swa": RefDecay(lambda k: (k - 1) / k)}
     for s in range(1, 9):
         g = torch.Generator().manual_seed(100 * rank + s)

@@ -137,10 +137,11 @@ def zero(rank, world, out, stage):
     loaded, meta = oe.load_snapshot(path + ".index.json" if world > 1 else path)
     assert_matches(loaded, refs["ema"].avg, rtol=1e-5, atol=1e-7)
 
-    # Resume per rank: a new Averager from this one's state goes on exactly.
+    # Resume per rank: a new Averager from this one's state goes on exactly (ZeRO-3: folding
+    # three partition snapshots per pass).
     state = avg.state_dict()
     avg.close()
-    avg2 = oe.Averager(engine, specs)
+    avg2 = oe.Averager(engine, specs, fold=3 if stage == 3 else 1)
     avg2.load_state_dict(state)
     avg2.attach(engine)
     train(engine, rank, 10, 4, accumulation, record)
