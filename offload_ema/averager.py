@@ -316,7 +316,9 @@ class Averager:
     # ---- introspection and persistence -----------------------------------------------------------
     def stats(self) -> Dict[str, float]:
         """Counters and timings: snapshots taken / applied / skipped / coalesced / dropped, bytes
-        copied, copy, update, fence-wait and busy-wait seconds, lag, staging and host sizes."""
+        copied, copy, update, fence-wait and busy-wait seconds, lag, staging and host sizes,
+        folding (``fold``, ``folds``: passes, ``snapshots_folded``; ``in_flight`` counts held
+        snapshots)."""
         engine = self._engine.report()  # first: then nothing it counts is newer than the schedule
         sched = self._schedule.published
         applied_step = engine.pop("last_applied_step")
