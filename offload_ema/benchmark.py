@@ -776,14 +776,14 @@ def report(rows: List[dict]) -> None:
     missing = [r for r in rows if "unavailable" in r]
     rows = [r for r in rows if "unavailable" not in r]
     _round_overheads(rows)
-    hdr = (f"{'mode':<14}{'median ms':>10}{'p90 ms':>9}{'overhead':>10}{'(rounds)':>16}{'GPU mem +':>11}"
+    hdr = (f"{'mode':<18}{'median ms':>10}{'p90 ms':>9}{'overhead':>10}{'(rounds)':>16}{'GPU mem +':>11}"
            f"{'host RSS +':>11}{'pinned':>9}{'applied':>8}{'skip':>6}{'coal':>6}"
            f"{'fence ms':>9}{'copy ms':>9}{'update ms':>10}{'avg us/step':>12}"
            f"  rounds (median ms)")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        print(f"{r['mode']:<14}{r['step_ms_median']:>10.2f}{r['step_ms_p90']:>9.2f}"
+        print(f"{r['mode']:<18}{r['step_ms_median']:>10.2f}{r['step_ms_p90']:>9.2f}"
               f"{r['overhead_pct']:>+9.1f}%{_spread(r):>16}{_size(r['gpu_mem_delta_bytes']):>11}"
               f"{_size(r['rss_delta_bytes']):>11}{_size(r['pinned_bytes']):>9}{r['applied']:>8}"
               f"{r['skipped']:>6}{r['coalesced']:>6}{r['fence_ms_per_snapshot']:>9.2f}"
@@ -858,7 +858,8 @@ def _fold_summary(by: Dict[str, dict]) -> Optional[str]:
     src = 2 if k["dtype"] == "bf16" else 4  # bytes per parameter read from a snapshot
     bound = (src + 8) / (src + 8 / k["fold"])  # the float32 accumulator: read and written
     line = (f"host update per snapshot: fold 1 {one['update_ms_per_snapshot']:.2f} ms vs fold "
-            f"{k['fold']} {k['update_ms_per_snapshot']:.2f} ms ({ratio:.2f}x less; memory traffic "
+            f"{k['fold']} {k['update_ms_per_snapshot']:.2f} ms ("
+            f"{f'{ratio:.2f}x less' if ratio >= 1 else f'{1 / ratio:.2f}x more'}; memory traffic "
             f"{bound:.2f}x less), {k['applied'] / max(k['folds'], 1):.1f} snapshots per pass; copy "
             f"{one['copy_ms_per_snapshot']:.2f} vs {k['copy_ms_per_snapshot']:.2f} ms per snapshot; "
             f"step overhead {one['overhead_pct']:+.1f}% vs {k['overhead_pct']:+.1f}%")
