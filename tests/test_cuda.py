@@ -52,10 +52,12 @@ def _reference_ema(beta, steps, dtype, **kw):
     return acc
 
 
-@pytest.mark.parametrize("staging", ["default", "chunked", "small_packed", "small_unpacked"])
+@pytest.mark.parametrize("staging", ["default", "chunked", "small_packed", "small_unpacked",
+                                     "fold4", "fold_auto"])
 def test_race_low_density_model_matches_synchronous_reference(staging, monkeypatch):
     """small_*: 2,000 tensors of 8 KiB, packed on the GPU by one kernel and moved in one DMA
-    (the default), or copied one by one (packing off)."""
+    (the default), or copied one by one (packing off). fold*: snapshots held in pinned staging
+    and applied several per pass (fold=4, and "auto"): the same bits."""
     steps, beta = 200, 0.95
     kw = {"n": 2000, "size": 4096} if staging.startswith("small") else {}
     if staging == "small_unpacked":
@@ -63,8 +65,10 @@ def test_race_low_density_model_matches_synchronous_reference(staging, monkeypat
     ref = _reference_ema(beta, steps, torch.bfloat16, **kw)
     model, opt = _make(**kw)
     nbytes = sum(p.numel() * p.element_size() for p in model.ps)
-    with oe.Averager(model, {"ema": oe.EMA(beta)},
-                     staging_bytes=None if staging == "default" else nbytes // 5) as avg:
+    fold = {"fold4": 4, "fold_auto": "auto"}.get(staging, 1)
+    plain = staging == "default" or staging.startswith("fold")
+    with oe.Averager(model, {"ema": oe.EMA(beta)}, fold=fold,
+                     staging_bytes=None if plain else nbytes // 5) as avg:
         avg.attach(opt)
         for s in range(1, steps + 1):
             model.fake_backward(s)
@@ -75,6 +79,8 @@ def test_race_low_density_model_matches_synchronous_reference(staging, monkeypat
     if staging == "chunked":
         assert st["chunks_per_snapshot"] > 1
     assert (st["device_pack_bytes"] > 0) == (staging == "small_packed")
+    if staging == "fold4":
+        assert st["fold"] == 4 and st["folds"] <= steps // 4 + 1
     for i, a in enumerate(ref):
         assert torch.equal(sd[f"ps.{i}"], a), f"ps.{i} differs from the synchronous reference"
 
