@@ -49,7 +49,7 @@ fi
 timeout 8 python -c "from offload_ema import ops; print('kernels:', ops.backend(), ops.isa(), \
 'threads', ops.get_num_threads())" 2>&1 | tee -a "$OUT/steps.txt"
 
-step tests 50 python -m pytest -v -x -m cuda tests/test_cuda.py --junitxml="$OUT/junit.xml"
+step tests 56 python -m pytest -v -x -m cuda tests/test_cuda.py --junitxml="$OUT/junit.xml"
 tail -5 "$OUT/tests.txt"
 
 # naive and swa_utils are left out: each costs seconds per 1b step (the synchronous baseline is
@@ -64,7 +64,7 @@ cat "$OUT/overhead.txt"
 
 # 10,023 small tensors: the training thread's time in the Averager (avg us/step) and the step
 # overhead with small tensors packed on the GPU (default) and copied one by one (pack off).
-step many 26 bash -c "python -m offload_ema bench --preset many --rounds 1 --steps 8 \
+step many 20 bash -c "python -m offload_ema bench --preset many --rounds 1 --steps 8 \
   --warmup 2 --modes none,offload --json $OUT/many.json && OFFLOAD_EMA_PACK_BYTES=0 \
   python -m offload_ema bench --preset many --rounds 1 --steps 8 --warmup 2 \
   --modes none,offload --json $OUT/many_unpacked.json"
