@@ -126,6 +126,43 @@ def transformers_(phase, rank, out):
     dump(cb, model, out, "transformers", phase, rank, extra)
 
 
+def transformers_best(phase, rank, out):
+    """load_best_model_at_end by the EMA's evaluation loss, averages sharded over the ranks:
+    every rank ends with the best checkpoint's EMA (gathered from both ranks' state files), as
+    a float64 reference recorded at each evaluation."""
+    import transformers
+    from offload_ema.integrations.transformers import AveragerCallback, AveragerTrainer
+
+    from helpers import Reg, RefEMA, RegData as Data
+
+    ref, refs_at = RefEMA(0.8), {}
+
+    class Record(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            ref.update({n: p.detach().double().clone() for n, p in model.named_parameters()})
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            refs_at[state.global_step] = {k: v.clone() for k, v in ref.avg.items()}
+
+    cb = AveragerCallback(specs(), evaluate_with="ema")
+    args = transformers.TrainingArguments(
+        output_dir=os.path.join(out, "hf_best"), max_steps=STEPS, per_device_train_batch_size=2,
+        learning_rate=0.2, lr_scheduler_type="constant", report_to=[], use_cpu=True,
+        logging_strategy="no", save_strategy="steps", save_steps=2, eval_strategy="steps",
+        eval_steps=2, metric_for_best_model="ema_loss", greater_is_better=False,
+        load_best_model_at_end=True, dataloader_num_workers=0, seed=0, data_seed=0,
+        disable_tqdm=True)
+    model = Reg()
+    trainer = AveragerTrainer(model=model, args=args, train_dataset=Data(32, 1),
+                              eval_dataset=Data(8, 2), callbacks=[cb, Record()])
+    trainer.train()
+    best = int(trainer.state.best_model_checkpoint.rsplit("-", 1)[1])
+    assert cb.averager.stats()["world"] == 2  # sharded: the best average came from both files
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v.double(), refs_at[best][k], rtol=1e-5, atol=1e-6)
+    dump(cb, model, out, "transformers_best", phase, rank, {"best": best})
+
+
 # ---- Hugging Face Trainer with DeepSpeed ZeRO-3 ---------------------------------------------
 def transformers_zero3(phase, rank, out):
     """The Trainer with a ZeRO-3 config: train, evaluate on the average, checkpoint, resume.
@@ -202,7 +239,7 @@ def main():
     if framework == "transformers_zero3":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         os.environ["LOCAL_SIZE"] = str(world)
-    {"lightning": lightning, "transformers": transformers_,
+    {"lightning": lightning, "transformers": transformers_, "transformers_best": transformers_best,
      "transformers_zero3": transformers_zero3}[framework](phase, rank, out)
     dist.barrier()
     dist.destroy_process_group()

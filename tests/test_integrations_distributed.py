@@ -120,6 +120,15 @@ def test_transformers_ddp_each_rank_saves_and_resumes_its_own_file(tmp_path):
     assert_same(straight, resumed)
 
 
+def test_transformers_ddp_best_model_at_end_is_the_best_checkpoints_average(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    res = launch("transformers_best", "straight", tmp_path)  # each rank checks its model
+    assert res[0]["best"] == res[1]["best"]
+    for k in res[0]["raw"]:
+        assert torch.equal(res[0]["raw"][k], res[1]["raw"][k])
+
+
 def test_transformers_deepspeed_zero3_trains_evaluates_saves_and_resumes(tmp_path):
     """The Trainer with a DeepSpeed ZeRO-3 config on two CPU ranks: the averages of the
     partitions equal a float64 reference of the parameters DeepSpeed gathers after each step;

@@ -172,7 +172,8 @@ def test_checkpoints_hold_a_from_pretrained_directory_of_the_average(tmp_path):
 def test_trainer_loop_logs_every_metric_of_the_average_and_picks_the_best_by_it(tmp_path):
     """AveragerTrainer: the average is evaluated through the Trainer's own loop, so its loss and
     every compute_metrics value reach log_history under eval_ema_*, and eval_ema_loss can pick
-    the best checkpoint."""
+    the best checkpoint; load_best_model_at_end then leaves that checkpoint's average in the
+    model (the weights that scored best), not its raw weights."""
     from offload_ema.integrations.transformers import AveragerTrainer
 
     def compute_metrics(pred):
@@ -190,6 +191,7 @@ def test_trainer_loop_logs_every_metric_of_the_average_and_picks_the_best_by_it(
         learning_rate=0.2, lr_scheduler_type="constant", report_to=[], use_cpu=True,
         logging_strategy="no", eval_strategy="steps", eval_steps=3, save_strategy="steps",
         save_steps=3, metric_for_best_model="ema_loss", greater_is_better=False,
+        load_best_model_at_end=True,
         dataloader_num_workers=0, seed=0, data_seed=0, disable_tqdm=True)
     t = AveragerTrainer(model=Reg(), args=args, train_dataset=Data(40, 1),
                         eval_dataset=Data(8, 2), compute_metrics=compute_metrics,
@@ -213,4 +215,40 @@ def test_trainer_loop_logs_every_metric_of_the_average_and_picks_the_best_by_it(
     assert best["step"] != min(raw, key=lambda h: h["eval_loss"])["step"]
     assert t.state.best_model_checkpoint.endswith(f"checkpoint-{best['step']}")
     assert t.state.best_metric == pytest.approx(best["eval_ema_loss"])
+    # The model holds the best checkpoint's EMA (float64 reference), not its raw weights.
+    from safetensors.torch import load_file
+    raw_best = load_file(os.path.join(t.state.best_model_checkpoint, "model.safetensors"))
+    for k, v in t.model.state_dict().items():
+        torch.testing.assert_close(v.double(), refs_at[best["step"]][k], rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(v, raw_best[k]), k
     cb.averager.close()
+
+
+def test_the_best_checkpoints_average_is_loaded_only_when_its_metric_picked_it():
+    from types import SimpleNamespace as NS
+    cb = AveragerCallback({"ema": oe.EMA(0.9), "slow_ema": oe.EMA(0.99)})
+
+    def pick(metric, load=True, best="out/checkpoint-6"):
+        return cb._best_average(NS(metric_for_best_model=metric, load_best_model_at_end=load),
+                                NS(best_model_checkpoint=best))
+    assert pick("ema_loss") == "ema" and pick("eval_ema_mae") == "ema"
+    assert pick("slow_ema_loss") == "slow_ema"
+    assert pick("loss") is None and pick("eval_loss") is None and pick("eval_emas") is None
+    assert pick("ema_loss", load=False) is None and pick("ema_loss", best=None) is None
+    assert pick(None) is None
+
+
+def test_sharded_parameters_keep_the_raw_best_weights_with_a_warning(tmp_path):
+    model = Reg()
+    cb = AveragerCallback({"ema": oe.EMA(0.9)})
+    cb.averager = oe.Averager(model, cb.averages)
+    try:
+        p = next(model.parameters())
+        p.ds_tensor, p.ds_status = p.detach().clone(), "AVAILABLE"  # as a ZeRO-3 parameter
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.warns(UserWarning, match="sharded .FSDP / DeepSpeed ZeRO-3.*kept"):
+            cb._load_best_average(str(tmp_path), model, "ema")
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, before[k])
+    finally:
+        cb.averager.close()

@@ -8,7 +8,9 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import warnings
 from typing import Mapping, Optional
 
 try:
@@ -20,6 +22,7 @@ except ImportError as exc:
 import torch
 import torch.distributed as dist
 
+from offload_ema import layout
 from offload_ema.averager import Averager
 from offload_ema.hooks import is_deepspeed_optimizer
 from offload_ema.integrations import check_callback_args, is_sharded, on_every_rank, world
@@ -28,6 +31,7 @@ __all__ = ["AveragerCallback", "AverageEvaluationMixin", "AveragerTrainer", "STA
            "rank_state_file"]
 
 STATE_FILE = "offload_ema_averager.pt"
+logger = logging.getLogger(__name__)
 
 
 def rank_state_file(rank: int, world_size: int) -> str:
@@ -138,15 +142,59 @@ class AveragerCallback(transformers.TrainerCallback):
         self.averager.detach()
         self.averager.attach(_innermost(optimizer))
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def on_train_end(self, args, state, control, model=None, **kwargs):
         self.averager.detach()
         self.averager.flush()
+        name = self._best_average(args, state)
+        if name is not None and model is not None:
+            self._load_best_average(state.best_model_checkpoint, model, name)
+
+    def _state_path(self, folder: str) -> str:
+        """This rank's averager state file in a checkpoint folder."""
+        rank, size = world()
+        return os.path.join(folder, rank_state_file(rank, size) if is_sharded(self.averager)
+                            else STATE_FILE)
+
+    def _best_average(self, args, state) -> Optional[str]:
+        """The average whose metric picked the best checkpoint, which the Trainer has just
+        loaded (``load_best_model_at_end``); None when the raw weights' metric picked it."""
+        metric = args.metric_for_best_model
+        if not (args.load_best_model_at_end and metric and state.best_model_checkpoint):
+            return None
+        if not metric.startswith("eval_"):  # as the Trainer reads it
+            metric = f"eval_{metric}"
+        return next((n for n in self.averages if metric.startswith(f"eval_{n}_")), None)
+
+    def _load_best_average(self, folder: str, model, name: str) -> None:
+        """The Trainer loaded the best checkpoint's raw weights, but the average ``name`` is what
+        scored best there: its values, rebuilt from the averager state saved with that
+        checkpoint, replace them. Every rank (sharded averages are gathered)."""
+        if any(layout.is_sharded(p) for p in model.parameters()):
+            warnings.warn(
+                f"load_best_model_at_end picked {folder} by the {name!r} average's metric, but "
+                "the model's parameters are sharded (FSDP / DeepSpeed ZeRO-3): the Trainer loaded "
+                "that checkpoint's raw weights and they are kept. Its average is in the averager "
+                f"state there (or use save_pretrained={name!r} for a loadable directory)")
+            return
+        path = self._state_path(folder)
+        saved = []
+        on_every_rank(lambda: saved.append(torch.load(path, weights_only=False)),
+                      f"reading the best checkpoint's averager state {path}")
+        best = Averager(model, self.averages, **self.averager_kwargs)
+        try:
+            best.load_state_dict(saved[0])
+            values = best.averaged_state_dict(name) if best.ready(name) else None
+        finally:
+            best.close()
+        if values is not None:
+            model.load_state_dict(values)
+            logger.info("loaded the %r average of %s (it scored best) into the model", name,
+                        folder)
 
     def _load(self, args, state) -> None:
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        rank, size = world()
-        name = rank_state_file(rank, size) if is_sharded(self.averager) else STATE_FILE
-        path = os.path.join(folder, name)
+        path = self._state_path(folder)
+        _, size = world()
         if not os.path.isfile(path):
             found = _state_files(folder)
             raise FileNotFoundError(
@@ -232,8 +280,10 @@ class AverageEvaluationMixin:
     Several evaluation datasets (a dict) are each evaluated both ways; extra arguments (e.g.
     ``Seq2SeqTrainer``'s generation settings) reach both. Until the average's first snapshot only
     the raw weights are evaluated. With ``load_best_model_at_end`` and an average's metric, the
-    Trainer loads that checkpoint's raw weights: apply the average saved beside it
-    (``save_pretrained=`` of the callback) to get the model that scored best.
+    Trainer loads the best checkpoint's raw weights and the callback then replaces them with that
+    checkpoint's average, the weights that scored best (not with FSDP / ZeRO-3 sharded
+    parameters: a warning says so, and ``save_pretrained=`` of the callback writes the average
+    as a loadable directory).
     """
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval",
