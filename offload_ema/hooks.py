@@ -83,13 +83,14 @@ def step_hooks(averager, targets: Sequence[object], layout):
     """The hooks for what ``attach`` was given: torch optimizers, or one DeepSpeed engine (or
     its optimizer)."""
     from offload_ema.layout import is_deepspeed_engine
+    engine = None
     if len(targets) == 1 and is_deepspeed_engine(targets[0]):
-        targets = (targets[0].optimizer,)
+        engine, targets = targets[0], (targets[0].optimizer,)
         if targets[0] is None:
             raise ValueError("the DeepSpeed engine has no optimizer (built without one?); "
                              "attach needs the engine of a training run")
     if len(targets) == 1 and is_deepspeed_optimizer(targets[0]):
-        return DeepSpeedHooks(averager, targets[0], layout)
+        return DeepSpeedHooks(averager, targets[0], layout, engine)
     return OptimizerHooks(averager, targets, layout)
 
 
@@ -98,12 +99,26 @@ class DeepSpeedHooks:
     DeepSpeed writes the parameters (stages 1-2) or their partitions (stage 3), once per real
     optimizer step (at gradient-accumulation boundaries). It is wrapped on the instance: the
     fence runs before it, and the snapshot is taken after it unless it skipped the update (an
-    fp16 loss-scale overflow sets ``overflow``). Training thread only."""
+    fp16 loss-scale overflow sets ``overflow``). Attached through the engine, its
+    ``load_checkpoint`` (which writes the parameters in place) is fenced too. Training thread
+    only."""
 
-    def __init__(self, averager, optimizer, layout):
+    def __init__(self, averager, optimizer, layout, engine=None):
         layout.check_unchanged()
         me = weakref.ref(averager)  # the wrapper on a live optimizer must not keep it alive
         inner = optimizer.step
+        self._engine, self._load = None, None
+        if engine is not None:
+            inner_load = engine.load_checkpoint
+
+            def load_checkpoint(*args, **kwargs):
+                avg = me()
+                if avg is not None and not avg._closed:
+                    # The snapshot still being copied must not read the loaded weights.
+                    avg.fence()
+                return inner_load(*args, **kwargs)
+            engine.load_checkpoint = load_checkpoint
+            self._engine, self._load = engine, load_checkpoint
 
         @_compiler_disable
         def step(*args, **kwargs):
@@ -123,6 +138,9 @@ class DeepSpeedHooks:
         opt, self._optimizer = self._optimizer, None
         if opt is not None and opt.__dict__.get("step") is self._step:
             del opt.step  # the class's step again
+        engine, self._engine = self._engine, None
+        if engine is not None and engine.__dict__.get("load_checkpoint") is self._load:
+            del engine.load_checkpoint
 
 
 _open: "weakref.WeakSet" = weakref.WeakSet()

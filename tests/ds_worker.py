@@ -152,6 +152,31 @@ def zero(rank, world, out, stage):
               open(os.path.join(out, f"rank{rank}.json"), "w"))
 
 
+def reload(rank, world, out):
+    """engine.load_checkpoint right after a step, while that step's snapshot may still be
+    copied (the simulated copy engine defers copies): the Averager attached to the engine fences
+    first, so the snapshot holds the step's weights, not the checkpoint's."""
+    from offload_ema.testing import lazy_device
+
+    ckpt = os.path.join(out, "ds_ckpt")
+    engine = initialize(3)
+    ref = RefEMA(0.5)
+    with lazy_device(seed=rank, max_delay=0.5):
+        with oe.Averager(engine, {"ema": oe.EMA(0.5)}) as avg:
+            avg.attach(engine)
+
+            def record(s):
+                ref.update(full_params(engine, 3))
+            train(engine, rank, 1, 1, 1, record)
+            avg.fence()  # (save_checkpoint only reads the parameters)
+            engine.save_checkpoint(ckpt, tag="one")
+            train(engine, rank, 2, 2, 1, record)
+            engine.load_checkpoint(ckpt, tag="one")  # step 1's weights, written in place
+            assert_matches(avg.averaged_state_dict("ema"), ref.avg, rtol=1e-5, atol=1e-7)
+            loaded = full_params(engine, 3)
+            assert any(not torch.equal(loaded[k], ref.avg[k]) for k in loaded)
+
+
 def _model_with(state):
     m = make_model().double()
     m.load_state_dict(state)
@@ -198,6 +223,8 @@ def main():
         zero(rank, world, out, 1)
     elif scenario == "refusals":
         refusals(rank, world, out)
+    elif scenario == "reload":
+        reload(rank, world, out)
     dist.barrier()
     dist.destroy_process_group()
     print("OK", rank, flush=True)

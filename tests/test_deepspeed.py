@@ -36,5 +36,9 @@ def test_zero1_and_zero2_work_like_ddp(tmp_path, stage):
     _run(f"zero{stage}", tmp_path)
 
 
+def test_load_checkpoint_waits_for_the_snapshot_in_flight(tmp_path):
+    _run("reload", tmp_path)
+
+
 def test_unsupported_zero3_setups_fail_at_construction(tmp_path):
     _run("refusals", tmp_path)
