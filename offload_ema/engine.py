@@ -45,7 +45,8 @@ thread's calls, so the step path holds no Python-level lock (an exception betwee
 release would leave it held, and the worker waiting forever). Work in flight is counted by
 tickets taken, each in one atomic operation, and a job is put in the queue together with
 ``_last_queued_step`` on one line: ``recover`` can tell whether the interrupted step's job
-reached the worker, and give back what an unqueued job held.
+reached the worker (for an interrupt between the two statements, by asking the worker), and
+give back what an unqueued job held.
 """
 from __future__ import annotations
 
@@ -192,6 +193,7 @@ class Job:
         self.ready_event = None     # after the optimizer step (chunked copies)
         self.copy_event = None      # after the last copy: what the fence waits on
         self.issued = threading.Event()  # every copy issued (async) / parameters read (host)
+        self.taken = False  # set by the worker when it takes the job (read by recover)
         self.issue_error: Optional[BaseException] = None  # the issuer's, raised by the worker
         # Whoever takes this first issues a whole-snapshot job's copies: the issuer thread, or
         # the training thread when it fences before the issuer got to it (avg.step() fences at
@@ -505,6 +507,14 @@ class Engine:
         job, self._submitting = self._submitting, None
         if self._last_queued_step == step:
             return True
+        if job is not None and job.ticket is not None:
+            # An interrupt between the put and the store after it (one line, two statements)
+            # leaves the job queued, unrecorded. Once a marker queued now has run on the worker,
+            # every job queued before it has been taken: the worker says whether this one was.
+            self.read(_nothing)
+            if job.taken:
+                self._last_queued_step = step
+                return True
         if job is not None:
             self._ops.drain()  # copies it issued may still read its sources / write its staging
             self._free.extend(job.held)
@@ -810,6 +820,7 @@ class Engine:
 
     def _take(self, job: Job) -> None:
         """Applies a job, or (folding) holds it staged until ``fold`` are, or no more wait."""
+        job.taken = True
         held = False
         try:
             if self._error is None:

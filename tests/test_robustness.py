@@ -1,6 +1,7 @@
 """The Averager as a misbehaving training script meets it: interrupts at every line of a step,
 reads from other threads, a model changed under it, damaged metadata, use after close, resume at
 every position of the LAWA ring."""
+import contextlib
 import functools
 import sys
 import threading
@@ -358,3 +359,65 @@ def test_resume_with_coalesced_periods_pending_is_bit_exact(monkeypatch):
     straight, resumed = run(False), run(True)
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), k
+
+
+@pytest.mark.parametrize("device", ["host", "lazy"])
+def test_an_interrupt_right_after_the_job_is_queued_is_not_a_lost_snapshot(device):
+    """The one point no line-level injection reaches: after the job's put, before the next
+    statement. The job reached the worker, so the step counts and its snapshot is applied; its
+    ticket is given back once (a second give-back would let one more snapshot than there are
+    staging buffers in flight)."""
+    ctx = lazy_device(seed=1, max_delay=0.001) if device == "lazy" else contextlib.nullcontext()
+    with ctx:
+        model, opt = make()
+        avg = oe.Averager(model, SPECS(), buffers="average").attach(opt)
+        engine = avg._engine
+        capacity = engine.capacity
+        refs = {"ema": RefEMA(0.7), "lawa": RefLAWA(2)}
+        inbox, put_done = engine._inbox, []
+
+        class Inbox:  # records that the put has happened
+            def put(self, item):
+                inbox.put(item)
+                put_done.append(item)
+
+            def __getattr__(self, name):
+                return getattr(inbox, name)
+
+        def tracer(frame, event, arg):
+            if frame.f_code is not engine_mod.Engine.submit.__code__:
+                return None
+            frame.f_trace_opcodes = True
+
+            def local(frame, event, arg):
+                if event == "opcode" and put_done:
+                    put_done.clear()
+                    raise KeyboardInterrupt("injected right after the put")
+                return local
+            return local
+
+        for s in range(1, 6):
+            if s == 3:
+                engine._inbox = Inbox()
+                sys.settrace(tracer)
+            try:
+                train_step(model, opt, s)
+                interrupted = False
+            except KeyboardInterrupt:
+                interrupted = True
+            finally:
+                sys.settrace(None)
+                engine._inbox = inbox
+            assert interrupted == (s == 3)
+            snap = snapshot(model)
+            snap.update({k: v.double().clone() for k, v in model.named_buffers()
+                         if v.is_floating_point()})
+            for r in refs.values():
+                r.update(snap)
+        avg.flush()
+        st = avg.stats()
+        assert st["step"] == 5 and st["snapshots_applied"] == 5 and st["in_flight"] == 0
+        assert engine._tickets.qsize() == capacity
+        for n, r in refs.items():
+            assert_matches(avg.averaged_state_dict(n), r.avg, rtol=1e-6, atol=1e-7)
+        avg.close()
