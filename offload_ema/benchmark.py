@@ -852,7 +852,8 @@ def _fold_summary(by: Dict[str, dict]) -> Optional[str]:
     """offload vs offload_fold, measured in the same run: the worker's update time per snapshot
     (the host's memory traffic) and what the fold costs elsewhere."""
     one, k = by.get("offload"), by.get("offload_fold")
-    if one is None or k is None or not one["update_ms_per_snapshot"]:
+    if one is None or k is None or not one["update_ms_per_snapshot"] or \
+            not k["update_ms_per_snapshot"]:  # (a partial record: nothing folded yet)
         return None
     ratio = one["update_ms_per_snapshot"] / max(k["update_ms_per_snapshot"], 1e-9)
     src = 2 if k["dtype"] == "bf16" else 4  # bytes per parameter read from a snapshot

@@ -504,17 +504,22 @@ class Engine:
     def recover(self, step: int) -> bool:
         """After ``submit`` (or the step around it) raised: whether the job of ``step`` reached
         the worker. If it did not, what it held is given back and the fence forgets it."""
-        job, self._submitting = self._submitting, None
+        job = self._submitting
         if self._last_queued_step == step:
+            self._submitting = None
             return True
-        if job is not None and job.ticket is not None:
-            # An interrupt between the put and the store after it (one line, two statements)
-            # leaves the job queued, unrecorded. Once a marker queued now has run on the worker,
-            # every job queued before it has been taken: the worker says whether this one was.
+        if job is not None and self._unfenced is job:
+            # Past the line before the put: an interrupt between the put and the store after it
+            # (one line, two statements) leaves the job queued, unrecorded. Once a marker queued
+            # now has run on the worker, every job queued before it has been taken: the worker
+            # says whether this one was. (``_submitting`` is kept until decided: a second
+            # interrupt here leaves the decision to the next call.)
             self.read(_nothing)
             if job.taken:
                 self._last_queued_step = step
+                self._submitting = None
                 return True
+        self._submitting = None
         if job is not None:
             self._ops.drain()  # copies it issued may still read its sources / write its staging
             self._free.extend(job.held)

@@ -10,6 +10,7 @@ transformers = pytest.importorskip("transformers")  # CI installs it (Makefile d
 pytest.importorskip("accelerate")
 
 import offload_ema as oe  # noqa: E402
+from offload_ema.testing import lazy_device  # noqa: E402
 from offload_ema.integrations.transformers import (  # noqa: E402
     STATE_FILE, AveragerCallback, rank_state_file)
 from helpers import RefDecay, RefEMA, RefLAWA, Reg, RegData, assert_matches  # noqa: E402
@@ -226,16 +227,18 @@ def test_trainer_loop_logs_every_metric_of_the_average_and_picks_the_best_by_it(
 
 def test_the_best_checkpoints_average_is_loaded_only_when_its_metric_picked_it():
     from types import SimpleNamespace as NS
-    cb = AveragerCallback({"ema": oe.EMA(0.9), "slow_ema": oe.EMA(0.99)})
+    cb = AveragerCallback({"ema": oe.EMA(0.9), "ema_slow": oe.EMA(0.99)}, evaluate_with="ema_slow")
 
-    def pick(metric, load=True, best="out/checkpoint-6"):
-        return cb._best_average(NS(metric_for_best_model=metric, load_best_model_at_end=load),
-                                NS(best_model_checkpoint=best))
-    assert pick("ema_loss") == "ema" and pick("eval_ema_mae") == "ema"
-    assert pick("slow_ema_loss") == "slow_ema"
-    assert pick("loss") is None and pick("eval_loss") is None and pick("eval_emas") is None
-    assert pick("ema_loss", load=False) is None and pick("ema_loss", best=None) is None
-    assert pick(None) is None
+    def pick(metric, load=True, best="out/checkpoint-6", callback=cb):
+        return callback._best_average(
+            NS(metric_for_best_model=metric, load_best_model_at_end=load),
+            NS(best_model_checkpoint=best))
+    assert pick("ema_slow_loss") and pick("eval_ema_slow_mae")
+    assert pick("eval_val_ema_slow_loss")  # a dict of evaluation sets: eval_<set>_<name>_*
+    assert not pick("ema_loss") and not pick("eval_ema_loss")  # a prefix of the name: not it
+    assert not pick("loss") and not pick("eval_loss") and not pick(None)
+    assert not pick("ema_slow_loss", load=False) and not pick("ema_slow_loss", best=None)
+    assert not pick("ema_slow_loss", callback=AveragerCallback({"ema_slow": oe.EMA(0.99)}))
 
 
 def test_sharded_parameters_keep_the_raw_best_weights_with_a_warning(tmp_path):
@@ -252,3 +255,36 @@ def test_sharded_parameters_keep_the_raw_best_weights_with_a_warning(tmp_path):
             assert torch.equal(v, before[k])
     finally:
         cb.averager.close()
+
+
+def test_a_best_checkpoint_without_the_averager_state_keeps_the_raw_weights(tmp_path):
+    model = Reg()
+    cb = AveragerCallback({"ema": oe.EMA(0.9)}, evaluate_with="ema")
+    cb.averager = oe.Averager(model, cb.averages)
+    try:
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.warns(UserWarning, match="averager state saved with it is missing.*kept"):
+            cb._load_best_average(str(tmp_path), model, "ema")
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, before[k])
+    finally:
+        cb.averager.close()
+
+
+def test_the_last_snapshot_is_copied_before_the_trainer_loads_the_best_checkpoint(tmp_path):
+    """load_best_model_at_end writes the best checkpoint into the parameters in place after the
+    loop. Here nothing reads the average after the last step (no evaluation of it, and with
+    save_strategy="best" and the highest loss counted best, the first checkpoint stays best, so
+    the last step saves nothing): the callback fences at the epoch's end, so the last snapshot
+    is that step's weights (deferred copies on the simulated copy engine)."""
+    cb, rec = AveragerCallback(specs()), Recorder()
+    with lazy_device(seed=3, max_delay=0.05):
+        t = make_trainer(tmp_path, [cb, rec], 12, eval_strategy="steps", eval_steps=3,
+                         save_strategy="best", load_best_model_at_end=True,
+                         metric_for_best_model="loss", greater_is_better=True)
+        t.train()
+        final = {n: cb.averager.averaged_state_dict(n) for n in specs()}
+        cb.averager.close()
+    assert t.state.best_model_checkpoint is not None
+    assert_matches(final["ema"], rec.ema.avg, rtol=1e-5, atol=1e-6)
+    assert_matches(final["lawa"], rec.lawa.avg, rtol=1e-5, atol=1e-6)

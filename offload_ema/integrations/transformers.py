@@ -31,6 +31,7 @@ __all__ = ["AveragerCallback", "AverageEvaluationMixin", "AveragerTrainer", "STA
            "rank_state_file"]
 
 STATE_FILE = "offload_ema_averager.pt"
+_REBUILD_STAGING = 1 << 20  # bytes: rebuilding an average from a saved state copies nothing
 logger = logging.getLogger(__name__)
 
 
@@ -142,12 +143,18 @@ class AveragerCallback(transformers.TrainerCallback):
         self.averager.detach()
         self.averager.attach(_innermost(optimizer))
 
+    def on_epoch_end(self, args, state, control, **kwargs):
+        # The last hook before the Trainer may load the best checkpoint into the parameters in
+        # place (``load_best_model_at_end``, after the loop): the last snapshot's copy must not
+        # read those weights. Once per epoch, so it costs nothing.
+        if self.averager is not None:
+            self.averager.fence()
+
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self.averager.detach()
         self.averager.flush()
-        name = self._best_average(args, state)
-        if name is not None and model is not None:
-            self._load_best_average(state.best_model_checkpoint, model, name)
+        if self._best_average(args, state) and model is not None:
+            self._load_best_average(state.best_model_checkpoint, model, self.evaluate_with)
 
     def _state_path(self, folder: str) -> str:
         """This rank's averager state file in a checkpoint folder."""
@@ -155,41 +162,67 @@ class AveragerCallback(transformers.TrainerCallback):
         return os.path.join(folder, rank_state_file(rank, size) if is_sharded(self.averager)
                             else STATE_FILE)
 
-    def _best_average(self, args, state) -> Optional[str]:
-        """The average whose metric picked the best checkpoint, which the Trainer has just
-        loaded (``load_best_model_at_end``); None when the raw weights' metric picked it."""
-        metric = args.metric_for_best_model
-        if not (args.load_best_model_at_end and metric and state.best_model_checkpoint):
-            return None
+    def _best_average(self, args, state) -> bool:
+        """Whether the Trainer has just loaded the best checkpoint (``load_best_model_at_end``)
+        picked by a metric of the evaluated average, ``eval_<name>_*`` (``eval_<dataset>_<name>_*``
+        for a dict of evaluation sets): the only average whose metrics are computed."""
+        metric, name = args.metric_for_best_model, self.evaluate_with
+        if not (name and args.load_best_model_at_end and metric and state.best_model_checkpoint):
+            return False
         if not metric.startswith("eval_"):  # as the Trainer reads it
             metric = f"eval_{metric}"
-        return next((n for n in self.averages if metric.startswith(f"eval_{n}_")), None)
+        return f"_{name}_" in metric[len("eval"):]
 
     def _load_best_average(self, folder: str, model, name: str) -> None:
         """The Trainer loaded the best checkpoint's raw weights, but the average ``name`` is what
         scored best there: its values, rebuilt from the averager state saved with that
-        checkpoint, replace them. Every rank (sharded averages are gathered)."""
+        checkpoint, replace the averaged tensors. Every rank (averages are gathered when
+        sharded); one decision for all of them before any collective."""
+        keep = None
         if any(layout.is_sharded(p) for p in model.parameters()):
+            keep = "the model's parameters are sharded (FSDP / DeepSpeed ZeRO-3)"
+        path = self._state_path(folder)
+        found = os.path.isfile(path)
+        if world()[1] > 1:
+            every = [None] * world()[1]
+            dist.all_gather_object(every, found)
+            found = all(every)
+        if keep is None and not found:
+            keep = (f"the averager state saved with it is missing on some rank ({path}: a "
+                    "checkpoint saved elsewhere, e.g. a hyperparameter-search run, or a node "
+                    "that does not see the folder)")
+        if keep is not None:
             warnings.warn(
                 f"load_best_model_at_end picked {folder} by the {name!r} average's metric, but "
-                "the model's parameters are sharded (FSDP / DeepSpeed ZeRO-3): the Trainer loaded "
-                "that checkpoint's raw weights and they are kept. Its average is in the averager "
-                f"state there (or use save_pretrained={name!r} for a loadable directory)")
+                f"{keep}: the Trainer loaded that checkpoint's raw weights and they are kept "
+                f"(save_pretrained={name!r} writes the average beside each checkpoint as a "
+                "loadable directory)")
             return
-        path = self._state_path(folder)
-        saved = []
-        on_every_rank(lambda: saved.append(torch.load(path, weights_only=False)),
-                      f"reading the best checkpoint's averager state {path}")
-        best = Averager(model, self.averages, **self.averager_kwargs)
+        # No steps follow: the least staging, one snapshot per pass.
+        best = Averager(model, self.averages, **{**self.averager_kwargs, "fold": 1,
+                                                  "staging_bytes": _REBUILD_STAGING})
         try:
-            best.load_state_dict(saved[0])
-            values = best.averaged_state_dict(name) if best.ready(name) else None
+            on_every_rank(lambda: best.load_state_dict(torch.load(path, weights_only=False)),
+                          f"reading the best checkpoint's averager state {path}")
+            if not best.ready(name):
+                return
+            # The averaged tensors are the ones swapped() writes: keep a host copy of what it
+            # wrote (trainable parameters; floating buffers when averaged), then write it back.
+            kept = self._averaged_tensors(model)
+            with best.swapped(model, name):
+                values = [t.detach().to("cpu", copy=True) for t in kept]
         finally:
             best.close()
-        if values is not None:
-            model.load_state_dict(values)
-            logger.info("loaded the %r average of %s (it scored best) into the model", name,
-                        folder)
+        with torch.no_grad():
+            for t, v in zip(kept, values):
+                t.copy_(v)
+        logger.info("loaded the %r average of %s (it scored best) into the model", name, folder)
+
+    def _averaged_tensors(self, model) -> list:
+        tensors = [p for p in model.parameters() if p.requires_grad and p.is_floating_point()]
+        if self.averager_kwargs.get("buffers") == "average":
+            tensors += [b for b in model.buffers() if b.is_floating_point()]
+        return tensors
 
     def _load(self, args, state) -> None:
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
