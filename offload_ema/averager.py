@@ -46,8 +46,8 @@ class Averager:
             waits (``fence_wait_seconds``).
         fold (int or "auto", default 1): staged snapshots applied per pass over the
             accumulators, with the same bits as one by one: the worker holds up to ``fold``
-            (1 to 16; staging for at least ``fold + 1`` whole snapshots) and reads 2 + 8/fold
-            bytes per parameter and step instead of 10 (bf16). Every read (state dicts, swaps,
+            (1 to 16; staging for at least ``fold + 1`` whole snapshots) and moves 2 + 8/fold
+            bytes per parameter and step instead of 10 (bf16, one EMA). Every read (state dicts, swaps,
             saves, ``flush``) applies what is held first. ``"auto"`` holds nothing while the
             worker keeps up and folds a backlog of up to every staged snapshot (default staging
             eight snapshots); on a CPU-only model it is 1 (the fence lets no backlog form).

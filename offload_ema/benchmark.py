@@ -10,7 +10,10 @@ machine hits every mode alike):
   swa_utils     torch.optim.swa_utils.AveragedModel + get_ema_multi_avg_fn on a CPU copy
   gpu_foreach   a float32 EMA kept on the GPU, torch._foreach_lerp_ each step (GPU only)
   offload       offload_ema: EMA 0.999 every step
+  offload_fold  the same EMA folding --fold staged snapshots per pass (default 4)
   offload_multi offload_ema: EMA 0.999 + EMA 0.9999 + LAWA(window 10, every 10), one snapshot
+  diffusers, diffusers_offload, timm_v3, lightning_ema
+                the peers' own EMA classes, where their packages are installed
 
 Each record also gives the training thread's own time in the averaging code per step
 (``averager_us_per_step``): for the offload modes the time inside the Averager's optimizer-step
