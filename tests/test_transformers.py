@@ -288,3 +288,24 @@ def test_the_last_snapshot_is_copied_before_the_trainer_loads_the_best_checkpoin
     assert t.state.best_model_checkpoint is not None
     assert_matches(final["ema"], rec.ema.avg, rtol=1e-5, atol=1e-6)
     assert_matches(final["lawa"], rec.lawa.avg, rtol=1e-5, atol=1e-6)
+
+
+def test_a_plain_trainer_picks_and_loads_the_best_checkpoints_average(tmp_path):
+    """With a plain Trainer the callback adds eval_ema_loss to the evaluation's metrics before
+    the Trainer compares checkpoints: metric_for_best_model="ema_loss" works there too."""
+    cb, rec, refs_at = AveragerCallback(specs(), evaluate_with="ema"), Recorder(), {}
+
+    class Keep(transformers.TrainerCallback):  # after the AveragerCallback: metrics are in
+        def on_evaluate(self, args, state, control, metrics=None, **kw):
+            refs_at[state.global_step] = ({k: v.clone() for k, v in rec.ema.avg.items()},
+                                          metrics["eval_ema_loss"])
+
+    t = make_trainer(tmp_path, [cb, rec, Keep()], 12, eval_strategy="steps", eval_steps=3,
+                     save_strategy="steps", save_steps=3, load_best_model_at_end=True,
+                     metric_for_best_model="ema_loss", greater_is_better=False)
+    t.train()
+    best = min(refs_at, key=lambda s: refs_at[s][1])
+    assert t.state.best_model_checkpoint.endswith(f"checkpoint-{best}")
+    for k, v in t.model.state_dict().items():
+        torch.testing.assert_close(v.double(), refs_at[best][0][k], rtol=1e-5, atol=1e-6)
+    cb.averager.close()
