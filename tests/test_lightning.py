@@ -177,7 +177,7 @@ class Logged(Tiny):
 
     def __init__(self):
         super().__init__()
-        self.outputs, self.epoch_sizes = [], []
+        self.outputs, self.epoch_sizes, self.batch_starts = [], [], 0
         from torchmetrics import MeanAbsoluteError
         self.mae = MeanAbsoluteError()
 
@@ -192,6 +192,13 @@ class Logged(Tiny):
         self.log("val_loss", nn.functional.mse_loss(out, y))
         self.mae(out, y)
         self.log("val_mae", self.mae)
+        return out
+
+    def on_validation_batch_start(self, batch, batch_idx):
+        self.batch_starts += 1
+
+    def on_validation_batch_end(self, outputs, batch, batch_idx):
+        self.log("val_max", outputs.abs().max())  # a metric logged from a batch hook
 
     def on_validation_epoch_end(self):
         self.epoch_sizes.append(len(self.outputs))
@@ -225,6 +232,10 @@ def test_keep_raw_logs_the_average_beside_the_raw_metrics(tmp_path):
         nn.functional.mse_loss(out, y).item(), rel=1e-5)
     assert t.callback_metrics["val_mae/ema"].item() == pytest.approx(
         (out - y).abs().mean().item(), rel=1e-5)
+    # The module's batch hooks run in the average's pass too (2 validations x 2 passes x 3).
+    assert module.batch_starts == 12
+    assert t.callback_metrics["val_max/ema"].item() == pytest.approx(
+        sum(out[i:i + 2].abs().max().item() for i in (0, 2, 4)) / 3, rel=1e-5)
     assert t.callback_metrics["val_loss"].item() == pytest.approx(
         nn.functional.mse_loss(raw_out, y).item(), rel=1e-5)  # the raw weights, restored
     import csv

@@ -185,7 +185,8 @@ class AveragerCallback(pl.Callback):
 def _validate(trainer, pl_module, suffix: str) -> dict:
     """One more pass of validation over the trainer's validation data (this rank's share), the
     way Lightning runs it (the strategy's batch transfer with the module's transfer hooks, its
-    ``validation_step`` with the precision context, the module's epoch start / end hooks), with
+    ``validation_step`` with the precision context, the module's epoch and batch start / end
+    hooks), with
     what the module logs collected instead of logged: ``{name + suffix: value}``. Plain values:
     batch-size weighted means, summed over the ranks; torchmetrics objects: ``compute()`` (which
     syncs the ranks itself), then ``reset()``. The model is in eval mode without gradients here
@@ -241,7 +242,11 @@ def _validate(trainer, pl_module, suffix: str) -> dict:
                     except Exception:  # noqa: BLE001 -- no tensor to tell: weight 1
                         batch_size[0] = 1
                     args = (batch, i) if len(loaders) == 1 else (batch, i, idx)
-                    trainer.strategy.validation_step(*args)
+                    # The module's own batch hooks, as Lightning calls them (what they log is
+                    # the average's too); other callbacks' (progress bars, ...) are not run.
+                    pl_module.on_validation_batch_start(*args)
+                    output = trainer.strategy.validation_step(*args)
+                    pl_module.on_validation_batch_end(output, *args)
             pl_module.on_validation_epoch_end()  # e.g. logs an epoch metric, clears outputs
         out = {f"{n}{suffix}": float(m.compute()) for n, m in metrics.items()}
     finally:
