@@ -1,5 +1,7 @@
 """Small models, a deterministic training loop and float64 references for the Averager tests."""
 import collections
+import importlib.util
+import os
 
 import torch
 from torch import nn
@@ -117,3 +119,12 @@ class RegData(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return {"x": self.x[i], "labels": self.y[i]}
+
+
+def load_bench_script(name):
+    """bench/<name>.py as a module (the scripts are not a package)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(root, "bench", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

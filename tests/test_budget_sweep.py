@@ -1,19 +1,13 @@
 """The budget sweep end to end in its --quick form (tables, JSON, plots), and its pieces."""
-import importlib.util
 import json
-import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import load_bench_script
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location(
-        "budget_sweep", os.path.join(ROOT, "bench", "budget_sweep.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench_script("budget_sweep")
 
 
 def test_horizons_scale_with_the_budget():

@@ -1,18 +1,12 @@
 """The early-stopping experiment end to end in its --quick form: tables, JSON, plots."""
-import importlib.util
 import json
 import math
-import os
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import load_bench_script
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location(
-        "early_stopping", os.path.join(ROOT, "bench", "early_stopping.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench_script("early_stopping")
 
 
 def test_steps_to_target_and_schedules():
