@@ -32,8 +32,8 @@ Ownership: the worker thread alone writes the averages (:class:`AverageBuffers`)
 thread alone calls ``busy`` / ``wait_capacity`` / ``submit`` / ``fence`` / ``recover``. They
 share the tickets (one per snapshot in flight, a ``queue.SimpleQueue``) and the free staging
 buffers (a deque): single atomic operations, no lock. The held jobs (``_held``) are the
-worker's alone. The worker's counters (``_stats``,
-``_pending_calls``) are guarded by ``_cond``. The averages are read (``values``,
+worker's alone. The worker's counters (``_stats``, ``applied_schedule``, ``_error``) are guarded
+by ``_lock``. The averages are read (``values``,
 ``export_state``) only while the worker is idle (after ``flush``) or from a ``run_after``
 callable, which runs on the worker (``read`` does that for any thread). The issuer thread
 (asynchronous devices) writes a job's ``prepared`` / ``copy_event`` before setting its
@@ -304,18 +304,17 @@ class Engine:
 
         self.averages: Dict[str, AverageBuffers] = {
             n: AverageBuffers(spec, layout) for n, spec in specs.items()}  # worker-owned
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self._free: Deque[int] = collections.deque(range(n_buffers))        # atomic ops only
         self._tickets: "queue.SimpleQueue[int]" = queue.SimpleQueue()       # atomic ops only
         for t in range(self.capacity):
             self._tickets.put(t)
         self._ticket_back = threading.Event()  # set by the worker when it returns a ticket
-        self._pending_calls = 0                                             # under _cond
-        self._error: Optional[BaseException] = None  # set once by the worker (under _cond)
+        self._error: Optional[BaseException] = None  # set once by the worker (under _lock)
         self._fence_wait = 0.0                                              # training thread
         self._error_reported = False                                        # training thread
-        self._stats: Dict[str, float] = collections.defaultdict(float)     # under _cond
-        self.applied_schedule = None  # schedule state of the last job done      (under _cond)
+        self._stats: Dict[str, float] = collections.defaultdict(float)     # under _lock
+        self.applied_schedule = None  # schedule state of the last job done      (under _lock)
         self._unfenced: Optional[Job] = None                                # training thread
         self._submitting: Optional[Job] = None                              # training thread
         self._last_queued_step = 0                                          # training thread
@@ -528,7 +527,6 @@ class Engine:
                 self._tickets.put(job.ticket)
                 job.ticket = None
             self._ticket_back.set()
-            with self._cond: self._cond.notify_all()  # noqa: E701 (one line: no lock left held)
             job.issued.set()
             if self._unfenced is job:
                 self._unfenced = None
@@ -594,9 +592,7 @@ class Engine:
     def run_after(self, fn) -> None:
         """Runs ``fn()`` on the worker after every snapshot submitted so far is applied (it sees
         the averages at a consistent step). ``fn`` reports its own errors."""
-        # One line: an interrupt can leave neither a call counted but not queued, nor the lock
-        # held.
-        with self._cond: self._inbox.put(fn); self._pending_calls += 1  # noqa: E701,E702
+        self._inbox.put(fn)  # one atomic operation: an interrupt leaves it queued or not
 
     def read(self, fn):
         """``fn()``'s result, computed on the worker after every snapshot submitted so far is
@@ -619,20 +615,15 @@ class Engine:
         return value
 
     def flush(self) -> None:
-        if self.fold > 1:
-            # Held snapshots are applied before any callable runs: once this marker has run,
-            # everything submitted before it is applied and released. Not "every ticket back":
-            # a snapshot another thread submits meanwhile may be held until K are.
-            self.read(_nothing)
-            return
-        with self._cond: self._cond.wait_for(self._idle)  # noqa: E701 (see run_after)
-
-    def _idle(self) -> bool:
-        return self._tickets.qsize() == self.capacity and self._pending_calls == 0
+        """Waits until every snapshot submitted so far is applied and released: the worker
+        applies held snapshots before any callable and releases a job before taking the next
+        item, so this marker runs after all of them (and not after snapshots another thread
+        submits meanwhile, which may be held until ``fold`` are)."""
+        self.read(_nothing)
 
     def stats(self) -> Tuple[Dict[str, float], int]:
         """(a copy of the counters, snapshots in flight), read together under the lock."""
-        with self._cond: s = dict(self._stats)  # noqa: E701 (see run_after)
+        with self._lock: s = dict(self._stats)  # noqa: E701 (one line: the lock is never left held)
         s["fence_wait_seconds"] = self._fence_wait
         return s, self.capacity - self._tickets.qsize()
 
@@ -659,7 +650,7 @@ class Engine:
         }
 
     def set_last_applied_step(self, step: int) -> None:
-        with self._cond:
+        with self._lock:
             self._stats["last_applied_step"] = step
 
     def raise_error(self, only_unreported: bool = False) -> None:
@@ -751,7 +742,7 @@ class Engine:
 
     def host_bytes(self) -> int:
         """Host memory held: averages (LAWA entries filled so far) and staging."""
-        with self._cond:
+        with self._lock:
             return self.staging_nbytes + sum(b.nbytes() for b in self.averages.values())
 
     # ---- issuer thread (asynchronous devices) ------------------------------------------------
@@ -759,7 +750,7 @@ class Engine:
         try:
             self._ops.thread_init()  # this device, the side stream, thread-local capture mode
         except BaseException as exc:  # reported by the worker; jobs are still passed on
-            with self._cond:
+            with self._lock:
                 if self._error is None:
                     self._error = exc
         while True:
@@ -819,9 +810,6 @@ class Engine:
                 # A run_after callable may hold its Averager: not kept while idle, or a
                 # dropped Averager could never be collected (and this thread never end).
                 item = None
-                with self._cond:
-                    self._pending_calls -= 1
-                    self._cond.notify_all()
 
     def _take(self, job: Job) -> None:
         """Applies a job, or (folding) holds it staged until ``fold`` are, or no more wait."""
@@ -863,7 +851,7 @@ class Engine:
                 self._release(job)
 
     def _fail(self, exc: BaseException) -> None:
-        with self._cond:
+        with self._lock:
             if self._error is None:
                 self._error = exc
         # Copies of the job may still be running: its staging and sources are released next,
@@ -876,7 +864,7 @@ class Engine:
 
     def _release(self, job: Job) -> None:
         """Gives back what a finished (applied, dropped or failed) job held."""
-        with self._cond:
+        with self._lock:
             self._free.extend(job.held)
             job.held = []
             self._tickets.put(job.ticket)
@@ -887,7 +875,6 @@ class Engine:
             self._stats["bytes_copied"] += self.layout.nbytes - self.read_in_place_nbytes
             if job.schedule is not None:
                 self.applied_schedule = job.schedule
-            self._cond.notify_all()
 
     def _process(self, job: Job) -> bool:
         """Applies ``job``; folding, only stages it and returns True (``_fold`` applies it)."""
@@ -926,9 +913,7 @@ class Engine:
                     if chunk == last:
                         job.copy_event = done
                 else:
-                    t0 = time.perf_counter()
-                    self._copy(plan)  # the small parameters, into staging together
-                    job.copy_s += time.perf_counter() - t0
+                    self._copy_on_host(job, plan)  # the small parameters, into staging together
                     # The large ones are read where they are: the fence holds the next
                     # optimizer step until this is done.
                     self._update(job, [(g, lo, hi, _live(part)) for g, lo, hi, part in plan.inplace])
@@ -946,16 +931,13 @@ class Engine:
         it there); ``_fold`` applies it later."""
         if job.prepared is not None:  # issued by the issuer thread (or the fence)
             for _, _, start, done in job.prepared:
-                self._ops.host_wait(done)  # the bytes are valid once the copy landed
-                job.copy_s += self._ops.elapsed_seconds(start, done)
+                self._landed(job, start, done)
         elif self._chunks:  # the host: copied here while the fence holds the training thread
             # Every job in flight holds a ticket and at most one buffer, and there are as
             # many tickets as buffers: one is free.
             buf = self._free.popleft()
             job.held.append(buf)
-            t0 = time.perf_counter()
-            self._copy(self._plans[(buf, 0)])
-            job.copy_s += time.perf_counter() - t0
+            self._copy_on_host(job, self._plans[(buf, 0)])
         if job.buffers_event is not None:
             self._ops.host_wait(job.buffers_event)
         job.issued.set()  # the host's fence may go on: the parameters are read
@@ -1004,33 +986,42 @@ class Engine:
                 if ks:
                     ops.ema_fold_multi_(accs, [segments[k][i][3] for k in ks],
                                         [w for _, w in members])
-        next_pos: Dict[int, int] = {}
-        for job, segs in zip(live, segments):  # LAWA: one ring entry per snapshot, in order
-            for b in job.lawas:  # the entry this snapshot fills: the oldest once full
-                pos = next_pos.get(id(b), b.next_pos)
-                job.lawa_pos[id(b)] = pos
-                next_pos[id(b)] = (pos + 1) % b.spec.window
-                entry = b.ring_entry(pos)
-                for g, lo, hi, src in segs:
-                    entry[g][lo:hi].copy_(src)
         elapsed = time.perf_counter() - t0
-        for job in jobs:  # the counters, snapshot by snapshot (_complete moves next_pos on)
+        live_segments = iter(segments)
+        for job in jobs:  # snapshot by snapshot: LAWA entries, then the counters
+            if not job.dropped:
+                t1 = time.perf_counter()
+                segs = next(live_segments)
+                for b in job.lawas:  # the entry this snapshot fills: the oldest once full
+                    job.lawa_pos[id(b)] = b.next_pos  # (_complete moves next_pos on)
+                    entry = b.ring_entry(b.next_pos)
+                    for g, lo, hi, src in segs:
+                        entry[g][lo:hi].copy_(src)
+                elapsed += time.perf_counter() - t1
             self._complete(job)
-        with self._cond:
+        with self._lock:
             self._stats["update_seconds"] += elapsed
             self._stats["folds"] += 1
             self._stats["snapshots_folded"] += len(live)
 
+    def _landed(self, job: Job, start, done) -> None:
+        """Waits until a copy into staging has landed (its bytes are valid only then)."""
+        self._ops.host_wait(done)
+        job.copy_s += self._ops.elapsed_seconds(start, done)
+
+    def _copy_on_host(self, job: Job, plan: CopyPlan) -> None:
+        t0 = time.perf_counter()
+        self._copy(plan)
+        job.copy_s += time.perf_counter() - t0
+
     def _apply(self, job: Job, chunk: int, buf: int, start=None, done=None) -> None:
         """Updates every average the job feeds from one chunk in a buffer, then frees it."""
         if done is not None:
-            self._ops.host_wait(done)  # the buffer's bytes are valid only once the copy landed
-            job.copy_s += self._ops.elapsed_seconds(start, done)
+            self._landed(job, start, done)
         self._update(job, self._plans[(buf, chunk)].staged)
-        with self._cond:
+        with self._lock:
             job.held.remove(buf)
             self._free.append(buf)
-            self._cond.notify_all()
 
     def _is_dropped(self, job: Job) -> bool:
         """Whether the job's step had non-finite gradients (its optimizer skipped the update)."""
@@ -1068,7 +1059,7 @@ class Engine:
 
     def _complete(self, job: Job) -> None:
         dropped = self._is_dropped(job)  # also on a rank with nothing to copy (DDP)
-        with self._cond:
+        with self._lock:
             st = self._stats
             if dropped:
                 st["snapshots_dropped_nonfinite"] += 1
