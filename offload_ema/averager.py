@@ -313,6 +313,11 @@ class Averager:
         with self._strategy.swapped(model, self._layout, self._local_values(name)):
             yield model
 
+    def _put(self, model: nn.Module, name: str) -> None:
+        """Writes the average ``name`` into ``model``'s averaged tensors for good (``swapped``
+        without the restore; sharded: every rank). For integrations that end on an average."""
+        self._strategy.put(model, self._layout, self._local_values(name))
+
     # ---- introspection and persistence -----------------------------------------------------------
     def stats(self) -> Dict[str, float]:
         """Counters and timings: snapshots taken / applied / skipped / coalesced / dropped, bytes

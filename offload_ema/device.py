@@ -123,9 +123,9 @@ class CudaOps:
             return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
 
     def thread_init(self) -> None:
-        """For the worker and the issuer: its events, syncs and any kernel it launches belong to this device
-        and the side stream (never the legacy default stream, which is not ordered with the side
-        stream). And graph capture on another thread in the default "global" mode must not be
+        """For the worker and the issuer: its events, syncs and any kernel it launches belong to
+        this device and the side stream (never the legacy default stream, which is not ordered
+        with the side stream). And graph capture on another thread in the default "global" mode must not be
         invalidated by this thread's CUDA calls: this thread's capture mode is thread-local."""
         torch.cuda.set_device(self.device)
         torch.cuda.set_stream(self.side)

@@ -66,21 +66,34 @@ class Local:
         replicas or shards agree after), and restores the exact previous values on exit."""
         self.before_swap(model)
         targets = layout.resolve(model, layout.all_entries)
+        parts = [local_tensor(t) for t in targets]  # FSDP2 / ZeRO-3: this rank's part
         backups = []
         try:
             with torch.no_grad():
-                for e, t in zip(layout.all_entries, targets):
-                    t = local_tensor(t)  # FSDP2: this rank's shard
+                for t in parts:
                     backups.append((t, t.detach().to("cpu", copy=True)))
-                    if e.name in values:
-                        t.copy_(values[e.name])
-            self.after_write(layout, targets)
+            self._write(layout, targets, parts, values)
             yield
         finally:
             with torch.no_grad():
                 for t, saved in backups:
                     t.copy_(saved)
             self.after_restore(model)
+
+    def put(self, model: nn.Module, layout: Layout, values: Dict[str, torch.Tensor]) -> None:
+        """Writes this rank's averaged ``values`` into ``model`` in place for good (every rank:
+        the replicas or shards agree after); nothing gathered before hides them afterwards."""
+        self.before_swap(model)
+        targets = layout.resolve(model, layout.all_entries)
+        self._write(layout, targets, [local_tensor(t) for t in targets], values)
+        self.after_restore(model)
+
+    def _write(self, layout: Layout, targets, parts, values: Dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for e, t in zip(layout.all_entries, parts):
+                if e.name in values:
+                    t.copy_(values[e.name])
+        self.after_write(layout, targets)
 
     def before_swap(self, model: nn.Module) -> None:
         pass

@@ -206,23 +206,10 @@ class AveragerCallback(transformers.TrainerCallback):
                           f"reading the best checkpoint's averager state {path}")
             if not best.ready(name):
                 return
-            # The averaged tensors are the ones swapped() writes: keep a host copy of what it
-            # wrote (trainable parameters; floating buffers when averaged), then write it back.
-            kept = self._averaged_tensors(model)
-            with best.swapped(model, name):
-                values = [t.detach().to("cpu", copy=True) for t in kept]
+            best._put(model, name)  # the averaged tensors only (frozen ones stay as loaded)
         finally:
             best.close()
-        with torch.no_grad():
-            for t, v in zip(kept, values):
-                t.copy_(v)
         logger.info("loaded the %r average of %s (it scored best) into the model", name, folder)
-
-    def _averaged_tensors(self, model) -> list:
-        tensors = [p for p in model.parameters() if p.requires_grad and p.is_floating_point()]
-        if self.averager_kwargs.get("buffers") == "average":
-            tensors += [b for b in model.buffers() if b.is_floating_point()]
-        return tensors
 
     def _load(self, args, state) -> None:
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
