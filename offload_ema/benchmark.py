@@ -84,6 +84,15 @@ class Mode:
     def counters(self, wait: bool = True) -> dict:
         return {"applied": 0, "skipped": 0, "coalesced": 0, "pinned_bytes": 0}
 
+    @contextlib.contextmanager
+    def timed_update(self):
+        """Times an update the training thread does itself: update and averaging time alike."""
+        t0 = time.perf_counter()
+        yield
+        dt = time.perf_counter() - t0
+        self.update_s += dt
+        self.avg_s += dt
+
 
 class Naive(Mode):
     name = "naive"
@@ -125,11 +134,8 @@ class SwaUtils(Mode):
                                  multi_avg_fn=get_ema_multi_avg_fn(BETA), use_buffers=False)
 
     def after_step(self):
-        t0 = time.perf_counter()
-        self.avg.update_parameters(self.module)
-        dt = time.perf_counter() - t0
-        self.update_s += dt
-        self.avg_s += dt
+        with self.timed_update():
+            self.avg.update_parameters(self.module)
 
     def counters(self, wait=True):
         return dict(super().counters(), applied=int(self.avg.n_averaged))
@@ -290,15 +296,12 @@ class DiffusersEma(Mode):
                 self.ema.pin_memory()
 
     def after_step(self):
-        t0 = time.perf_counter()
-        if self.offload:  # the scripts' --offload_ema: to the GPU, step, back, every step
-            self.ema.to(self.device, non_blocking=True)
-        self.ema.step(self.params)
-        if self.offload:
-            self.ema.to("cpu", non_blocking=True)
-        dt = time.perf_counter() - t0
-        self.update_s += dt
-        self.avg_s += dt
+        with self.timed_update():
+            if self.offload:  # the scripts' --offload_ema: to the GPU, step, back, every step
+                self.ema.to(self.device, non_blocking=True)
+            self.ema.step(self.params)
+            if self.offload:
+                self.ema.to("cpu", non_blocking=True)
 
     def counters(self, wait=True):
         return dict(super().counters(), applied=self.ema.optimization_step)
@@ -328,11 +331,8 @@ class TimmV3(Mode):
         self.applied = 0
 
     def after_step(self):
-        t0 = time.perf_counter()
-        self.ema.update(unwrap_model(self.model), step=self.applied)
-        dt = time.perf_counter() - t0
-        self.update_s += dt
-        self.avg_s += dt
+        with self.timed_update():
+            self.ema.update(unwrap_model(self.model), step=self.applied)
         self.applied += 1
 
     def counters(self, wait=True):
@@ -363,12 +363,9 @@ class LightningEma(Mode):
         self.cb.setup(self.trainer, self.module, "fit")
 
     def after_step(self):
-        t0 = time.perf_counter()
-        self.trainer.global_step += 1
-        self.cb.on_train_batch_end(self.trainer, self.module, None, None, 0)
-        dt = time.perf_counter() - t0
-        self.update_s += dt
-        self.avg_s += dt
+        with self.timed_update():
+            self.trainer.global_step += 1
+            self.cb.on_train_batch_end(self.trainer, self.module, None, None, 0)
 
     def counters(self, wait=True):
         return dict(super().counters(), applied=int(self.cb._average_model.n_averaged))
@@ -779,7 +776,8 @@ def report(rows: List[dict]) -> None:
     missing = [r for r in rows if "unavailable" in r]
     rows = [r for r in rows if "unavailable" not in r]
     _round_overheads(rows)
-    hdr = (f"{'mode':<18}{'median ms':>10}{'p90 ms':>9}{'overhead':>10}{'(rounds)':>16}{'GPU mem +':>11}"
+    hdr = (f"{'mode':<18}{'median ms':>10}{'p90 ms':>9}{'overhead':>10}{'(rounds)':>16}"
+           f"{'GPU mem +':>11}"
            f"{'host RSS +':>11}{'pinned':>9}{'applied':>8}{'skip':>6}{'coal':>6}"
            f"{'fence ms':>9}{'copy ms':>9}{'update ms':>10}{'avg us/step':>12}"
            f"  rounds (median ms)")
@@ -858,7 +856,7 @@ def _fold_summary(by: Dict[str, dict]) -> Optional[str]:
     if one is None or k is None or not one["update_ms_per_snapshot"] or \
             not k["update_ms_per_snapshot"]:  # (a partial record: nothing folded yet)
         return None
-    ratio = one["update_ms_per_snapshot"] / max(k["update_ms_per_snapshot"], 1e-9)
+    ratio = one["update_ms_per_snapshot"] / k["update_ms_per_snapshot"]
     src = 2 if k["dtype"] == "bf16" else 4  # bytes per parameter read from a snapshot
     bound = (src + 8) / (src + 8 / k["fold"])  # the float32 accumulator: read and written
     line = (f"host update per snapshot: fold 1 {one['update_ms_per_snapshot']:.2f} ms vs fold "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -43,7 +44,6 @@ def inspect(path: str) -> int:
     try:
         tensors, meta = load_snapshot(path)
     except (OSError, ValueError) as exc:
-        import os
         if os.path.isdir(path):  # not a checkpoint directory (format="dcp") either
             found = sorted(f for f in os.listdir(path)
                            if f.endswith((".safetensors", ".index.json", ".dcp")))

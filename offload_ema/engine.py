@@ -84,7 +84,6 @@ INPLACE_MIN_BYTES = 64 << 10
 # fold="auto": the default staging is that of fold=AUTO_FOLD (2 x 4 snapshots); a backlog of up to
 # every staged snapshot (at most ops.MAX_FOLD) is folded in one pass.
 AUTO_FOLD = 4
-MAX_FOLD = ops.MAX_FOLD
 
 
 def _pack_limit() -> int:
@@ -228,8 +227,8 @@ class Engine:
         auto = isinstance(fold, str) and fold == "auto"
         if not auto:
             if isinstance(fold, bool) or not isinstance(fold, numbers.Integral) or \
-                    not 1 <= fold <= MAX_FOLD:
-                raise ValueError(f"fold must be an int from 1 to {MAX_FOLD} or 'auto', "
+                    not 1 <= fold <= ops.MAX_FOLD:
+                raise ValueError(f"fold must be an int from 1 to {ops.MAX_FOLD} or 'auto', "
                                  f"got {fold!r}")
             fold = int(fold)
         elif not self.asynchronous:
@@ -253,7 +252,7 @@ class Engine:
             # As many as the budget holds (chunked snapshots cannot be held). Unlike a fixed K,
             # "auto" holds only jobs already queued, each with its ticket: folding all of them
             # takes no ticket a queued job would not hold anyway.
-            fold = min(MAX_FOLD, n_buffers) if whole else 1
+            fold = min(ops.MAX_FOLD, n_buffers) if whole else 1
         elif fold > 1 and (not whole or n_buffers < fold + 1):
             raise ValueError(
                 f"fold={fold} needs staging_bytes for at least fold + 1 = {fold + 1} whole "
