@@ -187,23 +187,23 @@ def refusals(rank, world, out):
     """What cannot be averaged fails at construction with a clear error."""
     model = make_model()
     model[0].weight.requires_grad_(False)  # frozen and partitioned: no current value to report
-    engine = initialize(3, model=model)
-    try:
-        oe.Averager(engine, {"ema": oe.EMA(0.9)})
-    except NotImplementedError as exc:
-        assert "frozen ZeRO-3 parameters" in str(exc), exc
-    else:
-        raise AssertionError("a frozen ZeRO-3 parameter was accepted")
+    _refused(initialize(3, model=model), "frozen ZeRO-3 parameters",
+             "a frozen ZeRO-3 parameter was accepted")
     engine = initialize(3)
     p = engine.module[2].weight
     p.ds_tensor.final_location = "OffloadDeviceEnum.nvme"  # as ZeRO-Infinity marks it
+    _refused(engine, "NVMe", "an NVMe-offloaded partition was accepted")
+    p.ds_tensor.final_location = None
+
+
+def _refused(engine, says, accepted):
+    """Building an Averager on ``engine`` raises NotImplementedError saying ``says``."""
     try:
         oe.Averager(engine, {"ema": oe.EMA(0.9)})
     except NotImplementedError as exc:
-        assert "NVMe" in str(exc), exc
+        assert says in str(exc), exc
     else:
-        raise AssertionError("an NVMe-offloaded partition was accepted")
-    p.ds_tensor.final_location = None
+        raise AssertionError(accepted)
 
 
 def main():

@@ -25,6 +25,17 @@ CASES = {
 }
 
 
+def _train_both(model, opt, theirs, ours, steps, seed):
+    """``steps`` SGD steps, each followed by diffusers' EMA step and ours."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        model(torch.randn(8, 6, generator=g)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        theirs.step(model.parameters())
+        ours.step(model.parameters())
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_same_numbers_as_diffusers_on_the_same_run(case):
     kw = CASES[case]
@@ -139,13 +150,7 @@ def test_attached_to_the_optimizer_the_numbers_stay_the_same():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     theirs = DiffusersEMA(model.parameters(), decay=0.9)
     ours = EMAModel(model.parameters(), decay=0.9).attach(opt)
-    g = torch.Generator().manual_seed(3)
-    for _ in range(40):
-        model(torch.randn(8, 6, generator=g)).pow(2).mean().backward()
-        opt.step()
-        opt.zero_grad()
-        theirs.step(model.parameters())
-        ours.step(model.parameters())
+    _train_both(model, opt, theirs, ours, 40, seed=3)
     for a, b in zip(ours.state_dict()["shadow_params"], theirs.shadow_params):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     ours.close()
@@ -158,13 +163,7 @@ def test_a_loaded_state_is_what_copy_to_and_state_dict_give_before_the_next_step
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     theirs = DiffusersEMA(model.parameters(), decay=0.9)
     ours = EMAModel(model.parameters(), decay=0.9)
-    g = torch.Generator().manual_seed(4)
-    for _ in range(10):
-        model(torch.randn(8, 6, generator=g)).pow(2).mean().backward()
-        opt.step()
-        opt.zero_grad()
-        theirs.step(model.parameters())
-        ours.step(model.parameters())
+    _train_both(model, opt, theirs, ours, 10, seed=4)
     state = ours.state_dict()
     fresh = EMAModel(_mlp().parameters(), decay=0.9)  # other weights at construction
     fresh.load_state_dict(state)

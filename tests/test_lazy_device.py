@@ -29,14 +29,14 @@ class Slab(nn.Module):
             p.grad = grad
 
 
-def _slab():
-    model = Slab()
+def _slab(size=4096):
+    model = Slab(size=size)
     return model, torch.optim.SGD(model.parameters(), lr=1e-2)
 
 
-def _reference(beta, steps):
+def _reference(beta, steps, size=4096):
     """The same training with each snapshot averaged synchronously by the same kernel."""
-    model, opt = _slab()
+    model, opt = _slab(size)
     acc = None
     for s in range(1, steps + 1):
         model.fake_backward(s)
@@ -190,33 +190,18 @@ def test_host_training_reads_large_parameters_in_place(inplace_min, monkeypatch)
         monkeypatch.setattr(engine, "INPLACE_MIN_BYTES", 1 << 40)
     steps, beta, size = 150, 0.9, 65536  # bfloat16: 128 KiB per tensor
 
-    def run(averager):
-        model = Slab(size=size)
-        opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-        acc = None
-        avg = oe.Averager(model, {"ema": oe.EMA(beta)}).attach(opt) if averager else None
+    model, opt = _slab(size)
+    with oe.Averager(model, {"ema": oe.EMA(beta)}) as avg:
+        avg.attach(opt)
         for s in range(1, steps + 1):
             model.fake_backward(s)
             opt.step()
-            if averager:
-                continue
-            snap = [p.detach().clone() for p in model.ps]
-            if acc is None:
-                acc = [x.float() for x in snap]
-            else:
-                for a, x in zip(acc, snap):
-                    ops.ema_update_(a, x, 1 - beta)
-        if not averager:
-            return acc, None
         sd, st = avg.averaged_state_dict("ema"), avg.stats()
-        avg.close()
-        return [sd[f"ps.{i}"] for i in range(4)], st
-
-    got, st = run(True)
+    got = [sd[f"ps.{i}"] for i in range(4)]
     assert st["snapshots_applied"] == steps
     expected = {"default": 4 * size * 2, "all": 4 * size * 2, "none": 0}[inplace_min]
     assert st["read_in_place_bytes"] == expected
-    for i, (a, b) in enumerate(zip(got, run(False)[0])):
+    for i, (a, b) in enumerate(zip(got, _reference(beta, steps, size))):
         assert torch.equal(a, b), f"ps.{i} differs from the synchronous reference"
 
 

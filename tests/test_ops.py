@@ -178,9 +178,14 @@ BAD_MULTI = [
 @pytest.mark.parametrize("message,exc,make", BAD_MULTI, ids=[f"{i}" for i in range(len(BAD_MULTI))])
 def test_ema_update_multi_rejects_bad_input_and_writes_nothing(backend, message, exc, make):
     avgs, src, ws = make()
+    _rejected_unwritten(avgs, exc, message, lambda: ops.ema_update_multi_(avgs, src, ws))
+
+
+def _rejected_unwritten(avgs, exc, message, call):
+    """``call()`` raises ``exc`` matching ``message`` and leaves every accumulator as it was."""
     before = [a.clone() for a in avgs]
     with pytest.raises(exc, match=message):
-        ops.ema_update_multi_(avgs, src, ws)
+        call()
     for a, b in zip(avgs, before):
         assert torch.equal(a, b), "an accumulator was written before the error"
 
@@ -642,8 +647,4 @@ BAD_FOLD = [
 @pytest.mark.parametrize("message,exc,make", BAD_FOLD, ids=[f"{i}" for i in range(len(BAD_FOLD))])
 def test_fold_rejects_bad_input_and_writes_nothing(backend, message, exc, make):
     avgs, srcs, ws = make()
-    before = [a.clone() for a in avgs]
-    with pytest.raises(exc, match=message):
-        ops.ema_fold_multi_(avgs, srcs, ws)
-    for a, b in zip(avgs, before):
-        assert torch.equal(a, b), "an accumulator was written before the error"
+    _rejected_unwritten(avgs, exc, message, lambda: ops.ema_fold_multi_(avgs, srcs, ws))

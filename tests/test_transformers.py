@@ -241,29 +241,22 @@ def test_the_best_checkpoints_average_is_loaded_only_when_its_metric_picked_it()
     assert not pick("ema_slow_loss", callback=AveragerCallback({"ema_slow": oe.EMA(0.99)}))
 
 
-def test_sharded_parameters_keep_the_raw_best_weights_with_a_warning(tmp_path):
-    model = Reg()
-    cb = AveragerCallback({"ema": oe.EMA(0.9)})
-    cb.averager = oe.Averager(model, cb.averages)
-    try:
-        p = next(model.parameters())
-        p.ds_tensor, p.ds_status = p.detach().clone(), "AVAILABLE"  # as a ZeRO-3 parameter
-        before = {k: v.clone() for k, v in model.state_dict().items()}
-        with pytest.warns(UserWarning, match="sharded .FSDP / DeepSpeed ZeRO-3.*kept"):
-            cb._load_best_average(str(tmp_path), model, "ema")
-        for k, v in model.state_dict().items():
-            assert torch.equal(v, before[k])
-    finally:
-        cb.averager.close()
-
-
-def test_a_best_checkpoint_without_the_averager_state_keeps_the_raw_weights(tmp_path):
+@pytest.mark.parametrize("why", ["sharded", "missing"])
+def test_the_raw_best_weights_stay_with_a_warning_where_the_average_cannot_be_loaded(tmp_path,
+                                                                                    why):
+    """ZeRO-3 (FSDP) parameters, or a best checkpoint without the averager state (tmp_path
+    holds none): the Trainer's raw weights stay, and a warning says why."""
     model = Reg()
     cb = AveragerCallback({"ema": oe.EMA(0.9)}, evaluate_with="ema")
     cb.averager = oe.Averager(model, cb.averages)
     try:
+        if why == "sharded":
+            p = next(model.parameters())
+            p.ds_tensor, p.ds_status = p.detach().clone(), "AVAILABLE"  # as a ZeRO-3 parameter
+        match = {"sharded": "sharded .FSDP / DeepSpeed ZeRO-3.*kept",
+                 "missing": "averager state saved with it is missing.*kept"}[why]
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        with pytest.warns(UserWarning, match="averager state saved with it is missing.*kept"):
+        with pytest.warns(UserWarning, match=match):
             cb._load_best_average(str(tmp_path), model, "ema")
         for k, v in model.state_dict().items():
             assert torch.equal(v, before[k])
