@@ -3,9 +3,35 @@ engine's averages (read while the worker is idle), with the checks that refuse a
 other averages or another rank."""
 from __future__ import annotations
 
+import os
+
 from offload_ema._version import __version__
 
 FORMAT = 1
+
+
+def load_file(path) -> dict:
+    """An Averager state written with ``torch.save(avg.state_dict(), path)``, read without
+    running code from the file (``weights_only=True``: tensors, numbers, strings, lists, dicts).
+    Raises ValueError naming ``path`` for a file that is not such a state (a pickle asking for
+    anything else, a damaged or truncated file)."""
+    import torch
+
+    path = os.fspath(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # UnpicklingError, RuntimeError (zip), EOFError, ...
+        import pickle
+        why = ("it holds objects other than tensors, numbers, strings, lists and dicts (a "
+               "pickle that could run code: refused, nothing in it ran)"
+               if isinstance(exc, pickle.UnpicklingError) else
+               f"damaged or not a torch.save file ({type(exc).__name__})")
+        raise ValueError(f"{path}: not an offload_ema Averager state file: {why}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{path}: not an offload_ema Averager state_dict (format {FORMAT})")
+    return state
 
 
 def export(schedule, engine, layout, strategy, live: bool) -> dict:
