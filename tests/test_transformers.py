@@ -302,3 +302,107 @@ def test_a_plain_trainer_picks_and_loads_the_best_checkpoints_average(tmp_path):
     for k, v in t.model.state_dict().items():
         torch.testing.assert_close(v.double(), refs_at[best][0][k], rtol=1e-5, atol=1e-6)
     cb.averager.close()
+
+
+class _Texts(torch.utils.data.Dataset):
+    """Token sequences of uneven lengths (2 to 11), padded per batch by ``_pad``."""
+
+    def __init__(self, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.items = [torch.randint(1, 50, (int(torch.randint(2, 12, (1,), generator=g)),),
+                                    generator=g) for _ in range(n)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.items[i]}
+
+
+def _pad(items):
+    """Right padding; padded labels are -100 (ignored), so batches hold unequal token counts."""
+    width = max(len(x["input_ids"]) for x in items)
+    ids = torch.zeros(len(items), width, dtype=torch.long)
+    labels = torch.full((len(items), width), -100)
+    mask = torch.zeros(len(items), width, dtype=torch.long)
+    for i, x in enumerate(items):
+        n = len(x["input_ids"])
+        ids[i, :n], labels[i, :n], mask[i, :n] = x["input_ids"], x["input_ids"], 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def _gpt2():
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16))
+
+
+class _SummedLoss(transformers.Trainer):
+    """A compute_loss of its own: summed token losses per sequence (not the model's mean)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        out = model(**inputs)
+        loss = nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1),
+                                           labels[:, 1:].flatten(), ignore_index=-100,
+                                           reduction="sum") / len(labels)
+        return (loss, out) if return_outputs else loss
+
+
+@pytest.mark.parametrize("trainer_cls,smoothing", [(transformers.Trainer, 0.0),
+                                                   (transformers.Trainer, 0.1),
+                                                   (_SummedLoss, 0.0)],
+                         ids=["plain", "label_smoothing", "own_compute_loss"])
+def test_eval_average_loss_is_the_trainers_eval_loss_of_a_model_holding_the_average(
+        tmp_path, trainer_cls, smoothing):
+    """eval_ema_loss is what the Trainer's own evaluate() reports as eval_loss for a model that
+    holds the average: its loss convention (GPT-2: the token count it divides by, batches of
+    uneven padding, a last batch of 1 of 3, label smoothing) or a subclass's compute_loss."""
+    cb, seen = AveragerCallback({"ema": oe.EMA(0.8)}, evaluate_with="ema"), []
+
+    class Keep(transformers.TrainerCallback):  # after the AveragerCallback: metrics are in
+        def on_evaluate(self, args, state, control, metrics=None, **kw):
+            seen.append((cb.averager.averaged_state_dict("ema"), dict(metrics)))
+
+    def args(out):
+        return transformers.TrainingArguments(
+            output_dir=str(out), max_steps=6, per_device_train_batch_size=4,
+            per_device_eval_batch_size=3, learning_rate=0.05, lr_scheduler_type="constant",
+            label_smoothing_factor=smoothing, report_to=[], use_cpu=True, logging_strategy="no",
+            eval_strategy="steps", eval_steps=3, save_strategy="no", dataloader_num_workers=0,
+            seed=0, data_seed=0, disable_tqdm=True)
+
+    t = trainer_cls(model=_gpt2(), args=args(tmp_path / "run"), train_dataset=_Texts(40, 1),
+                    eval_dataset=_Texts(10, 2), data_collator=_pad, callbacks=[cb, Keep()])
+    t.train()
+    t.evaluate()  # outside training too
+    cb.averager.close()
+    assert len(seen) == 3
+    for averaged, metrics in seen:
+        # The callback adds this one metric, under this name.
+        assert {k for k in metrics if "ema" in k} == {"eval_ema_loss"}
+        model = _gpt2()
+        model.load_state_dict(averaged)
+        ref = trainer_cls(model=model, args=args(tmp_path / "ref"), eval_dataset=_Texts(10, 2),
+                          data_collator=_pad).evaluate()
+        assert metrics["eval_ema_loss"] == pytest.approx(ref["eval_loss"], rel=1e-6, abs=1e-7)
+        assert metrics["eval_ema_loss"] != pytest.approx(metrics["eval_loss"], rel=1e-3)
+
+
+def test_eval_average_loss_outside_a_trainer_says_why_it_is_missing():
+    """on_evaluate called by something other than a Trainer holding the callback: the loss is
+    the Trainer's loop's, so without one it is not reported, and a warning says so."""
+    model = Reg()
+    cb = AveragerCallback({"ema": oe.EMA(0.9)}, evaluate_with="ema")
+    cb.averager = oe.Averager(model, cb.averages)
+    try:
+        cb.averager.step()
+        cb.averager.flush()
+        metrics = {"eval_loss": 1.0}
+        loader = torch.utils.data.DataLoader(Data(4, 2), batch_size=2)
+        with pytest.warns(UserWarning, match="eval_ema_loss is not reported.*not called by a "
+                                             "transformers.Trainer"):
+            cb.on_evaluate(None, None, None, metrics=metrics, model=model, eval_dataloader=loader)
+        assert metrics == {"eval_loss": 1.0}
+    finally:
+        cb.averager.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import warnings
 from typing import Mapping, Optional
 
@@ -109,7 +110,9 @@ class AveragerCallback(transformers.TrainerCallback):
     Args:
         averages (Mapping[str, EMA | LAWA]): as for :class:`offload_ema.Averager`.
         evaluate_with (str, optional): after each evaluation, also compute the evaluation loss
-            with this average swapped in; reported as ``eval_<name>_loss`` in the metrics.
+            with this average swapped in, by the Trainer's own evaluation loop over the same
+            batches (its ``compute_loss`` and loss convention, so it compares with
+            ``eval_loss``); reported as ``eval_<name>_loss`` in the metrics.
         save_every / save_path / keep_last: periodic snapshot files (``Averager.save_every``).
         save_pretrained (str, optional): with each Trainer checkpoint, also write this average
             as a model directory ``checkpoint-N/offload_ema-<name>`` that the model class's
@@ -265,25 +268,38 @@ class AveragerCallback(transformers.TrainerCallback):
         if not name or self.averager is None or not self.averager.ready(name) or \
                 eval_dataloader is None or metrics is None:
             return
-        total, count = 0.0, 0
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        with self.averager.swapped(model, name), torch.no_grad():
-            for batch in eval_dataloader:
-                batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
-                n = len(next(iter(batch.values())))
-                out = model(**batch)
-                total += float(out["loss"] if isinstance(out, dict) else out.loss) * n
-                count += n
-        model.train(was_training)
-        if world()[1] > 1:  # every rank evaluated its share: the loss over all of them
-            # (NCCL reduces CUDA tensors only, gloo CPU ones.)
-            comm = device if "nccl" in str(dist.get_backend()).lower() else torch.device("cpu")
-            sums = torch.tensor([total, float(count)], dtype=torch.float64, device=comm)
-            dist.all_reduce(sums)
-            total, count = float(sums[0]), int(sums[1])
-        metrics[f"eval_{name}_loss"] = total / max(count, 1)
+        trainer = self._calling_trainer()
+        if trainer is None:
+            warnings.warn(f"eval_{name}_loss is not reported: on_evaluate was not called by a "
+                          "transformers.Trainer holding this callback (its evaluation loop "
+                          "computes the loss)")
+            return
+        # The Trainer's own loop over the batches it has just evaluated, so the loss is its
+        # eval_loss convention (compute_loss, a subclass's included; num_items_in_batch; label
+        # smoothing; the per-example weighting and de-duplication across ranks) and the two
+        # losses compare. Loss only: no predictions gathered, no compute_metrics.
+        with self.averager.swapped(model, name):
+            out = trainer.evaluation_loop(eval_dataloader, f"Evaluation of the {name!r} average",
+                                          prediction_loss_only=True,
+                                          metric_key_prefix=f"eval_{name}")
+        loss = out.metrics.get(f"eval_{name}_loss")
+        if loss is not None:  # None: the batches have no labels (no eval_loss either)
+            metrics[f"eval_{name}_loss"] = loss
+
+    def _calling_trainer(self):
+        """The Trainer whose evaluate() is calling on_evaluate: callbacks are not handed it, so
+        it is the ``self`` of a frame up the stack, the first Trainer holding this callback."""
+        frame = sys._getframe(1)
+        try:
+            while frame is not None:
+                obj = frame.f_locals.get("self")
+                if isinstance(obj, transformers.Trainer) and \
+                        any(c is self for c in obj.callback_handler.callbacks):
+                    return obj
+                frame = frame.f_back
+            return None
+        finally:
+            del frame  # no reference cycle through the frames
 
 
 class AverageEvaluationMixin:
