@@ -1,6 +1,7 @@
 """The Hugging Face Trainer callback on a tiny local model: averages vs a float64 reference at
 the real optimizer steps, evaluation with the average swapped in, exact checkpoint resume."""
 import os
+import re
 
 import pytest
 import torch
@@ -406,3 +407,70 @@ def test_eval_average_loss_outside_a_trainer_says_why_it_is_missing():
         assert metrics == {"eval_loss": 1.0}
     finally:
         cb.averager.close()
+
+
+class _Planted:
+    """A pickle that runs code when loaded without weights_only: it creates ``path``."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        import pathlib
+        return pathlib.Path.touch, (pathlib.Path(self.path),)
+
+
+def _plant(state_file, marker):
+    """Replaces an averager state file by a state-shaped dict holding the planted pickle."""
+    torch.save({"format": 1, "averages": _Planted(marker)}, state_file)
+
+
+def test_the_saved_averager_state_loads_without_running_code(tmp_path):
+    """What the callback writes is tensors, numbers, strings, lists and dicts: it loads with
+    torch.load(weights_only=True), and resuming from it continues (the resume tests above)."""
+    cb = AveragerCallback(specs())
+    make_trainer(tmp_path, [cb], 4, save_strategy="steps", save_steps=4).train()
+    cb.averager.close()
+    state = torch.load(tmp_path / "checkpoint-4" / STATE_FILE, weights_only=True)
+    assert state["step"] == 4 and set(state["averages"]) == set(specs())
+
+
+def test_resuming_from_a_planted_averager_state_refuses_it_without_running_it(tmp_path):
+    first = AveragerCallback(specs())
+    make_trainer(tmp_path, [first], 6, save_strategy="steps", save_steps=3).train()
+    first.averager.close()
+    ckpt, marker = tmp_path / "checkpoint-3", tmp_path / "ran"
+    _plant(ckpt / STATE_FILE, marker)
+    resumed = AveragerCallback(specs())
+    t = make_trainer(tmp_path, [resumed], 6, save_strategy="steps", save_steps=3)
+    try:
+        with pytest.raises(ValueError, match=re.escape(f"{ckpt / STATE_FILE}: not an offload_ema "
+                                                       "Averager state file") + ".*refused, "
+                                             "nothing in it ran"):
+            t.train(resume_from_checkpoint=str(ckpt))
+    finally:
+        resumed.averager.close()
+    assert not marker.exists()
+
+
+def test_the_best_checkpoints_planted_averager_state_is_refused_without_running_it(tmp_path):
+    """load_best_model_at_end by the average's metric reads the best checkpoint's averager state
+    after the loop: a planted file there is refused, naming it, and nothing in it runs."""
+    cb, marker, planted = AveragerCallback(specs(), evaluate_with="ema"), tmp_path / "ran", []
+
+    class Plant(transformers.TrainerCallback):  # before the AveragerCallback's on_train_end
+        def on_train_end(self, args, state, control, **kw):
+            planted.append(os.path.join(state.best_model_checkpoint, STATE_FILE))
+            _plant(planted[0], marker)
+
+    t = make_trainer(tmp_path, [Plant(), cb], 6, eval_strategy="steps", eval_steps=3,
+                     save_strategy="steps", save_steps=3, load_best_model_at_end=True,
+                     metric_for_best_model="ema_loss", greater_is_better=False)
+    try:
+        with pytest.raises(ValueError, match="not an offload_ema Averager state file.*refused, "
+                                             "nothing in it ran") as refused:
+            t.train()
+    finally:
+        cb.averager.close()
+    assert planted and str(refused.value).startswith(f"{planted[0]}: ")
+    assert not marker.exists()

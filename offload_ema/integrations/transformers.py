@@ -23,7 +23,7 @@ except ImportError as exc:
 import torch
 import torch.distributed as dist
 
-from offload_ema import layout
+from offload_ema import layout, resume
 from offload_ema.averager import Averager
 from offload_ema.hooks import is_deepspeed_optimizer
 from offload_ema.integrations import check_callback_args, is_sharded, on_every_rank, world
@@ -205,7 +205,7 @@ class AveragerCallback(transformers.TrainerCallback):
         best = Averager(model, self.averages, **{**self.averager_kwargs, "fold": 1,
                                                   "staging_bytes": _REBUILD_STAGING})
         try:
-            on_every_rank(lambda: best.load_state_dict(torch.load(path, weights_only=False)),
+            on_every_rank(lambda: best.load_state_dict(resume.load_file(path)),
                           f"reading the best checkpoint's averager state {path}")
             if not best.ready(name):
                 return
@@ -227,7 +227,9 @@ class AveragerCallback(transformers.TrainerCallback):
                     f"processes than this run's {size}). Resume with as many processes as wrote "
                     "it: with sharded averages each rank holds, and reads back, its own share"
                     if found else "(was the checkpoint written with this callback?)"))
-        self.averager.load_state_dict(torch.load(path, weights_only=False))
+        # weights_only (resume.load_file): a checkpoint may come from elsewhere, and loading it
+        # must never run code from it; a file that asks to is refused, naming it.
+        self.averager.load_state_dict(resume.load_file(path))
 
     def on_save(self, args, state, control, **kwargs):
         # The Trainer calls on_save on every rank after its _save_checkpoint. Rank 0 may be the
