@@ -254,3 +254,75 @@ def test_keep_raw_logs_the_average_beside_the_raw_metrics(tmp_path):
     with pytest.raises(ValueError, match="list the AveragerCallback first"):
         pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                    enable_progress_bar=False, callbacks=[early, cb2]).fit(Logged(), data(), val)
+
+
+def _plain(value, where="state"):
+    """Asserts ``value`` holds only what torch.load(weights_only=True) reads without running
+    code: tensors, numbers, strings, None, lists / tuples and dicts of them."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            assert isinstance(k, (str, int)), f"{where}: key {k!r}"
+            _plain(v, f"{where}[{k!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _plain(v, f"{where}[{i}]")
+    else:
+        assert value is None or isinstance(value, (torch.Tensor, bool, int, float, str)), \
+            f"{where}: {type(value).__name__}"
+
+
+def test_resume_from_a_checkpoint_loaded_with_weights_only(tmp_path):
+    """The callback's checkpoint state is plain data, so Lightning can load the checkpoint with
+    weights_only=True (nothing in it can run code) and the averages continue exactly."""
+    first, rec = AveragerCallback(specs()), Recorder()
+    t1 = trainer(10, [first, rec], limit_val_batches=0)
+    t1.fit(Tiny(), data())
+    _plain(first.state_dict())
+    ckpt = tmp_path / "ten.ckpt"
+    t1.save_checkpoint(ckpt)
+    first.averager.close()
+    (key,) = [k for k in torch.load(ckpt, weights_only=True)["callbacks"]
+              if k.startswith("offload_ema.")]
+
+    resumed, rec2 = AveragerCallback(specs()), Recorder()
+    rec2.ema, rec2.lawa, rec2.last = rec.ema, rec.lawa, 10
+    trainer(20, [resumed, rec2], limit_val_batches=0).fit(Tiny(), data(), ckpt_path=ckpt,
+                                                          weights_only=True)
+    assert resumed.averager.step_count == 20 and resumed.state_key == key
+    assert_matches(resumed.averager.averaged_state_dict("ema"), rec2.ema.avg, rtol=1e-6, atol=1e-7)
+    assert_matches(resumed.averager.averaged_state_dict("lawa"), rec2.lawa.avg, rtol=1e-6,
+                   atol=1e-7)
+    resumed.averager.close()
+
+
+class _Planted:
+    """A pickle that runs code when loaded without weights_only: it creates ``path``."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        import pathlib
+        return pathlib.Path.touch, (pathlib.Path(self.path),)
+
+
+def test_a_planted_pickle_in_the_callback_state_is_refused_without_running_it(tmp_path):
+    first = AveragerCallback(specs())
+    t1 = trainer(4, [first], limit_val_batches=0)
+    t1.fit(Tiny(), data())
+    ckpt, marker = tmp_path / "four.ckpt", tmp_path / "ran"
+    t1.save_checkpoint(ckpt)
+    first.averager.close()
+    c = torch.load(ckpt, weights_only=True)
+    (key,) = [k for k in c["callbacks"] if k.startswith("offload_ema.")]
+    c["callbacks"][key]["averager"]["averages"] = _Planted(marker)
+    torch.save(c, ckpt)
+    resumed = AveragerCallback(specs())
+    import pickle
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        trainer(8, [resumed], limit_val_batches=0).fit(Tiny(), data(), ckpt_path=ckpt,
+                                                       weights_only=True)
+    assert not marker.exists()
+    assert resumed.averager is None or resumed.averager.step_count == 0
+    if resumed.averager is not None:
+        resumed.averager.close()

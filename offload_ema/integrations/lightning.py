@@ -34,7 +34,10 @@ class AveragerCallback(pl.Callback):
 
     The Averager is built at fit start and attached to the optimizers: one snapshot per
     real optimizer step, so gradient accumulation and steps skipped by AMP are respected. Its
-    state is part of Lightning checkpoints, and a fit resumed from one continues exactly.
+    state is part of Lightning checkpoints, and a fit resumed from one continues exactly. That
+    state is plain data (tensors, numbers, strings, lists, dicts), so a checkpoint from elsewhere
+    can be loaded without running code from it: ``trainer.fit(..., ckpt_path=...,
+    weights_only=True)``.
 
     Under torch.distributed with sharded averages (DDP, FSDP2) each rank holds its own share,
     while Lightning writes rank 0's checkpoint only: saving a checkpoint therefore gathers every
