@@ -9,24 +9,51 @@ updated by the worker thread off the training step::
 
 The constructor, ``step``, ``copy_to``, ``store`` / ``restore``, ``state_dict`` /
 ``load_state_dict``, ``save_pretrained`` / ``from_pretrained``, ``get_decay``,
-``cur_decay_value`` and ``optimization_step`` behave as diffusers' (the same decay rule,
-``(1 + t) / (10 + t)`` or the warm-up ``1 - (1 + t / inv_gamma) ** -power``, clamped to
-``[min_decay, decay]``, and ``update_after_step``); ``to()`` and ``pin_memory()`` are accepted and
-change nothing (the average lives in host memory). Differences:
+``cur_decay_value``, ``optimization_step`` and ``shadow_params`` behave as diffusers' (the same
+decay rule, ``(1 + t) / (10 + t)`` or the warm-up ``1 - (1 + t / inv_gamma) ** -power``, clamped to
+``[min_decay, decay]``, and ``update_after_step``; a loaded or assigned average continues from its
+``optimization_step``; an ``nn.Module`` is accepted where diffusers accepts one, with its
+FutureWarning). Where a host-memory average updated by another thread cannot do what diffusers'
+does, the drop-in refuses with an error instead of differing silently. Differences:
 
-- ``step(parameters)`` averages the parameters given to its first call (diffusers' scripts pass
-  the training model's parameters every time; a later call's argument is not re-read, so the
-  per-step cost does not grow with the model's tensor count).
+- ``shadow_params`` is read, not held: each read waits for the pending updates and returns the
+  average now as float32 CPU tensors of their own, in parameter order (diffusers': the EMA's own
+  tensors, on its device and in the parameters' dtype, updated in place by every ``step``). A
+  list read earlier is a snapshot: later steps do not change it, and writing into its tensors does
+  not change the average. Assigning a list sets the average (as diffusers' assignment and
+  ``load_state_dict`` do); the idiom ``ema.shadow_params = [p.to(d) for p in ema.shadow_params]``
+  therefore changes nothing, as the average stays in host memory.
+- ``step(parameters)`` averages the parameters given to its first call. Later calls must pass the
+  same ones (diffusers' scripts pass the training model's every time); others raise ValueError
+  (diffusers would average them, position by position, into the same shadow values). The check
+  costs the same whatever the tensor count for the forms scripts use (``model.parameters()``,
+  the model, a list); see :meth:`EMAModel.step`.
+- The averaged set is fixed at the first ``step``: a parameter frozen then (``requires_grad=
+  False``) is reported with its current value, as diffusers' copy of it; unfreezing it later, or
+  freezing an averaged one, raises RuntimeError at a later step or read (diffusers would switch
+  between averaging and copying it), and so does a parameter replaced in the model by another
+  tensor (diffusers would average the new one). Save ``state_dict()`` before the change and load
+  it into a new EMAModel built after it: the average continues as diffusers' would.
+- ``to(device)`` and ``pin_memory()`` change nothing (the average lives in host memory, float32);
+  ``to(dtype=...)`` with another floating dtype raises (diffusers would keep its EMA in it).
 - ``step`` fences at once (on a GPU a stream wait, not a host wait). ``ema.attach(optimizer)``
   moves the fence to the optimizer's next step instead, so the copy also overlaps the next
   forward and backward.
-- Before the EMA's first update, ``copy_to`` writes the values the parameters had when the
-  EMAModel was built (before any ``step``) or their current values (after a ``step`` that did not
-  yet start the EMA, ``update_after_step``), as diffusers' shadow copy would hold.
+- Before the EMA's first update, reads give the values the parameters had when the EMAModel was
+  built (before any ``step``), the loaded or assigned values (until the next ``step``), or the
+  parameters' current values (after a ``step`` that did not yet start the EMA,
+  ``update_after_step``), as diffusers' shadow copy would hold.
+- ``from_pretrained`` runs no code from the directory's files: pickle weight files (``.bin``,
+  ``.pt``, ...) are first read with ``torch.load(weights_only=True)``; one holding anything but
+  tensors is refused with a ValueError naming it.
 """
 from __future__ import annotations
 
 import copy
+import inspect
+import os
+import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional
 
@@ -36,10 +63,52 @@ from torch import nn
 from offload_ema import resume
 from offload_ema.averager import Averager
 from offload_ema.averages import Decaying, check_int
+from offload_ema.layout import is_dtensor
 
 __all__ = ["EMAModel", "DiffusersDecay"]
 
 _NAME = "ema"
+# Parameters the step checks (requires_grad, still in the model), in turn: O(1) per step; a
+# change is found within len(parameters) / _CHECKS_PER_STEP steps (every read checks them all).
+_CHECKS_PER_STEP = 8
+# Files a model class's from_pretrained may unpickle (safetensors and JSON run no code).
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_PARAMETERS_CODE = nn.Module.parameters.__code__
+
+
+def _deprecated(message: str) -> None:
+    """diffusers' ``deprecate(..., standard_warn=False)``: the message as a FutureWarning, pointing
+    at the caller of the EMAModel method."""
+    warnings.warn(message, FutureWarning, stacklevel=3)
+
+
+def _module_of(parameters) -> Optional[nn.Module]:
+    """The module whose parameters ``parameters`` are, found without iterating them: the module
+    itself, or the module of a ``module.parameters()`` generator not started yet (its frame holds
+    ``self``). None for anything else (lists, generator expressions, ``filter``, ...)."""
+    if isinstance(parameters, nn.Module):
+        return parameters
+    frame = getattr(parameters, "gi_frame", None)
+    if frame is None or frame.f_code is not _PARAMETERS_CODE or \
+            inspect.getgeneratorstate(parameters) != inspect.GEN_CREATED:
+        return None
+    local = frame.f_locals
+    module = local.get("self")
+    return module if local.get("recurse") is True and isinstance(module, nn.Module) else None
+
+
+def _check_pickle(path: str) -> None:
+    """Raises ValueError naming ``path`` unless it is a ``torch.save`` file of tensors, numbers,
+    strings and containers (read with ``weights_only=True``: nothing in it runs)."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, RuntimeError (zip), EOFError, ...
+        import pickle
+        why = ("it holds objects other than tensors, numbers, strings, lists and dicts (a "
+               "pickle that could run code: refused, nothing in it ran)"
+               if isinstance(exc, pickle.UnpicklingError) else
+               f"damaged or not a torch.save file ({type(exc).__name__})")
+        raise ValueError(f"{path}: not loadable as model weights: {why}") from None
 
 
 @dataclass(frozen=True)
@@ -104,11 +173,20 @@ class EMAModel:
                  foreach: bool = False, model_cls: Optional[Any] = None,
                  model_config: Optional[Dict[str, Any]] = None, **kwargs):
         if isinstance(parameters, nn.Module):  # diffusers' deprecated form, same meaning
+            _deprecated("Passing a `torch.nn.Module` to `ExponentialMovingAverage` is deprecated. "
+                        "Please pass the parameters of the module instead.")
             parameters = parameters.parameters()
-            use_ema_warmup = True
-        decay = kwargs.pop("max_value", None) or decay
-        min_decay = kwargs.pop("min_value", None) or min_decay
-        kwargs.pop("device", None)  # host memory whatever was asked
+            use_ema_warmup = True  # as diffusers, for backwards compatibility
+        if kwargs.get("max_value") is not None:  # `is not None`, as diffusers: 0.0 counts
+            _deprecated("The `max_value` argument is deprecated. Please use `decay` instead.")
+            decay = kwargs["max_value"]
+        if kwargs.get("min_value") is not None:
+            _deprecated("The `min_value` argument is deprecated. Please use `min_decay` instead.")
+            min_decay = kwargs["min_value"]
+        kwargs.pop("max_value", None)
+        kwargs.pop("min_value", None)
+        if kwargs.pop("device", None) is not None:
+            _deprecated("The `device` argument is deprecated. Please use `to` instead.")
         if kwargs:
             raise TypeError(f"EMAModel got unexpected arguments: {', '.join(sorted(kwargs))}")
         params = list(parameters)
@@ -123,12 +201,21 @@ class EMAModel:
         self.cur_decay_value: Optional[float] = None
         self.temp_stored_params: Optional[List[torch.Tensor]] = None
         self._spec()  # bad arguments fail here, naming them
-        # diffusers' shadow copy as built: what copy_to writes before any step (then dropped).
-        self._initial: Optional[List[torch.Tensor]] = [p.detach().to("cpu", copy=True)
-                                                       for p in params]
+        # diffusers' shadow values where the Averager does not hold them: as built (before the
+        # first step), or as loaded / assigned (until the next step). What reads report then;
+        # the first step seeds the Averager with them.
+        self._shadow: Optional[List[torch.Tensor]] = [_host(p) for p in params]
+        self._exact: Optional[dict] = None  # a loaded Averager state, applied at the first step
+        self._exact_or_shadow = False  # loaded with shadow values: those, if it does not fit
         self._averager: Optional[Averager] = None
         self._stepped: Optional[_Params] = None
-        self._seed: Optional[List[torch.Tensor]] = None  # load_state_dict's shadow values
+        self._built: Optional[DiffusersDecay] = None  # the Averager's settings
+        self._params: List[nn.Parameter] = []    # the first step's parameters, averaged
+        self._grad: List[bool] = []              # their requires_grad then
+        self._homes: Optional[List[Any]] = None  # (module, attr) holding each, where known
+        self._names: List[str] = []              # their names in that model, where known
+        self._next_check = 0                     # the next one the step's check looks at
+        self._modules = weakref.WeakSet()        # modules whose parameters() are self._params
         self._optimizers: List[Any] = []
         self._fence_handles: List[Any] = []
 
@@ -145,11 +232,41 @@ class EMAModel:
 
     @torch.no_grad()
     def step(self, parameters: Iterable[torch.nn.Parameter]) -> None:
+        """diffusers' ``step``: counts an optimization step and averages ``parameters``.
+
+        The first call fixes the parameters averaged. Later calls are checked to pass the same
+        ones without iterating them where that is possible, so the training thread's cost does not
+        grow with the tensor count: ``model`` or ``model.parameters()`` (identified by the module,
+        compared in full the first time a module is seen), a list or tuple (its length and its
+        first, middle and last tensors). Another iterable (a generator expression, ``filter``) is
+        read into a list first, as diffusers' ``step`` reads it, then checked as a list. Each step
+        also checks a few parameters in turn (every read checks all) for a changed
+        ``requires_grad`` and, once a step got the model (``model`` or ``model.parameters()``),
+        for a parameter replaced in it (``module.weight = nn.Parameter(...)``,
+        ``load_state_dict(assign=True)``); with lists alone, a replaced parameter is noticed only
+        at their first, middle or last position.
+
+        Raises:
+            ValueError: other parameters than the first call's (the step is not counted).
+            RuntimeError: a parameter frozen, unfrozen or replaced in the model since the first
+                call (see the module doc; the step is not counted).
+        """
+        if isinstance(parameters, nn.Module):
+            _deprecated("Passing a `torch.nn.Module` to `ExponentialMovingAverage.step` is "
+                        "deprecated. Please pass the parameters of the module instead.")
         if self._averager is None:
             self._start(parameters)
+        else:
+            self._check_same(parameters)
+            self._check_params(_CHECKS_PER_STEP)
+        try:
+            self._averager.step(fence=not self._optimizers)
+        except Exception as exc:  # a frozen parameter the worker found: say it in our terms
+            self._check_params(None, cause=exc)
+            raise
+        self._shadow = None  # the step replaced diffusers' shadow values by the average's
         self.optimization_step += 1
         self.cur_decay_value = self.get_decay(self.optimization_step)
-        self._averager.step(fence=not self._optimizers)
 
     def attach(self, *optimizers: torch.optim.Optimizer) -> "EMAModel":
         """offload_ema's addition: fence before each step of these optimizers instead of in
@@ -165,6 +282,20 @@ class EMAModel:
         self._fence_handles += [opt.register_step_pre_hook(fence) for opt in optimizers]
         self._optimizers += list(optimizers)
         return self
+
+    @property
+    def shadow_params(self) -> List[torch.Tensor]:
+        """The average now, one float32 CPU tensor per parameter in parameter order, after the
+        pending updates are applied. Copies: later steps do not change them and writing into them
+        does not change the average; assign a list to set it (see the module doc). Each read
+        copies the whole average: read it once into a variable, not once per tensor."""
+        return self._values()
+
+    @shadow_params.setter
+    def shadow_params(self, values: List[torch.Tensor]) -> None:
+        self._set_shadow(values)
+        if self._averager is not None:
+            self._seed(self._shadow)
 
     def copy_to(self, parameters: Iterable[torch.nn.Parameter]) -> None:
         values = self._values()
@@ -188,7 +319,13 @@ class EMAModel:
         self.temp_stored_params = None
 
     def to(self, device=None, dtype=None, non_blocking: bool = False) -> None:
-        """Accepted for compatibility: the average stays in host memory, in float32."""
+        """Accepted for compatibility: the average stays in host memory, in float32. Another
+        floating dtype is refused: diffusers would keep (and update) its EMA in that dtype."""
+        if dtype is not None and torch.empty((), dtype=dtype).is_floating_point() and \
+                dtype != torch.float32:
+            raise ValueError(f"EMAModel.to(dtype={dtype}): diffusers' EMAModel would keep its "
+                             "EMA in that dtype from now on; offload_ema's keeps it in float32 in "
+                             "host memory (it costs no GPU memory). Call to() without a dtype")
 
     def pin_memory(self) -> None:
         """Accepted for compatibility: staging is pinned already where it matters (GPUs)."""
@@ -203,11 +340,15 @@ class EMAModel:
                "power": self.power, "shadow_params": self._values()}
         if self._averager is not None:
             out["offload_ema"] = self._averager.state_dict()
-        elif isinstance(self._seed, dict):  # loaded, not yet stepped: handed on as it came
-            out["offload_ema"] = self._seed
+        elif self._exact is not None:  # loaded, not yet stepped: handed on as it came
+            out["offload_ema"] = self._exact
         return out
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """diffusers' ``load_state_dict``: settings, ``optimization_step`` and ``shadow_params``
+        (each optional); the average continues from them at ``optimization_step``, as
+        diffusers' does. This class's exact state (``offload_ema``) is used where it matches
+        them; otherwise the shadow values are."""
         state_dict = copy.deepcopy(state_dict)
         for key, kind in (("decay", (float, int)), ("min_decay", (float, int)),
                           ("optimization_step", int), ("update_after_step", int),
@@ -219,35 +360,35 @@ class EMAModel:
                     raise ValueError(f"Invalid {key}: {value!r}")
                 setattr(self, key, value)
         self._spec()
-        exact = state_dict.get("offload_ema")
         shadow = state_dict.get("shadow_params")
-        if shadow is not None and not isinstance(shadow, list):
-            raise ValueError("shadow_params must be a list")
-        if self._averager is not None and \
-                self._averager.state_dict()["averages"][_NAME]["config"] != self._spec().config():
-            # New settings: a new Averager on the same parameters, which keeps the average so far
-            # unless the state brings one.
-            kept = self._averager.state_dict()
-            kept["averages"][_NAME]["config"] = self._spec().config()
-            params = list(self._stepped.params)
-            self._averager.close()
-            self._averager = None
-            self._build(params)
-            if exact is None and shadow is None:
-                self._averager.load_state_dict(kept)
-        if exact is not None and self._averager is not None:
-            self._averager.load_state_dict(exact)
-            self._seed = None
-        elif exact is not None:
-            self._seed = exact  # applied when step() builds the Averager
-            if shadow is not None:  # what copy_to / state_dict report until then
-                self._initial = [t.detach().to("cpu", copy=True) for t in shadow]
-        elif shadow is not None:
-            self._seed = [t.detach().to("cpu", torch.float32, copy=True) for t in shadow]
-            if self._averager is not None:
-                self._apply_seed()
-            else:  # what copy_to writes until the first step
-                self._initial = [t.detach().to("cpu", copy=True) for t in shadow]
+        if shadow is not None:
+            self._set_shadow(shadow)
+        exact = state_dict.get("offload_ema")
+        if exact is not None and not self._matches(exact):
+            if shadow is None:
+                raise ValueError("state_dict['offload_ema'] was saved at another step or with "
+                                 "other settings than the state_dict's own, and it has no "
+                                 "shadow_params to continue from")
+            exact = None  # stale: the shadow values carry diffusers' state
+        if self._averager is None:
+            if exact is not None or shadow is not None:  # the newest state wins
+                self._exact, self._exact_or_shadow = exact, shadow is not None
+            return
+        if self._built != self._spec():  # new settings: a new Averager, the values so far
+            self._shadow = self._values(check=False)
+            self._rebuild()
+        if exact is not None:
+            try:
+                self._averager.load_state_dict(exact)
+                self._shadow = None
+                return
+            except ValueError:  # another model's (e.g. other parameters frozen then)
+                if shadow is None:
+                    raise
+        # A diffusers-style state (or settings only: the values so far), at optimization_step;
+        # reads give them until the next step, also where the EMA has not started.
+        self._shadow = self._values(check=False)
+        self._seed(self._shadow)
 
     def save_pretrained(self, path: str) -> None:
         if self.model_cls is None:
@@ -266,11 +407,20 @@ class EMAModel:
 
     @classmethod
     def from_pretrained(cls, path: str, model_cls, foreach: bool = False) -> "EMAModel":
+        """diffusers' ``from_pretrained``: the EMA saved by :meth:`save_pretrained`, continuing
+        at its ``optimization_step``. In a local directory, every pickle file (the weights a
+        model class may unpickle) is first read with ``weights_only=True``: one that holds
+        anything else raises ValueError naming it, and nothing in it runs."""
+        if os.path.isdir(path):
+            for name in sorted(os.listdir(path)):
+                full = os.path.join(path, name)
+                if name.endswith(_PICKLE_SUFFIXES) and os.path.isfile(full):
+                    _check_pickle(full)
         _, ema_kwargs = model_cls.from_config(path, return_unused_kwargs=True)
         model = model_cls.from_pretrained(path)
         ema = cls(model.parameters(), model_cls=model_cls, model_config=model.config,
                   foreach=foreach)
-        ema.load_state_dict(ema_kwargs)
+        ema.load_state_dict(ema_kwargs)  # the weights are the shadow values (see __init__)
         return ema
 
     # ---- offload_ema's side ---------------------------------------------------------------------
@@ -288,44 +438,185 @@ class EMAModel:
             self._averager.close()
 
     def _start(self, parameters) -> None:
-        params = list(parameters)
-        if self._initial is not None and len(params) != len(self._initial):
-            raise ValueError(f"step got {len(params)} parameters, EMAModel was built with "
-                             f"{len(self._initial)}")
+        """The first step: builds the Averager over ``parameters``, continuing from a loaded
+        state or from the shadow values at ``optimization_step``. Nothing changes on an error."""
+        module = _module_of(parameters)
+        params = list(module.parameters() if module is not None else parameters)
+        self._check_like_shadow(params, "step got")
         self._build(params)
+        try:
+            loaded = False
+            if self._exact is not None:
+                try:
+                    self._averager.load_state_dict(self._exact)
+                    loaded = True
+                except ValueError:  # another model's (e.g. other parameters frozen then)
+                    if not self._exact_or_shadow:
+                        raise
+            if not loaded and self.optimization_step > 0:  # resumed: continues at this step
+                self._seed(self._shadow)
+        except BaseException:
+            self._averager.close()
+            self._averager, self._stepped, self._params, self._grad = None, None, [], []
+            self._homes, self._names = None, []
+            raise
+        self._exact = None
+        if module is not None:
+            self._known(module)
 
     def _build(self, params: List[nn.Parameter]) -> None:
-        self._stepped = _Params(params)
+        stepped = _Params(params)
         # Not sharded: every process keeps the whole EMA, as diffusers' class does (its scripts
         # read it on the main process only, e.g. copy_to before saving the pipeline).
-        self._averager = Averager(self._stepped, {_NAME: self._spec()}, shard=False)
-        self._initial = None  # diffusers' construction-time copy: not needed any more
-        if self._seed is not None:
-            if isinstance(self._seed, dict):
-                self._averager.load_state_dict(self._seed)
-                self._seed = None
-            else:
-                self._apply_seed()
+        self._averager = Averager(stepped, {_NAME: self._spec()}, shard=False)
+        self._stepped, self._params, self._built = stepped, params, self._spec()
+        self._grad = [p.requires_grad for p in params]
 
-    def _apply_seed(self) -> None:
-        """Starts the EMA from diffusers-style shadow values: as if the snapshots of the steps
-        taken so far had given exactly these values."""
-        shadow, self._seed = self._seed, None
-        applied = max(0, self.optimization_step - self.update_after_step)
-        if applied == 0:
-            return  # the EMA has not started: its first snapshot initialises it
-        names = [f"params.{i}" for i in range(len(shadow))]
-        state = resume.seeded(self._averager.state_dict(), self._averager._layout, _NAME,
-                              dict(zip(names, shadow)), applied, self.optimization_step)
-        self._averager.load_state_dict(state)
+    def _rebuild(self) -> None:
+        """A new Averager with the current settings on the same parameters (its state is set
+        by the caller)."""
+        self._averager.close()
+        self._averager = None
+        self._build(self._params)
 
-    def _values(self) -> List[torch.Tensor]:
-        """The average per parameter (float32 CPU); before the EMA started, what diffusers'
-        shadow copy would hold."""
+    def _seed(self, values: List[torch.Tensor]) -> None:
+        """Sets the Averager to diffusers' state: ``values`` after the snapshots of steps
+        ``update_after_step + 1 .. optimization_step``, its step count at ``optimization_step``
+        (so the EMA starts when diffusers' does). Before the EMA started only the count matters:
+        the first snapshot initialises the average."""
         avg = self._averager
-        if avg is not None and avg.ready(_NAME):
+        applied = max(0, self.optimization_step - self.update_after_step)
+        names = [f"params.{i}" for i in range(len(values))]
+        state = resume.seeded(avg.state_dict(), avg._layout, _NAME, dict(zip(names, values)),
+                              applied, self.optimization_step)
+        if not applied:
+            state["averages"][_NAME]["last_step"] = 0  # no snapshot applied yet
+        avg.load_state_dict(state)
+
+    def _set_shadow(self, values) -> None:
+        """Checks ``values`` as diffusers' shadow values of this EMA's parameters (a list of
+        tensors, one per parameter, of their shapes) and keeps host float32 copies of them."""
+        if not isinstance(values, list):
+            raise ValueError("shadow_params must be a list")
+        if not all(isinstance(t, torch.Tensor) for t in values):
+            raise ValueError("shadow_params must all be Tensors")
+        self._check_like_shadow(values, "shadow_params has")
+        self._shadow = [_host(t) for t in values]
+
+    def _check_like_shadow(self, tensors, what: str) -> None:
+        ref = self._params or self._shadow
+        if len(tensors) != len(ref):
+            raise ValueError(f"{what} {len(tensors)} tensors, this EMAModel averages "
+                             f"{len(ref)} parameters")
+        for i, (t, r) in enumerate(zip(tensors, ref)):
+            if t.shape != r.shape:
+                raise ValueError(f"{what} a tensor of shape {list(t.shape)} at position {i}, the "
+                                 f"parameter there has shape {list(r.shape)}")
+
+    def _matches(self, exact) -> bool:
+        """Whether an Averager state is at this EMA's step, with its settings."""
+        try:
+            return exact["step"] == self.optimization_step and \
+                exact["averages"][_NAME]["config"] == self._spec().config()
+        except (TypeError, KeyError):
+            return False
+
+    def _check_same(self, parameters) -> None:
+        """Raises unless ``parameters`` are the first step's (see :meth:`step` for the cost)."""
+        module = _module_of(parameters)
+        if module is not None:
+            if module in self._modules:
+                return
+            given = list(module.parameters())  # a module not seen yet: compared in full, once
+            if len(given) == len(self._params) and \
+                    all(a is b for a, b in zip(given, self._params)):
+                self._known(module)
+                return
+        else:
+            given = parameters if isinstance(parameters, (list, tuple)) else list(parameters)
+            n = len(self._params)
+            if len(given) == n and all(given[i] is self._params[i] for i in (0, n // 2, n - 1)):
+                return
+        raise ValueError(
+            f"step() got other parameters than its first step() ({len(given)} tensors, "
+            f"{len(self._params)} averaged): offload_ema's EMAModel averages the parameters given "
+            "to its first step(), where diffusers' would average these into the same shadow "
+            "values. Pass the same parameters each step, or build a new EMAModel for others "
+            "(load_state_dict(old.state_dict()) continues the average)")
+
+    def _known(self, module: nn.Module) -> None:
+        """``module.parameters()`` are the averaged parameters: later steps may pass it without
+        a comparison; the first such module also tells where each parameter is held (the
+        step's check then notices one replaced in it) and its name."""
+        self._modules.add(module)
+        if self._homes is not None:
+            return
+        where = {}
+        for mod_name, sub in module.named_modules():
+            for attr, p in sub._parameters.items():
+                if p is not None and id(p) not in where:
+                    where[id(p)] = (sub, attr, f"{mod_name}.{attr}".lstrip("."))
+        homes = [where[id(p)] for p in self._params]
+        self._homes = [(sub, attr) for sub, attr, _ in homes]
+        self._names = [name for _, _, name in homes]
+
+    def _check_params(self, count: Optional[int], cause: Optional[BaseException] = None) -> None:
+        """Raises if a parameter's requires_grad changed since the first step, or (where the
+        model is known) the model holds another tensor in its place: ``count`` parameters in turn
+        (the step's O(1) share), or all (``None``: reads, and after a worker error)."""
+        n = len(self._params)
+        if count is None:
+            order = range(n)
+        else:
+            order = [(self._next_check + k) % n for k in range(min(count, n))]
+            self._next_check = (self._next_check + len(order)) % n
+        homes = self._homes
+        for i in order:
+            p = self._params[i]
+            if p.requires_grad != self._grad[i]:
+                self._raise_changed(i, "unfrozen" if p.requires_grad else "frozen", cause)
+            if homes is not None:
+                module, attr = homes[i]
+                now = module._parameters.get(attr)
+                if now is not p and not (is_dtensor(p) and now is not None and
+                                         not is_dtensor(now) and now.shape == p.shape):
+                    # (FSDP2 registers the gathered parameter between a forward and reshard.)
+                    self._raise_changed(i, "replaced", cause)
+
+    def _raise_changed(self, i: int, how: str, cause: Optional[BaseException]) -> None:
+        p = self._params[i]
+        name = f" ({self._names[i]!r})" if self._names else ""
+        what = {
+            "unfrozen": "unfrozen (requires_grad=True) after the EMAModel's first step: "
+                        "diffusers' EMAModel would average it from now on, offload_ema's reports "
+                        "it as it is",
+            "frozen": "frozen (requires_grad=False) after the EMAModel's first step: diffusers' "
+                      "EMAModel would copy it from now on, offload_ema's would go on averaging it",
+            "replaced": "replaced by another tensor in the model after the EMAModel's first "
+                        "step: diffusers' EMAModel would average the new one from now on, "
+                        "offload_ema's the old one"}[how]
+        raise RuntimeError(
+            f"parameter {i}{name} (shape {list(p.shape)}) was {what}. The averaged parameters "
+            "are fixed at the first step(): save ema.state_dict() before the change and load it "
+            "into a new EMAModel built after it") from cause
+
+    def _values(self, check: bool = True) -> List[torch.Tensor]:
+        """diffusers' shadow values now (float32 CPU copies): the loaded / assigned ones until
+        the next step, else the average, else (before the EMA started) the parameters."""
+        if self._shadow is not None:
+            return [t.clone() for t in self._shadow]
+        if check:
+            self._check_params(None)
+        avg = self._averager
+        if avg.ready(_NAME):
             sd = avg.averaged_state_dict(_NAME)
-            return [sd[f"params.{i}"] for i in range(len(self._stepped.params))]
-        if avg is not None and self.optimization_step > 0:  # update_after_step not reached
-            return [p.detach().to("cpu", torch.float32, copy=True) for p in self._stepped.params]
-        return [t.float() for t in self._initial]
+            return [sd[f"params.{i}"] for i in range(len(self._params))]
+        # update_after_step not reached: diffusers' shadow copies the parameters at each step.
+        return [_host(p) for p in self._params]
+
+
+def _host(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of ``t`` (float32 if floating): a shadow value as this class holds it."""
+    t = t.detach()
+    return t.to("cpu", torch.float32, copy=True) if t.is_floating_point() else \
+        t.to("cpu", copy=True)
