@@ -145,6 +145,32 @@ void mean_(at::Tensor& out, at::TensorList srcs) {
                [&](int64_t b, int64_t e) { kernel(o, ptrs.data(), dts.data(), m, b, e); });
 }
 
+// Copies srcs[i] into dsts[i] (non_blocking) with ``stream`` current, restoring the caller's
+// stream before returning. One call from Python: an interrupt (KeyboardInterrupt, delivered
+// between bytecodes) cannot land between the switch to the copy stream and the switch back,
+// as it can between the enter and exit of ``with torch.cuda.stream(...)``. A source with
+// starts[i] >= 0 is read as elements [starts[i], ends[i]) of its flattening; for a
+// non-contiguous tensor that is a kernel, run here on the copy stream, which orders it before
+// the copy that reads its output. Device-agnostic (c10::StreamGuard dispatches to the stream's
+// device), so this CPU-built extension serves CUDA streams once torch's CUDA library is loaded.
+void copy_on_stream(std::vector<at::Tensor> dsts, std::vector<at::Tensor> srcs,
+                    const std::vector<int64_t>& starts, const std::vector<int64_t>& ends,
+                    int64_t stream_id, int64_t device_index, int64_t device_type) {
+  TORCH_CHECK_VALUE(dsts.size() == srcs.size(), "dsts and srcs must have the same length, got ",
+                    dsts.size(), " and ", srcs.size());
+  TORCH_CHECK_VALUE(starts.size() == srcs.size() && ends.size() == srcs.size(),
+                    "starts and ends must have one entry per source, got ", starts.size(),
+                    " and ", ends.size(), " for ", srcs.size());
+  c10::StreamGuard guard(c10::Stream::unpack3(stream_id,
+                                              static_cast<c10::DeviceIndex>(device_index),
+                                              static_cast<c10::DeviceType>(device_type)));
+  at::NoGradGuard no_grad;
+  for (size_t i = 0; i < srcs.size(); ++i) {
+    if (starts[i] >= 0) srcs[i] = srcs[i].reshape(-1).slice(0, starts[i], ends[i]);
+  }
+  if (!dsts.empty()) at::_foreach_copy_(dsts, srcs, /*non_blocking=*/true);
+}
+
 }  // namespace
 }  // namespace oe
 
@@ -175,6 +201,10 @@ TORCH_LIBRARY_IMPL(offload_ema, CUDA, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "offload_ema C++ kernels; importing this module registers torch.ops.offload_ema.*";
+  m.def("copy_on_stream", &oe::copy_on_stream,
+        "Non-blocking copies srcs -> dsts with a given stream current (restored on return).",
+        py::arg("dsts"), py::arg("srcs"), py::arg("starts"), py::arg("ends"),
+        py::arg("stream_id"), py::arg("device_index"), py::arg("device_type"));
   m.def("get_num_threads", &oe::get_num_threads, "Threads a kernel call may use.");
   m.def("set_num_threads", &oe::set_num_threads, "Sets the threads a kernel call may use (>= 1).");
   m.def("isa", [] { return std::string(oe::isa_name(oe::active_isa())); },

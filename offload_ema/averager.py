@@ -84,6 +84,7 @@ class Averager:
         self._engine = Engine(self._layout, averages, staging_bytes, fold)
         self._writer = SnapshotWriter(self._engine, self._layout, self._strategy)
         self._hooks: Optional[OptimizerHooks] = None
+        self._model = weakref.ref(model)  # as given (a compiled / DDP wrapper: its forward hook)
         self._closed = False
         self._training_thread = threading.get_ident()
         # Dropped without close(): its threads stop and its staging is freed when it is
@@ -105,6 +106,11 @@ class Averager:
         DeepSpeed: pass the engine (``avg.attach(engine)``); a snapshot follows each real
         optimizer step (gradient-accumulation boundaries), none after an fp16 overflow.
 
+        Several optimizers: when GradScaler skips some of them (their own gradients were not
+        finite) but not all, the step still counts; its snapshot (what the others wrote) is
+        taken when the next step begins (the next optimizer step, or a forward of the model
+        given to the Averager, comes first), or at ``flush`` / a read on this thread.
+
         Raises:
             ValueError / RuntimeError: an optimizer updates tensors that are not the averaged
                 parameters (the model was moved, converted, sharded or re-created after the
@@ -114,7 +120,7 @@ class Averager:
         if self._hooks is not None:
             raise RuntimeError("this Averager is already attached; detach() first, then attach "
                                "every optimizer in one call")
-        self._hooks = step_hooks(self, optimizers, self._layout)
+        self._hooks = step_hooks(self, optimizers, self._layout, self._model())
         return self
 
     def detach(self) -> None:
@@ -151,6 +157,7 @@ class Averager:
     def flush(self) -> None:
         """Waits until every snapshot taken so far is applied; re-raises a worker error."""
         self._check_open()
+        self._settle_step()
         self._engine.flush()
         self._engine.raise_error()
         self._raise_save_error()
@@ -160,6 +167,8 @@ class Averager:
         hooks. Idempotent. Re-raises a worker or save error not reported yet."""
         if self._closed:
             return
+        with contextlib.suppress(Exception):  # (an error of the worker's: raised below)
+            self._settle_step()
         self._closed = True
         if self._hooks is not None:
             self._hooks.remove()
@@ -179,6 +188,12 @@ class Averager:
         else:  # do not mask the body's exception with a worker error
             with contextlib.suppress(Exception):
                 self.close()
+
+    def _settle_step(self) -> None:
+        """On the training thread: a training step whose snapshot waits for the next step to
+        begin (some of several optimizers skipped by GradScaler) is taken now."""
+        if self._hooks is not None and threading.get_ident() == self._training_thread:
+            self._hooks.settle()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -202,6 +217,7 @@ class Averager:
         """
         self._check_open()
         self._schedule.check_name(name)
+        self._settle_step()
         if not self._schedule.scheduled[name]:
             self._schedule.raise_no_snapshot(name)
         return self._writer.save(name, self._schedule.specs[name], path, self._schedule.step,
@@ -288,6 +304,7 @@ class Averager:
         self._check_open()
         self._schedule.check_name(name)
         self._layout.check_unchanged()
+        self._settle_step()
         values = self._engine.read(lambda: self._engine.copies(name))
         self._engine.raise_error()
         self._raise_save_error()

@@ -25,7 +25,9 @@ The engine's calls, in order, for one snapshot (asynchronous implementations)::
 from __future__ import annotations
 
 import contextlib
-from typing import List, Optional
+import ctypes
+import weakref
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -43,11 +45,21 @@ def _carved_bytes(sizes: List[int]) -> int:
     return sum(-(-n // 64) * 64 for n in sizes)
 
 
+def ranged(srcs: List[torch.Tensor], ranges: Optional[List[Tuple[int, int]]]) -> List[torch.Tensor]:
+    """``srcs`` with ``ranges[i] = (start, end)`` applied: elements [start, end) of the
+    flattening (start < 0: the tensor as it is). For a non-contiguous tensor this runs a kernel,
+    so call it where the copy that reads it runs."""
+    if ranges is None:
+        return srcs
+    return [s if lo < 0 else s.reshape(-1)[lo:hi] for s, (lo, hi) in zip(srcs, ranges)]
+
+
 class HostOps:
     """CPU training: the worker copies synchronously; nothing is deferred."""
 
     asynchronous = False
     pinned_nbytes = 0
+    claim_policy = "race"  # (no issuer thread on the host)
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -68,13 +80,16 @@ class HostOps:
     def is_capturing(self) -> bool:
         return False
 
-    def copy(self, stream, dsts: List[torch.Tensor], srcs: List[torch.Tensor]) -> None:
-        torch._foreach_copy_(dsts, srcs)
-
-    def stream_context(self, stream):
-        return contextlib.nullcontext()
+    def copy(self, stream, dsts: List[torch.Tensor], srcs: List[torch.Tensor],
+             ranges: Optional[List[Tuple[int, int]]] = None) -> None:
+        # The sources are detached aliases and staging needs no history: no grad mode to set
+        # (a ``with torch.no_grad()`` left by an interrupt would leave it off for training).
+        torch._foreach_copy_(dsts, ranged(srcs, ranges))
 
     def drain(self) -> None:
+        pass
+
+    def host_wait(self, event) -> None:
         pass
 
 
@@ -82,28 +97,32 @@ class CudaOps:
     """One CUDA device: the current stream is training's, a side stream carries the copies."""
 
     asynchronous = True
+    # Whoever comes first issues a whole snapshot's copies: the issuer thread or the fence.
+    claim_policy = "race"
 
     def __init__(self, device: torch.device):
         self.device = device
         self.side = torch.cuda.Stream(device)
         self.pinned_nbytes = 0
-        self._registered: Optional[torch.Tensor] = None
+        self._unregister: Optional[weakref.finalize] = None
 
     def alloc_host(self, sizes: List[int]) -> List[torch.Tensor]:
         """Page-locked host memory of exactly the bytes asked (plus 64-byte alignment): plain
-        host memory registered with cudaHostRegister. torch's pinned allocator would round the
-        request up to a power of two (a 14 GB snapshot pins 16 GB) and keep it cached after
-        close. Falls back to that allocator where registering fails."""
+        host memory registered with the driver's cuMemHostRegister. torch's pinned allocator
+        would round the request up to a power of two (a 14 GB snapshot pins 16 GB) and keep it
+        cached after close. The driver API, not cudaHostRegister: a failed runtime call is kept
+        as the runtime's last error, which torch's next unrelated kernel-launch check would
+        report as its own; the driver API sets no such state. Falls back to torch's allocator
+        where registering fails."""
         total = _carved_bytes(sizes)
         base = torch.empty(total, dtype=torch.uint8)
-        try:
-            with torch.cuda.device(self.device):  # the context the registration belongs to
-                err = torch.cuda.cudart().cudaHostRegister(base.data_ptr(), total, 0)
-            ok = int(err) == 0
-        except (AttributeError, RuntimeError, TypeError):
-            ok = False
-        if ok:
-            self._registered = base
+        with torch.cuda.device(self.device):  # its primary context current on this thread
+            torch.cuda.current_stream(self.device)  # (initialises CUDA on this device)
+            ctx = _driver_register(base.data_ptr(), total) if total else None
+        if ctx is not None:
+            # Unregistered before the memory can be freed: on close, or when this object is
+            # collected unclosed (the finalizer holds ``base``, so the memory outlives it).
+            self._unregister = weakref.finalize(self, _driver_unregister, base, ctx)
             self.pinned_nbytes = total
         else:
             base = torch.empty(total, dtype=torch.uint8, pin_memory=True)
@@ -112,9 +131,9 @@ class CudaOps:
 
     def free_host(self) -> None:
         """After the worker stopped (no copy into the memory can be pending any more)."""
-        base, self._registered = self._registered, None
-        if base is not None:
-            torch.cuda.cudart().cudaHostUnregister(base.data_ptr())
+        unregister, self._unregister = self._unregister, None
+        if unregister is not None:
+            unregister()
 
     def alloc_device(self, nbytes: int) -> torch.Tensor:
         """The pack buffer: device memory used by the side stream alone (allocated on it, so
@@ -145,14 +164,26 @@ class CudaOps:
     def stream_wait(self, stream, event) -> None:
         stream.wait_event(event)
 
-    def copy(self, stream, dsts: List[torch.Tensor], srcs: List[torch.Tensor]) -> None:
-        # One line: an interrupt cannot leave the training thread on the side stream.
-        with torch.cuda.stream(stream): torch._foreach_copy_(dsts, srcs, non_blocking=True)  # noqa: E701,E501
-
-    def stream_context(self, stream):
-        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+    def copy(self, stream, dsts: List[torch.Tensor], srcs: List[torch.Tensor],
+             ranges: Optional[List[Tuple[int, int]]] = None) -> None:
+        """Non-blocking copies issued on ``stream`` (the ranged sources' kernels too). Through
+        one C++ call that switches to the stream and back: an interrupt at any bytecode of the
+        training thread (the fence issues copies) cannot leave it on the side stream, as it can
+        between the enter and exit of ``with torch.cuda.stream(...)``."""
+        from offload_ema import ops
+        if ops._C is not None:
+            lo_hi = ranges or [(-1, -1)] * len(srcs)
+            ops._C.copy_on_stream(dsts, srcs, [r[0] for r in lo_hi], [r[1] for r in lo_hi],
+                                  stream.stream_id, stream.device_index, stream.device_type)
+            return
+        # Without the C++ extension (a pure-Python install): not safe against an interrupt
+        # between the two switches.
+        with torch.cuda.stream(stream), torch.no_grad():
+            torch._foreach_copy_(dsts, ranged(srcs, ranges), non_blocking=True)
 
     def drain(self) -> None:
+        """Waits for the side stream (the main stream's copies: the engine waits on its last
+        main-stream event)."""
         self.side.synchronize()
 
     def host_wait(self, event) -> None:
@@ -162,11 +193,53 @@ class CudaOps:
         return start.elapsed_time(done) / 1e3
 
 
+def _libcuda():
+    try:
+        return ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+
+
+def _driver_register(ptr: int, nbytes: int) -> Optional[int]:
+    """cuMemHostRegister(ptr, nbytes, 0) in the thread's current context: that context, or
+    None on any failure (no driver library, no current context, the call refused)."""
+    lib = _libcuda()
+    if lib is None:
+        return None
+    try:
+        ctx = ctypes.c_void_p()
+        if lib.cuCtxGetCurrent(ctypes.byref(ctx)) != 0 or not ctx.value:
+            return None
+        register = getattr(lib, "cuMemHostRegister_v2", None) or lib.cuMemHostRegister
+        register.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+        ok = register(ctypes.c_void_p(ptr), ctypes.c_size_t(nbytes), 0) == 0
+        return ctx.value if ok else None
+    except (AttributeError, OSError, ctypes.ArgumentError):
+        return None
+
+
+def _driver_unregister(base: torch.Tensor, ctx: int) -> None:
+    """cuMemHostUnregister in the context that registered ``base`` (made current for the call:
+    a collection or the exit may run on a thread without it). Best effort: at exit the context
+    may be gone, and then so is the registration."""
+    lib = _libcuda()
+    if lib is None:
+        return
+    try:
+        lib.cuCtxPushCurrent_v2.argtypes = [ctypes.c_void_p]
+        lib.cuMemHostUnregister.argtypes = [ctypes.c_void_p]
+        pushed = lib.cuCtxPushCurrent_v2(ctypes.c_void_p(ctx)) == 0
+        lib.cuMemHostUnregister(ctypes.c_void_p(base.data_ptr()))
+        if pushed:
+            lib.cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p()))
+    except (AttributeError, OSError, ctypes.ArgumentError):
+        pass
+
+
 def _thread_local_capture_mode() -> None:
     """cuThreadExchangeStreamCaptureMode(CU_STREAM_CAPTURE_MODE_THREAD_LOCAL) for this thread,
     as PyTorch does for its NCCL watchdog; best effort (the driver library may be named
     differently, or absent on a build without CUDA)."""
-    import ctypes
     try:
         mode = ctypes.c_int(1)  # CU_STREAM_CAPTURE_MODE_THREAD_LOCAL
         ctypes.CDLL("libcuda.so.1").cuThreadExchangeStreamCaptureMode(ctypes.byref(mode))

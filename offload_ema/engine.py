@@ -104,6 +104,13 @@ def _nothing() -> None:
     pass
 
 
+# Job.claim["by"]: who issues a whole-snapshot job's copies.
+FENCE, ISSUER, RELEASED = "fence", "issuer", "released"
+# Waits on another thread's work look up every WAIT_POLL seconds whether that thread is still
+# alive: a background thread that died must give an error, never a hang.
+WAIT_POLL = 0.05
+
+
 class CopyPlan:
     """How one chunk in one staging buffer is filled and read, built once at construction.
 
@@ -130,10 +137,9 @@ class CopyPlan:
         self.pack_bytes = 0
 
 
-def _live(part, flat: bool = True) -> torch.Tensor:
-    """The part's elements of the live tensor (this rank's shard under FSDP2), without autograd."""
-    t = local_tensor(part.entry.tensor).detach()
-    return t.reshape(-1)[part.start:part.end] if flat else t
+def _live(part) -> torch.Tensor:
+    """The part's elements of the storage a snapshot reads, flat (read in place on the host)."""
+    return part.entry.source.reshape(-1)[part.start:part.end]
 
 
 class AverageBuffers:
@@ -194,16 +200,20 @@ class Job:
         self.issued = threading.Event()  # every copy issued (async) / parameters read (host)
         self.taken = False  # set by the worker when it takes the job (read by recover)
         self.issue_error: Optional[BaseException] = None  # the issuer's, raised by the worker
-        # Whoever takes this first issues a whole-snapshot job's copies: the issuer thread, or
-        # the training thread when it fences before the issuer got to it (avg.step() fences at
-        # once: it issues inline rather than wait for a thread hand-off).
-        self.claim = threading.Lock()
+        # Who issues a whole-snapshot job's copies: the issuer thread, or the training thread
+        # when it fences before the issuer got to it (avg.step() fences at once: it issues
+        # inline rather than wait for a thread hand-off). Taken with one dict.setdefault (one
+        # atomic operation, and it records the winner): an interrupt at any bytecode after it
+        # leaves the claim readable, so the fence can hand it back (``RELEASED``) instead of
+        # leaving the issuer waiting for a copy nobody issues.
+        self.claim: Dict[str, str] = {}
         self.held: List[int] = []   # staging buffers this job holds
         self.schedule = None        # the schedule's state once this job was taken
-        # Sources of deferred copies, kept alive until the copy has completed: a parameter whose
-        # storage is replaced meanwhile (model.half(), load_state_dict(assign=True), FSDP2
-        # resharding) would otherwise return its block to the caching allocator, which can hand
-        # it to the main stream while the side stream still reads it.
+        # Sources resolved per copy (FSDP2 / ZeRO-3 parts, reshaped non-contiguous tensors),
+        # kept alive until the copy has completed: a shard whose storage is replaced meanwhile
+        # would otherwise return its block to the caching allocator, which can hand it to the
+        # main stream while the side stream still reads it. (Other sources are the layout's
+        # bound aliases, alive as long as the Averager.)
         self.sources: List[torch.Tensor] = []
         self.submitted = time.perf_counter()
         self.copy_s = 0.0
@@ -315,6 +325,7 @@ class Engine:
         self._stats: Dict[str, float] = collections.defaultdict(float)     # under _lock
         self.applied_schedule = None  # schedule state of the last job done      (under _lock)
         self._unfenced: Optional[Job] = None                                # training thread
+        self._last_main_event = None  # the last event the engine recorded on the main stream
         self._submitting: Optional[Job] = None                              # training thread
         self._last_queued_step = 0                                          # training thread
         self._queue: "queue.SimpleQueue" = queue.SimpleQueue()  # Job, callable, None (stop)
@@ -382,7 +393,9 @@ class Engine:
             return "direct"
         same = staged_dtype(part.entry.dtype) == part.entry.dtype  # no conversion on the way
         if self._inplace:  # the kernels read float32 / bfloat16 / float16 sources as they are
-            return "inplace" if same and nbytes >= INPLACE_MIN_BYTES else "direct"
+            src = part.entry.source  # (None: a shard, resolved per copy)
+            return "inplace" if (same and nbytes >= INPLACE_MIN_BYTES and src is not None and
+                                 src.is_contiguous()) else "direct"
         plain = part.whole and not is_sharded(t) and t.is_contiguous()
         return "pack" if (plain and same and self._pack_limit
                           and nbytes <= PACK_TENSOR_BYTES) else "direct"
@@ -391,9 +404,13 @@ class Engine:
         t = part.entry.tensor
         dst = flat[part.dst:part.dst + part.end - part.start]
         plan.dsts.append(dst.view(part.entry.shape) if part.whole else dst)
-        if part.whole and not is_sharded(t):
-            plan.srcs.append(t)  # the live tensor itself: in-place updates show through
-        else:  # a slice, an FSDP2 shard, a ZeRO-3 partition: taken afresh each time
+        src = part.entry.source  # the bound storage: in-place updates show through
+        if src is not None and part.whole:
+            plan.srcs.append(src)
+        elif src is not None and src.is_contiguous():
+            plan.srcs.append(src.reshape(-1)[part.start:part.end])  # a view, made once
+        else:  # a slice of a non-contiguous tensor (a copy: made per snapshot, on the copy's
+            # stream), an FSDP2 shard, a ZeRO-3 partition: taken afresh each time
             plan.dynamic.append((len(plan.srcs), part))
             plan.srcs.append(None)
 
@@ -407,7 +424,7 @@ class Engine:
             return
         # Offsets into the pack buffer now; the views are bound once it is allocated.
         for part in run:
-            plan.pack_srcs.setdefault(flat.dtype, []).append(part.entry.tensor)
+            plan.pack_srcs.setdefault(flat.dtype, []).append(part.entry.source)
             plan.pack_dsts.setdefault(flat.dtype, []).append(
                 (plan.pack_bytes + (part.dst - lo) * size, part.entry))
         plan.run_dsts.append(flat[lo:hi])
@@ -424,33 +441,33 @@ class Engine:
 
     def _copy(self, plan: CopyPlan, stream=None, job: Optional[Job] = None) -> None:
         """Issues the plan's copies into staging on ``stream`` (deferred when the device is
-        asynchronous; then ``job`` keeps the sources alive until the copy is done)."""
-        # No autograd nodes for FSDP2's to_local() or slices. On the copy's stream: reshape(-1)
-        # of a non-contiguous parameter (channels_last) runs a kernel whose output the copy
-        # reads; on another stream nothing would order the two. One line: an interrupt cannot
-        # leave grad mode off or the stream switched on the training thread.
-        with torch.no_grad(), self._ops.stream_context(stream): self._copy_plan(plan, stream, job)  # noqa: E701,E501
-
-    def _copy_plan(self, plan: CopyPlan, stream, job: Optional[Job]) -> None:
-        srcs = plan.srcs
+        asynchronous; then ``job`` keeps the sources alive until the copy is done). Changes no
+        thread state (grad mode, current stream) here: the fence runs this on the training
+        thread, where an interrupt may land between any two bytecodes."""
+        srcs, ranges = plan.srcs, None
         if plan.dynamic:
             srcs = list(srcs)
+            ranges = [(-1, -1)] * len(srcs)
             for i, part in plan.dynamic:
-                srcs[i] = _live(part, flat=not part.whole)
-        packs = plan.pack_srcs
-        if job is not None and self.asynchronous:
-            # Taken before the copy is issued, and the very tensors the copy reads: a storage
-            # swapped in between must not be freed while the deferred copy reads it.
-            srcs = [s.detach() for s in srcs]
-            packs = {dt: [t.detach() for t in ts] for dt, ts in packs.items()}
-            job.sources.extend(srcs)
-            for ts in packs.values():
-                job.sources.extend(ts)
+                e = part.entry
+                t = e.source if e.source is not None else local_tensor(e.tensor).detach()
+                if part.whole:
+                    srcs[i] = t
+                elif t.is_contiguous():
+                    srcs[i] = t.view(-1)[part.start:part.end]
+                else:  # a kernel: the device runs it on the copy's stream, before the copy
+                    srcs[i], ranges[i] = t, (part.start, part.end)
+                if job is not None and self.asynchronous:
+                    # The very tensor the deferred copy reads: a storage swapped meanwhile
+                    # must not be freed while the copy reads it.
+                    job.sources.append(t)
         try:
             for dt, dsts in plan.pack_dsts.items():  # device to device: one kernel per dtype
-                self._ops.copy(stream, dsts, packs[dt])
+                self._ops.copy(stream, dsts, plan.pack_srcs[dt])
             if plan.dsts or plan.run_dsts:
-                self._ops.copy(stream, plan.dsts + plan.run_dsts, srcs + plan.run_srcs)
+                self._ops.copy(stream, plan.dsts + plan.run_dsts, srcs + plan.run_srcs,
+                               None if ranges is None else
+                               ranges + [(-1, -1)] * len(plan.run_srcs))
         except RuntimeError as exc:
             self.layout.check_shapes(during_copy=True)  # says which tensor, if one changed
             raise RuntimeError(
@@ -466,8 +483,9 @@ class Engine:
         # Re-checks the real condition each time: a wake-up lost between wait() and clear()
         # costs at most the timeout.
         while self._tickets.empty() and self._error is None:
-            self._ticket_back.wait(0.05)
+            self._ticket_back.wait(WAIT_POLL)
             self._ticket_back.clear()
+            self._check_threads()
 
     def check_not_capturing(self) -> None:
         if self._ops.is_capturing():
@@ -501,35 +519,48 @@ class Engine:
 
     def recover(self, step: int) -> bool:
         """After ``submit`` (or the step around it) raised: whether the job of ``step`` reached
-        the worker. If it did not, what it held is given back and the fence forgets it."""
+        the worker. Either way the engine is left whole and idle: every job queued so far is
+        applied, an unqueued one is forgotten, and the tickets and staging buffers are all free
+        again (an interrupt between taking one and recording it, at any bytecode, loses none)."""
         job = self._submitting
-        if self._last_queued_step == step:
-            self._submitting = None
-            return True
-        if job is not None and self._unfenced is job:
-            # Past the line before the put: an interrupt between the put and the store after it
-            # (one line, two statements) leaves the job queued, unrecorded. Once a marker queued
-            # now has run on the worker, every job queued before it has been taken: the worker
-            # says whether this one was. (``_submitting`` is kept until decided: a second
-            # interrupt here leaves the decision to the next call.)
-            self.read(_nothing)
-            if job.taken:
-                self._last_queued_step = step
-                self._submitting = None
-                return True
-        self._submitting = None
-        if job is not None:
-            self._ops.drain()  # copies it issued may still read its sources / write its staging
-            self._free.extend(job.held)
-            job.held = []
-            if job.ticket is not None:
-                self._tickets.put(job.ticket)
-                job.ticket = None
-            self._ticket_back.set()
-            job.issued.set()
+        # Once this marker has run on the worker, every job queued before it has been taken,
+        # applied and released (held ones are folded first).
+        self.read(_nothing)
+        queued = self._last_queued_step == step or (job is not None and job.taken)
+        if job is not None and not job.taken:
+            # Never reached the worker: copies it issued (main stream: flags, buffers; side
+            # stream: the fence's) may still write its staging, which is reused next.
+            self._drain()
             if self._unfenced is job:
                 self._unfenced = None
-        return False
+            job.issued.set()
+        if queued:
+            self._last_queued_step = step
+        self._submitting = None
+        self._refill()
+        return queued
+
+    def _refill(self) -> None:
+        """Every ticket and staging buffer free again; only while no job is in flight (the
+        worker idle, nothing submitted since)."""
+        while True:
+            try:
+                self._tickets.get_nowait()
+            except queue.Empty:
+                break
+        for t in range(self.capacity):
+            self._tickets.put(t)
+        self._free.clear()
+        self._free.extend(range(self.n_staging))
+        self._ticket_back.set()
+
+    def _drain(self) -> None:
+        """Waits until no copy the engine issued can still run: the side stream's and the
+        training thread's on the main stream (module buffers, found_inf flags)."""
+        self._ops.drain()
+        event = self._last_main_event
+        if event is not None:
+            self._ops.host_wait(event)
 
     def _issue(self, job: Job) -> None:
         """The training thread's part of a snapshot: what must be ordered on the main stream."""
@@ -542,13 +573,13 @@ class Engine:
             # device's stream, which flag_event does not cover).
             flag = job.found_inf.detach().reshape(-1)[:1].to(self.layout.device, non_blocking=True)
             dev.copy(main, [self._flags[job.ticket:job.ticket + 1]], [flag])
-            job.flag_event = dev.record(main)
+            job.flag_event = self._last_main_event = dev.record(main)
         if self._buffer_plans:
             # Ordered after the optimizer step and before the next forward, which updates the
             # module buffers in place.
             self._copy(self._buffer_plans[job.ticket], main)
             if self.asynchronous:
-                job.buffers_event = dev.record(main)
+                job.buffers_event = self._last_main_event = dev.record(main)
         if not self._chunks:  # this rank averages no parameters (DDP): nothing to copy
             job.issued.set()
             return
@@ -571,14 +602,19 @@ class Engine:
         if job is None:
             return
         t0 = time.perf_counter()
-        if self._issuer_copies and job.ready_event is not None and \
-                job.claim.acquire(blocking=False):
-            try:  # not yet taken by the issuer: issued here, no hand-off
-                self._issue_copies(job, training_thread=True)
-            except BaseException:  # an interrupt: the issuer issues it from the start
-                job.claim.release()
+        if self._issuer_copies and job.ready_event is not None and self._ops.claim_policy != ISSUER:
+            try:  # the claim inside the try: an interrupt right after it is handled below
+                if job.claim.setdefault("by", FENCE) == FENCE and not job.issued.is_set():
+                    self._issue_copies(job)  # not yet taken by the issuer: no hand-off
+                    job.issued.set()
+            except BaseException:
+                # An interrupt or a failed issue: the issuer issues it from the start (a copy
+                # issued twice writes the same bytes).
+                if job.claim.get("by") == FENCE and not job.issued.is_set():
+                    job.claim["by"] = RELEASED
                 raise
-        job.issued.wait()  # issuer / chunked: the worker issues the copies; host: reads them
+        # Issuer / chunked: the worker issues the copies; host: the worker reads them.
+        self._wait_for(job.issued)
         if self.asynchronous and job.copy_event is not None:
             # Stream wait, not a host block: the next optimizer step's kernels queue behind the
             # copy; forward and backward before it already overlapped with it.
@@ -607,7 +643,7 @@ class Engine:
             finally:
                 done.set()
         self.run_after(call)
-        done.wait()
+        self._wait_for(done)
         ok, value = result[0]
         if not ok:
             raise value
@@ -619,6 +655,21 @@ class Engine:
         item, so this marker runs after all of them (and not after snapshots another thread
         submits meanwhile, which may be held until ``fold`` are)."""
         self.read(_nothing)
+
+    def _wait_for(self, event: threading.Event) -> None:
+        """``event.wait()``, raising instead of waiting forever if a thread that would set it
+        has stopped."""
+        while not event.wait(WAIT_POLL):
+            self._check_threads()
+
+    def _check_threads(self) -> None:
+        for thread in (self._thread, self._issuer):
+            if thread is not None and not thread.is_alive():
+                if self._closed:
+                    raise RuntimeError("this Averager's engine is closed")
+                raise RuntimeError(f"the Averager's {thread.name} thread stopped unexpectedly "
+                                   "(see the error it ended with); build a new Averager"
+                                   ) from self._error
 
     def stats(self) -> Tuple[Dict[str, float], int]:
         """(a copy of the counters, snapshots in flight), read together under the lock."""
@@ -676,14 +727,21 @@ class Engine:
         self._inbox.put(None)  # the issuer passes it on to the worker
         if threading.current_thread() in (self._thread, self._issuer):
             return  # a garbage collection on our own thread: it stops once this returns
-        self._thread.join()
+        forwarded = False
+        while self._thread.is_alive():
+            self._thread.join(WAIT_POLL)
+            if not forwarded and self._issuer is not None and not self._issuer.is_alive():
+                self._queue.put(None)  # the issuer died: nobody passes the stop on
+                forwarded = True
         if self._issuer is not None:
             self._issuer.join()
-        self._ops.drain()  # no copy may still write into the host memory freed below
-        self._plans.clear()
-        self._buffer_plans.clear()
-        self._staging, self._buffer_staging, self._flags, self._pack = [], [], None, None
-        self._ops.free_host()
+        try:
+            self._drain()  # no copy may still write into the host memory freed below
+        finally:
+            self._plans.clear()
+            self._buffer_plans.clear()
+            self._staging, self._buffer_staging, self._flags, self._pack = [], [], None, None
+            self._ops.free_host()
 
     # ---- reading the averages (worker idle, or on the worker) -------------------------------
     def applied(self, name: str) -> int:
@@ -749,64 +807,90 @@ class Engine:
         try:
             self._ops.thread_init()  # this device, the side stream, thread-local capture mode
         except BaseException as exc:  # reported by the worker; jobs are still passed on
-            with self._lock:
-                if self._error is None:
-                    self._error = exc
+            self._record_error(exc)
         while True:
             item = self._inbox.get()
-            if isinstance(item, Job) and item.ready_event is not None and self._issuer_copies:
-                # Unless the training thread issues it (then the worker needs its copy events
-                # first); if that was interrupted, it lets the claim go and this issues it.
-                while not item.issued.wait(0.001 if item.claim.locked() else 0):
-                    if item.claim.acquire(blocking=False):
-                        self._issue_copies(item)
+            try:
+                if isinstance(item, Job) and item.ready_event is not None and \
+                        self._issuer_copies:
+                    self._claim_and_issue(item)
+            except BaseException as exc:  # never ends this thread: the worker reports it
+                if isinstance(item, Job):
+                    item.issue_error = exc
+                    item.issued.set()
+                else:
+                    self._record_error(exc)
             self._queue.put(item)  # in the order received (run_after callables included)
             if item is None:
                 return
             item = None  # a job or callable may hold an Averager: not kept while idle
 
-    def _issue_copies(self, job: Job, training_thread: bool = False) -> None:
+    def _claim_and_issue(self, job: Job) -> None:
+        """Issues a whole-snapshot job's copies unless the training thread's fence does; if the
+        fence hands its claim back (interrupted), issues them from the start."""
+        if self._ops.claim_policy == FENCE:
+            # Deterministic tests: the fence issues whenever it comes before the next item
+            # (bounded: a training thread that never fences must not stall the engine).
+            deadline = time.monotonic() + 1.0
+            while "by" not in job.claim and self._inbox.empty() and not job.issued.is_set() \
+                    and time.monotonic() < deadline:
+                time.sleep(0.0005)
+        while not job.issued.is_set():
+            by = job.claim.setdefault("by", ISSUER)
+            if by == RELEASED:
+                job.claim["by"] = by = ISSUER  # only this thread takes a released claim
+            if by == ISSUER:
+                try:
+                    self._issue_copies(job)
+                except BaseException as exc:  # reaches the user through the worker
+                    job.issue_error = exc
+                job.issued.set()
+                return
+            job.issued.wait(0.001)  # the fence is issuing it (or gives it back)
+
+    def _issue_copies(self, job: Job) -> None:
         """One whole-snapshot job: the side stream waits for the optimizer step, then copies
-        the parameters into the job's staging buffer. On the issuer a failure reaches the user
-        through the worker, and the fence is released either way; on the training thread (the
-        fence) it is raised there, and the job left to the issuer."""
+        the parameters into the job's staging buffer. The caller sets ``job.issued``."""
         dev = self._ops
-        try:
-            if self._error is None:  # after a worker error nothing more is applied
-                buf = job.held[0]
-                dev.stream_wait(dev.side, job.ready_event)  # reads what the step wrote
-                start, done = self._copy_on_side(self._plans[(buf, 0)], job)
-                job.prepared = [(0, buf, start, done)]
-                job.copy_event = done
-        except BaseException as exc:
-            if training_thread:
-                raise
-            job.issue_error = exc
-        job.issued.set()
+        if self._error is None:  # after a worker error nothing more is applied
+            buf = job.held[0]
+            dev.stream_wait(dev.side, job.ready_event)  # reads what the step wrote
+            start, done = self._copy_on_side(self._plans[(buf, 0)], job)
+            job.prepared = [(0, buf, start, done)]
+            job.copy_event = done
+
+    def _record_error(self, exc: BaseException) -> None:
+        with self._lock:
+            if self._error is None:
+                self._error = exc
 
     # ---- worker thread ----------------------------------------------------------------------
     def _run(self) -> None:
-        self._ops.thread_init()
-        if _per_thread_intraop():
-            # The worker's own torch ops (staging copies) are small; run them on this thread
-            # instead of waking an OpenMP team that competes with training for the cores. The
-            # kernels use offload_ema's own threads.
-            torch.set_num_threads(1)
+        try:
+            self._ops.thread_init()
+            if _per_thread_intraop():
+                # The worker's own torch ops (staging copies) are small; run them on this
+                # thread instead of waking an OpenMP team that competes with training for the
+                # cores. The kernels use offload_ema's own threads.
+                torch.set_num_threads(1)
+        except BaseException as exc:  # nothing is applied; reads, flush and close are served
+            self._fail(exc)
         while True:
             item = self._queue.get()
-            if isinstance(item, Job):
-                self._take(item)
-                item = None  # a job or callable may hold an Averager: not kept while idle
-                continue
-            # A callable (a read, flush's marker) or the stop: the snapshots held for folding
-            # are applied first, so that it sees every snapshot submitted before it.
-            self._settle()
-            if item is None:
-                return
             try:
+                if isinstance(item, Job):
+                    self._take(item)
+                    continue
+                # A callable (a read, flush's marker) or the stop: the snapshots held for
+                # folding are applied first, so that it sees every snapshot submitted before it.
+                self._settle()
+                if item is None:
+                    return
                 item()
+            except BaseException as exc:  # never ends this thread: reads and close wait on it
+                self._fail(exc)
             finally:
-                # A run_after callable may hold its Averager: not kept while idle, or a
+                # A job or run_after callable may hold its Averager: not kept while idle, or a
                 # dropped Averager could never be collected (and this thread never end).
                 item = None
 
@@ -850,9 +934,7 @@ class Engine:
                 self._release(job)
 
     def _fail(self, exc: BaseException) -> None:
-        with self._lock:
-            if self._error is None:
-                self._error = exc
+        self._record_error(exc)
         # Copies of the job may still be running: its staging and sources are released next,
         # so wait for them first. A drain that fails as well (a sticky CUDA error: nothing runs
         # any more) must not end the worker: reads, flush and close wait on it.

@@ -23,9 +23,19 @@ def _compiler_disable(fn):
 class OptimizerHooks:
     """Step hooks on one or more optimizers over one model: the pre-hooks fence the last copy;
     once every optimizer has stepped, the post-hook takes the step's snapshot (with GradScaler's
-    ``found_inf`` when a fused optimizer carries one). Training thread only."""
+    ``found_inf`` when a fused optimizer carries one). Training thread only.
 
-    def __init__(self, averager, optimizers: Sequence[torch.optim.Optimizer], layout):
+    Several optimizers: GradScaler skips the step of an optimizer whose own gradients are not
+    finite (a non-fused one is then not called at all), so "every optimizer has stepped" may not
+    come. A training step that ended with some of them skipped is recognised when the next one
+    begins, before anything changes the parameters or buffers: at the model's next forward (a
+    forward pre-hook), or at the pre-hook of an optimizer that already stepped. Its snapshot is
+    taken then, holding what the optimizers that did step wrote; ``settle()`` takes it at once
+    (flush, reads and close on the training thread call it). With one optimizer a step is never
+    left pending, except by an interrupt in the post-hook: that step is not counted."""
+
+    def __init__(self, averager, optimizers: Sequence[torch.optim.Optimizer], layout,
+                 model: Optional[torch.nn.Module] = None):
         if not optimizers:
             raise TypeError("attach needs at least one optimizer")
         for i, opt in enumerate(optimizers):
@@ -37,24 +47,9 @@ class OptimizerHooks:
         me, expected = weakref.ref(averager), len(optimizers)
         stepped: Dict[int, Optional[torch.Tensor]] = {}
 
-        # Disabled for torch.compile: a compiled optimizer step runs the hooks eagerly instead of
-        # tracing the engine's lock, queue and timers into its graph.
-        @_compiler_disable
-        def pre_hook(opt, args, kwargs):
-            avg = me()
-            if avg is not None and not avg._closed:
-                avg.fence()
-
-        @_compiler_disable
-        def post_hook(opt, args, kwargs):
-            avg = me()
-            if avg is None or avg._closed:
-                return
-            stepped[id(opt)] = getattr(opt, "found_inf", None)  # set by GradScaler if fused
-            if len(stepped) < expected:
-                return
+        def take(avg) -> None:
             flags = [f for f in stepped.values() if isinstance(f, torch.Tensor)]
-            stepped.clear()
+            stepped.clear()  # (an interrupt after it: the step is not counted, wholly)
             found_inf = None
             if len(flags) == 1:
                 found_inf = flags[0]
@@ -62,10 +57,47 @@ class OptimizerHooks:
                 found_inf = torch.stack([f.reshape(-1)[0].to(flags[0].device) for f in flags]).sum()
             avg._step(False, found_inf)
 
+        # Disabled for torch.compile: a compiled optimizer step runs the hooks eagerly instead of
+        # tracing the engine's lock, queue and timers into its graph.
+        @_compiler_disable
+        def pre_hook(opt, args, kwargs):
+            avg = me()
+            if avg is None or avg._closed:
+                return
+            if stepped and id(opt) in stepped:
+                settle()  # the last training step: a new one begins with this optimizer
+            avg.fence()
+
+        @_compiler_disable
+        def post_hook(opt, args, kwargs):
+            avg = me()
+            if avg is None or avg._closed:
+                return
+            stepped[id(opt)] = getattr(opt, "found_inf", None)  # set by GradScaler if fused
+            if len(stepped) >= expected:
+                take(avg)
+
+        def settle() -> None:
+            avg = me()
+            if not stepped or avg is None or avg._closed:
+                return
+            if expected == 1:
+                stepped.clear()  # only an interrupt leaves it here: the step is not counted
+            else:
+                take(avg)
+
+        @_compiler_disable
+        def forward_hook(module, args):
+            settle()  # before this forward changes the module buffers
+
+        self.settle = settle
         self._handles = []
         for opt in optimizers:
             self._handles += [opt.register_step_pre_hook(pre_hook),
                               opt.register_step_post_hook(post_hook)]
+        if expected > 1:
+            target = model if model is not None else layout.model
+            self._handles.append(target.register_forward_pre_hook(forward_hook))
 
     def remove(self) -> None:
         for h in self._handles:
@@ -79,7 +111,7 @@ def is_deepspeed_optimizer(obj) -> bool:
         not isinstance(obj, torch.optim.Optimizer) and callable(getattr(obj, "step", None))
 
 
-def step_hooks(averager, targets: Sequence[object], layout):
+def step_hooks(averager, targets: Sequence[object], layout, model=None):
     """The hooks for what ``attach`` was given: torch optimizers, or one DeepSpeed engine (or
     its optimizer)."""
     from offload_ema.layout import is_deepspeed_engine
@@ -91,7 +123,7 @@ def step_hooks(averager, targets: Sequence[object], layout):
                              "attach needs the engine of a training run")
     if len(targets) == 1 and is_deepspeed_optimizer(targets[0]):
         return DeepSpeedHooks(averager, targets[0], layout, engine)
-    return OptimizerHooks(averager, targets, layout)
+    return OptimizerHooks(averager, targets, layout, model)
 
 
 class DeepSpeedHooks:
@@ -133,6 +165,9 @@ class DeepSpeedHooks:
 
         optimizer.step = step
         self._optimizer, self._step = optimizer, step
+
+    def settle(self) -> None:
+        """(Every DeepSpeed step is whole: nothing is ever left pending.)"""
 
     def remove(self) -> None:
         opt, self._optimizer = self._optimizer, None

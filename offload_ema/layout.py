@@ -96,6 +96,14 @@ class Entry:
     dtype: torch.dtype
     group: int
     offset: int  # first element in its group
+    # The storage a snapshot reads: bound once, when the Averager is built (a detached alias of
+    # the tensor). A snapshot then never depends on when its copy is issued: a parameter given
+    # new storage between the step and the copy (``p.data = ...``) cannot leak into that
+    # step's snapshot, and the old storage stays alive while a deferred copy reads it.
+    # check_model() refuses to go on once the model's tensor no longer uses it. None for
+    # FSDP2 / ZeRO-3 parts: FSDP2 may re-pad a local shard at its first forward, so those are
+    # resolved at each copy.
+    source: Optional[torch.Tensor] = None
 
     @property
     def numel(self) -> int:
@@ -175,7 +183,8 @@ class Layout:
                 by_id[id(t)].aliases.append(name)
                 continue
             lt = local_tensor(t)  # FSDP2: this rank averages its own shard of the tensor
-            e = Entry(name, [], t, lt.shape, lt.dtype, -1, 0)
+            e = Entry(name, [], t, lt.shape, lt.dtype, -1, 0,
+                      None if is_sharded(t) else t.detach())
             if not is_param:
                 buffer_ids.add(id(t))
             by_id[id(t)] = e
@@ -311,6 +320,10 @@ class Layout:
                     f"parameter {name!r} was frozen (requires_grad=False) after the Averager was "
                     "built: frozen parameters are not averaged; build a new Averager after "
                     "freezing")
+        for e in self.entries:  # (after the replaced ones: those have a message of their own)
+            if e.source is not None and (e.tensor.dtype != e.dtype or
+                                         e.tensor.data_ptr() != e.source.data_ptr()):
+                self._raise_storage_changed(e)
         for mod_name, module, n_params, n_buffers, n_modules in self._counts:
             if (len(module._parameters), len(module._buffers), len(module._modules)) != (
                     n_params, n_buffers, n_modules):
@@ -318,6 +331,20 @@ class Layout:
                     f"module {mod_name or '<root>'!r} gained or lost parameters, buffers or "
                     "submodules after the Averager was built (they would be missing from the "
                     "averages): build a new Averager for the changed model")
+
+    def _raise_storage_changed(self, e: Entry) -> None:
+        t = e.tensor
+        if t.dtype != e.dtype or t.device != self.device:
+            raise RuntimeError(
+                f"parameter {e.name!r} is now {t.dtype} on {t.device}, but was {e.dtype} on "
+                f"{self.device} when the Averager was built (model.double() / .half() / .to() "
+                "after building it?): build the Averager after moving or converting the model")
+        raise RuntimeError(
+            f"parameter {e.name!r} was given new storage after the Averager was built "
+            "(`p.data = ...`, `model.to(...)`, `load_state_dict(..., assign=True)`); the "
+            "averages would go on reading the old one. Build a new Averager for the changed "
+            "model, or change values in place (`with torch.no_grad(): p.copy_(new)`, after "
+            "avg.fence())")
 
     def check_optimizers(self, optimizers) -> None:
         """Raises unless the optimizers update exactly the averaged tensors' objects: an

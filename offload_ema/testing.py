@@ -58,12 +58,21 @@ class _CopyEngine:
         self._max_delay = max_delay
         self._queue: "queue.SimpleQueue" = queue.SimpleQueue()
         self._lock = threading.Lock()
+        self._stopped = False  # under _lock
         self.error = None
         self._thread = threading.Thread(target=self._run, name="lazy-copy-engine", daemon=True)
         self._thread.start()
 
     def enqueue(self, op) -> None:
-        self._queue.put(op)
+        with self._lock:
+            if not self._stopped:
+                self._queue.put(op)
+                return
+        # After the block: an Averager still open (closed later, at exit say) finds a device
+        # that runs each operation at once, after everything queued before it, instead of
+        # events that are never reached.
+        self._thread.join()
+        self._run_op(op)
 
     def _delay(self) -> float:
         with self._lock:
@@ -77,14 +86,19 @@ class _CopyEngine:
             if op is None:
                 return
             time.sleep(self._delay())
-            try:
-                op()
-            except BaseException as exc:  # a broken copy: reported by the next wait
-                if self.error is None:
-                    self.error = exc
+            self._run_op(op)
+
+    def _run_op(self, op) -> None:
+        try:
+            op()
+        except BaseException as exc:  # a broken copy: reported by the next wait
+            if self.error is None:
+                self.error = exc
 
     def stop(self) -> None:
-        self._queue.put(None)
+        with self._lock:
+            self._stopped = True
+            self._queue.put(None)
         self._thread.join()
 
 
@@ -94,9 +108,13 @@ class LazyOps:
     asynchronous = True
     pinned_nbytes = 0
 
-    def __init__(self, device: torch.device, engine: _CopyEngine):
+    def __init__(self, device: torch.device, engine: _CopyEngine, claim_policy: str = "race"):
         self.device = device
         self._engine = engine
+        # Who issues a whole snapshot's copies: "race" (as on a GPU: the issuer thread or the
+        # fence, whoever comes first), "fence" (the training thread's fence whenever it comes
+        # before the next item reaches the issuer) or "issuer" (the fence never issues).
+        self.claim_policy = claim_policy
         self.side = "side"
         # The main stream's work completes in host order here, unlike on a GPU, where a side
         # copy not ordered after the latest main-stream event could run before the optimizer
@@ -140,9 +158,10 @@ class LazyOps:
         else:  # a main-stream event: complete when recorded; a side one: in order anyway
             self._side_waited = max(self._side_waited, event.epoch)
 
-    def copy(self, stream, dsts: List[torch.Tensor], srcs: List[torch.Tensor]) -> None:
+    def copy(self, stream, dsts: List[torch.Tensor], srcs: List[torch.Tensor],
+             ranges=None) -> None:
         if stream == _MAIN:
-            torch._foreach_copy_(dsts, srcs)
+            torch._foreach_copy_(dsts, device_mod.ranged(srcs, ranges))
         else:
             if self._side_waited < self._main_epoch:
                 raise RuntimeError(
@@ -153,11 +172,8 @@ class LazyOps:
             # engine records no autograd history: grad mode is per thread, so set it here).
             def run():
                 with torch.no_grad():
-                    torch._foreach_copy_(dsts, srcs)
+                    torch._foreach_copy_(dsts, device_mod.ranged(srcs, ranges))
             self._engine.enqueue(run)
-
-    def stream_context(self, stream):
-        return contextlib.nullcontext()
 
     def drain(self) -> None:
         done = self.record(self.side)
@@ -173,20 +189,29 @@ class LazyOps:
 
 
 class _Factory:
-    def __init__(self, seed: int, max_delay: float):
+    def __init__(self, seed: int, max_delay: float, claim_policy: str):
         self.engine = _CopyEngine(seed, max_delay)
+        self.claim_policy = claim_policy
 
     def make(self, device: torch.device) -> LazyOps:
-        return LazyOps(device, self.engine)
+        return LazyOps(device, self.engine, self.claim_policy)
+
+
+CLAIM_POLICIES = ("race", "fence", "issuer")
 
 
 @contextlib.contextmanager
-def lazy_device(seed: int = 0, max_delay: float = 0.004):
+def lazy_device(seed: int = 0, max_delay: float = 0.004, claim_policy: str = "race"):
     """Averagers built on CPU models inside this block use the simulated copy engine (seeded
-    delays of up to ``max_delay`` seconds per queued operation). Close them inside the block."""
+    delays of up to ``max_delay`` seconds per queued operation). ``claim_policy`` decides who
+    issues a whole snapshot's copies ("race": as on a GPU; "fence" / "issuer": always that
+    side, for tests that must cover one path deterministically). Close the Averagers inside
+    the block; one left open finds a device that runs each operation at once afterwards."""
     if device_mod._override is not None:
         raise RuntimeError("lazy_device() blocks do not nest")
-    factory = _Factory(seed, max_delay)
+    if claim_policy not in CLAIM_POLICIES:
+        raise ValueError(f"claim_policy must be one of {CLAIM_POLICIES}, got {claim_policy!r}")
+    factory = _Factory(seed, max_delay, claim_policy)
     device_mod._override = factory
     try:
         yield factory

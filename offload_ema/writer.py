@@ -51,16 +51,21 @@ def _worker_threads():
 class SnapshotWriter:
     """Writes an Averager's snapshot files. ``save`` / ``save_every`` / ``due`` / ``unseen_error``
     / ``close`` are called by the training thread; the copies run on the engine's worker; files
-    are written by this writer's thread. Counters are guarded by ``_lock``."""
+    are written by this writer's thread. Counters are guarded by ``_lock``; the futures list is
+    the training thread's (appends from other threads are single atomic operations), so the step
+    path takes no lock (an interrupt at any bytecode cannot leave one held)."""
 
     def __init__(self, engine, layout: Layout, strategy):
         self._engine, self._layout, self._strategy = engine, layout, strategy
         self._queue: "queue.SimpleQueue" = queue.SimpleQueue()
-        self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
-        self._closed = False
-        self._futures: List[SnapshotFuture] = []  # not yet known to be fine        (under _lock)
+        self._closed = False  # under _lock
+        self._futures: List[SnapshotFuture] = []  # not yet known to be fine  (training thread)
         self._stats = {"saves_written": 0, "save_seconds": 0.0, "save_bytes": 0}  # under _lock
+        # Started now, not at the first save: that save's write may be handed over inside the
+        # exit's close, when Python 3.12.0-3.12.2 refuses to start a thread.
+        self._thread = threading.Thread(target=self._run, name="offload_ema-writer", daemon=True)
+        self._thread.start()
         self._dcp_seq = 0      # equal on every rank: the same saves in the same order
         self.periodic = None   # (every, Retention, names, dtype)                (training thread)
 
@@ -92,7 +97,7 @@ class SnapshotWriter:
             tag = f"{step}-{self._dcp_seq}"
         fut = SnapshotFuture(file_path)
         fut.set_running_or_notify_cancel()
-        with self._lock: self._futures.append(fut)  # noqa: E701 (see unseen_error)
+        self._futures.append(fut)
         # Buffers that are not averaged are taken now, on this thread: the next forward may
         # change them. Frozen parameters do not change: the worker copies them (under LoRA the
         # whole base model), not the training thread. Sharded, rank 0 writes them.
@@ -146,7 +151,7 @@ class SnapshotWriter:
         out_dir = os.path.abspath(os.fspath(out_dir))
         fut = SnapshotFuture(out_dir)
         fut.set_running_or_notify_cancel()
-        with self._lock: self._futures.append(fut)  # noqa: E701 (see unseen_error)
+        self._futures.append(fut)
         self._submit(fut, lambda: _write_pretrained(out_dir, model, values))
         return fut
 
@@ -193,22 +198,19 @@ class SnapshotWriter:
     def unseen_error(self) -> Optional[BaseException]:
         """The first error of a finished save that nobody has looked at (marked seen now); saves
         known to be done are forgotten."""
-        if not self._futures:  # every step asks: no lock when there is nothing to look at
+        if not self._futures:  # every step asks
             return None
-        # One line: an interrupt (the training thread's) cannot leave the lock held.
-        with self._lock: return self._take_unseen_error()  # noqa: E701
-
-    def _take_unseen_error(self) -> Optional[BaseException]:
-        keep, error = [], None
-        for fut in self._futures:
+        error = None
+        for fut in list(self._futures):  # a copy: a save on another thread may append
             if not fut.done():
-                keep.append(fut)
                 continue
             exc = None if fut.cancelled() else fut._exception_unseen()
             if exc is not None and error is None:
                 error = exc
                 fut.observed = True
-        self._futures = keep
+            elif exc is not None:
+                continue  # the next call reports it
+            self._futures.remove(fut)
         return error
 
     def stats(self) -> Dict[str, float]:
@@ -222,35 +224,36 @@ class SnapshotWriter:
             if self._closed:
                 return
             self._closed = True
-            thread = self._thread
-        if thread is None:
-            return
         self._queue.put(None)
-        if threading.current_thread() is not thread:
-            thread.join()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
 
     # ---- writer thread ----------------------------------------------------------------------
     def _submit(self, fut: SnapshotFuture, write: Callable[[], int]) -> None:
         with self._lock:
-            if self._closed:
+            if self._closed or not self._thread.is_alive():
                 fut.set_exception(RuntimeError("the snapshot writer is closed"))
                 return
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="offload_ema-writer",
-                                                daemon=True)
-                self._thread.start()
             self._queue.put((fut, write))
 
     def _run(self) -> None:
-        if self._layout.device.type == "cuda":
-            # torch.distributed.checkpoint's writer syncs the current CUDA stream: this device's,
-            # not device 0's (which would also get a context of this process).
-            torch.cuda.set_device(self._layout.device)
+        setup_error = None
+        try:
+            if self._layout.device.type == "cuda":
+                # torch.distributed.checkpoint's writer syncs the current CUDA stream: this
+                # device's, not device 0's (which would also get a context of this process).
+                torch.cuda.set_device(self._layout.device)
+        except BaseException as exc:  # every save fails with it: reported on the main thread
+            setup_error = exc
         while True:
             item = self._queue.get()
             if item is None:
                 return
             fut, write = item
+            if setup_error is not None:
+                fut.set_exception(RuntimeError(f"the snapshot writer thread could not start: "
+                                               f"{setup_error!r}"))
+                continue
             item = None  # write() may hold its Averager: not kept while idle (see close)
             t0 = time.perf_counter()
             try:

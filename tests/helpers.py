@@ -128,3 +128,33 @@ def load_bench_script(name):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def call_with_timeout(fn, timeout, what, abandon=()):
+    """``fn()`` on a daemon thread; fails the test (never hangs it) if it has not returned
+    after ``timeout`` seconds. ``abandon``: Averagers to leave to their daemon threads then, so
+    that the interpreter's exit does not wait on them either. Returns ``fn``'s result or
+    re-raises its exception."""
+    import threading
+
+    import pytest
+
+    from offload_ema import hooks
+
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the test's thread
+            out["error"] = exc
+    t = threading.Thread(target=run, daemon=True, name=f"test: {what}")
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        for avg in abandon:
+            hooks._open.discard(avg)
+        pytest.fail(f"{what} did not return within {timeout} s (hung)")
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")

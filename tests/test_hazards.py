@@ -178,6 +178,91 @@ def test_several_optimizers_count_as_one_step():
         assert_matches(avg.averaged_state_dict("ema"), ref.avg, rtol=1e-6, atol=1e-7)
 
 
+class TwoParts(nn.Module):
+    """Two halves trained by two optimizers; ``blow_up`` makes only the second half's
+    gradients non-finite (GradScaler then skips that optimizer alone)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 2)
+
+    def forward(self, x, blow_up=False):
+        h = torch.tanh(self.a(x))
+        out = self.b(h.detach())  # b's loss does not reach a's gradients
+        return h.pow(2).mean() + out.pow(2).mean() * (float("inf") if blow_up else 1.0)
+
+
+@pytest.mark.parametrize("order", ["a-then-b", "b-then-a"])
+@pytest.mark.parametrize("skipped", ["a", "b"])
+def test_several_optimizers_stay_aligned_when_grad_scaler_skips_one_of_them(order, skipped):
+    """GradScaler skips the step of the optimizer whose own gradients overflowed (a non-fused
+    one is not called at all): the snapshot of that step still follows the other optimizer's
+    update, and every later snapshot follows both (not one optimizer's step behind)."""
+    torch.manual_seed(0)
+    model = TwoParts()
+    opts = {"a": torch.optim.SGD(model.a.parameters(), lr=0.1, momentum=0.9),
+            "b": torch.optim.SGD(model.b.parameters(), lr=0.1, momentum=0.9)}
+    first, second = order.split("-then-")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    bad = {2, 5}
+    refs = {"ema": RefEMA(0.6), "lawa": RefLAWA(2)}
+    with oe.Averager(model, {"ema": oe.EMA(0.6), "lawa": oe.LAWA(2, every=1)}) as avg:
+        avg.attach(opts["a"], opts["b"])
+        for s in range(1, 10):
+            g = torch.Generator().manual_seed(s)
+            x = torch.randn(4, 6, generator=g)
+            if skipped == "a":  # a's gradients overflow: scale a's loss instead
+                loss = model(x) if s not in bad else (
+                    torch.tanh(model.a(x)).pow(2).mean() * float("inf")
+                    + model.b(torch.tanh(model.a(x)).detach()).pow(2).mean())
+            else:
+                loss = model(x, blow_up=s in bad)
+            scaler.scale(loss).backward()
+            before = {k: [p.detach().clone() for p in o.param_groups[0]["params"]]
+                      for k, o in opts.items()}
+            scaler.step(opts[first])
+            scaler.step(opts[second])
+            scaler.update()
+            for o in opts.values():
+                o.zero_grad()
+            moved = {k: any(not torch.equal(b, p) for b, p in
+                            zip(before[k], opts[k].param_groups[0]["params"])) for k in opts}
+            assert moved[skipped] == (s not in bad) and moved[
+                "b" if skipped == "a" else "a"], (s, moved)
+            for r in refs.values():
+                r.update(snapshot(model))
+        # The last step's snapshot is whole: flush (or any read here) takes a pending one.
+        avg.flush()
+        st = avg.stats()
+        assert st["step"] == 9 and st["snapshots_applied"] == 9
+        for name, ref in refs.items():
+            assert_matches(avg.averaged_state_dict(name), ref.avg, rtol=1e-6, atol=1e-7)
+
+
+def test_a_step_whose_second_optimizer_was_skipped_last_is_taken_by_a_read():
+    """The training loop ends on a step where GradScaler skipped one optimizer: the read takes
+    that step's snapshot (it waits for no later step)."""
+    torch.manual_seed(0)
+    model = TwoParts()
+    opt_a = torch.optim.SGD(model.a.parameters(), lr=0.1)
+    opt_b = torch.optim.SGD(model.b.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    ref = RefEMA(0.5)
+    with oe.Averager(model, {"ema": oe.EMA(0.5)}) as avg:
+        avg.attach(opt_a, opt_b)
+        for s in range(1, 4):
+            scaler.scale(model(torch.randn(4, 6), blow_up=s == 3)).backward()
+            scaler.step(opt_a)
+            scaler.step(opt_b)
+            scaler.update()
+            opt_a.zero_grad()
+            opt_b.zero_grad()
+            ref.update(snapshot(model))
+        assert_matches(avg.averaged_state_dict("ema"), ref.avg, rtol=1e-6, atol=1e-7)
+        assert avg.stats()["step"] == 3
+
+
 def test_attach_refuses_optimizers_that_do_not_update_the_averaged_tensors():
     model, _ = make()
     with oe.Averager(model, {"ema": oe.EMA(0.9)}) as avg:

@@ -13,18 +13,26 @@ from torch import nn
 import offload_ema as oe
 from offload_ema.testing import lazy_device
 from offload_ema import engine as engine_mod
-from helpers import RefEMA, RefLAWA, assert_matches, make, snapshot, train_step
+from helpers import (RefEMA, RefLAWA, assert_matches, call_with_timeout, make, snapshot,
+                     train_step)
 
 PKG = oe.__file__.rsplit("/", 1)[0]
 
 
+SIMULATED = oe.testing.__file__
+
+
 def _in_library(frame):
-    return frame.f_code.co_filename.startswith(PKG)
+    # The simulated copy engine stands for the driver and the GPU (C code, atomic for Python):
+    # no interrupt is injected there.
+    name = frame.f_code.co_filename
+    return name.startswith(PKG) and name != SIMULATED
 
 
 class InterruptAt:
-    """A tracer (this thread only) that counts the library's line events and raises
-    KeyboardInterrupt at the ``at``-th one (never, with at=None)."""
+    """A tracer (this thread only) that counts the library's bytecode instructions ("opcode"
+    events, so an interrupt can land between any two of them, not only between lines) and
+    raises KeyboardInterrupt at the ``at``-th one (never, with at=None)."""
 
     def __init__(self, at=None):
         self.at, self.count = at, 0
@@ -32,35 +40,62 @@ class InterruptAt:
     def __call__(self, frame, event, arg):
         if not _in_library(frame):
             return None
+        frame.f_trace_opcodes = True
+        frame.f_trace_lines = False
         return self._local
 
     def _local(self, frame, event, arg):
-        if event == "line":
+        if event == "opcode":
             self.count += 1
             if self.count == self.at:
-                raise KeyboardInterrupt(f"injected at line event {self.count}")
+                raise KeyboardInterrupt(f"injected at instruction {self.count}")
         return self._local
 
 
 SPECS = lambda: {"ema": oe.EMA(0.7), "lawa": oe.LAWA(2, every=1)}  # noqa: E731
 INTERRUPTED_STEP = 3
+# Each configuration is deterministic: the engine is idle (or, "busy", held full) when step 3
+# starts, and the lazy device's claim policy decides who issues a whole snapshot's copies: the
+# training thread's fence ("fence") or the issuer thread ("issuer").
+CONFIGS = {
+    "host": dict(device="host", on_busy="block"),
+    "lazy-fence-issues": dict(device="lazy", claim="fence", on_busy="block"),
+    "lazy-issuer-issues": dict(device="lazy", claim="issuer", on_busy="block"),
+    "lazy-busy-coalesce": dict(device="lazy", claim="fence", on_busy="coalesce", busy=True),
+}
 
 
-def _run_with_interrupt(at, on_busy="block", device="host"):
-    """Trains 5 steps; step 3's optimizer.step() is interrupted at the ``at``-th library line.
-    Returns the averages and both references (with and without step 3's snapshot), or raises
-    AssertionError when a later call hangs. ``device="lazy"``: on the simulated copy engine
-    (the asynchronous path: issuer thread, fence that may issue the copies itself)."""
-    if device == "lazy":
-        with lazy_device(seed=at or 0, max_delay=0.001):
-            return _run_with_interrupt(at, on_busy)
+def _run_with_interrupt(at, config):
+    """Trains 5 steps; step 3's optimizer.step() is interrupted at the ``at``-th library
+    instruction. Returns the averages, both references (with and without step 3's snapshot),
+    the instruction count and whether the interrupt landed; fails the test if anything hangs
+    (the whole run is on a thread of its own, with a timeout)."""
+    built = []
+    return call_with_timeout(lambda: _run(at, config, built), 60,
+                             f"a run interrupted at instruction {at}", abandon=built)
+
+
+def _run(at, config, built):
+    if config["device"] == "lazy":
+        with lazy_device(seed=at or 0, max_delay=0.0, claim_policy=config["claim"]):
+            return _run(at, dict(config, device="host"), built)
     model, opt = make()
-    avg = oe.Averager(model, SPECS(), on_busy=on_busy, buffers="average").attach(opt)
+    avg = oe.Averager(model, SPECS(), on_busy=config["on_busy"], buffers="average").attach(opt)
+    built.append(avg)
+    gate = threading.Event()
+    if config.get("busy"):
+        # The worker waits here: steps 1 and 2 take both tickets, so step 3 finds no staging.
+        avg._engine.run_after(lambda: gate.wait(20))
+        # Until step 3 is over, or until an interrupted step 3 waits for the worker to settle.
+        recover = avg._engine.recover
+        avg._engine.recover = lambda step: (gate.set(), recover(step))[1]
     with_refs = {"ema": RefEMA(0.7), "lawa": RefLAWA(2)}
     without_refs = {"ema": RefEMA(0.7), "lawa": RefLAWA(2)}
-    tracer, interrupted = None, False
+    tracer, interrupted, pending = None, False, 0
     for s in range(1, 6):
         if s == INTERRUPTED_STEP:
+            if not config.get("busy"):
+                avg.flush()  # idle: the same instructions run in every repeat
             tracer = InterruptAt(at)
             sys.settrace(tracer)
         try:
@@ -69,26 +104,29 @@ def _run_with_interrupt(at, on_busy="block", device="host"):
             interrupted = True
         finally:
             sys.settrace(None)
+        if s == INTERRUPTED_STEP and config.get("busy"):
+            gate.set()
+            avg.flush()
         snap = snapshot(model)
         snap.update({k: v.double().clone() for k, v in model.named_buffers()
                      if v.is_floating_point()})
-        for r in with_refs.values():
-            r.update(snap)
+        if s == INTERRUPTED_STEP and config.get("busy"):
+            pending = 1  # coalesced into the next snapshot (EMA) / dropped (LAWA)
+        else:
+            with_refs["ema"].update(snap, periods=1 + pending)
+            with_refs["lawa"].update(snap)
+            pending = 0
         if s != INTERRUPTED_STEP:
             for r in without_refs.values():
                 r.update(snap)
     result = {}
 
-    def later_calls():  # every later call must return (or raise a clear error), never hang
-        avg.flush()
-        result["avgs"] = {n: avg.averaged_state_dict(n) for n in SPECS()}
-        result["stats"] = avg.stats()
-        result["state"] = avg.state_dict()
-        avg.close()
-    t = threading.Thread(target=later_calls, daemon=True)
-    t.start()
-    t.join(30)
-    assert not t.is_alive(), f"the Averager hung after an interrupt at line event {at}"
+    # Every later call must return (or raise a clear error), never hang.
+    avg.flush()
+    result["avgs"] = {n: avg.averaged_state_dict(n) for n in SPECS()}
+    result["stats"] = avg.stats()
+    result["state"] = avg.state_dict()
+    avg.close()
     return result, with_refs, without_refs, tracer.count, interrupted
 
 
@@ -101,21 +139,21 @@ def _matches(got, refs):
         return False
 
 
-@pytest.mark.parametrize("on_busy,device", [("block", "host"), ("coalesce", "host"),
-                                            ("block", "lazy")])
-def test_an_interrupt_at_any_line_of_a_step_leaves_a_consistent_averager(on_busy, device):
-    _, _, _, lines, interrupted = _run_with_interrupt(None, on_busy, device)
-    assert not interrupted and lines > 20  # the library's lines during one optimizer.step()
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_an_interrupt_at_any_instruction_of_a_step_leaves_a_consistent_averager(config):
+    config = CONFIGS[config]
+    _, _, _, count, interrupted = _run_with_interrupt(None, config)
+    assert not interrupted and count > 200  # the library's instructions in one optimizer.step()
     outcomes = {"with": 0, "without": 0}
-    for at in range(1, lines + 1):
-        result, with_refs, without_refs, _, interrupted = _run_with_interrupt(at, on_busy, device)
-        assert interrupted, at
+    for at in range(1, count + 1):
+        result, with_refs, without_refs, seen, interrupted = _run_with_interrupt(at, config)
+        assert interrupted, f"instruction {at} of {count} not reached ({seen}): not deterministic"
         # The step's snapshot is in every average, or in none.
         if _matches(result["avgs"], with_refs):
             outcomes["with"] += 1
         else:
             assert _matches(result["avgs"], without_refs), \
-                f"interrupt at line event {at}: the averages hold part of step 3's snapshot"
+                f"interrupt at instruction {at}: the averages hold part of step 3's snapshot"
             outcomes["without"] += 1
         st = result["stats"]
         assert st["in_flight"] == 0
@@ -180,13 +218,19 @@ def _flat(weights):
 
 # ---- a model changed under the Averager ---------------------------------------------------------
 
-@pytest.mark.parametrize("change", ["replaced", "frozen", "added"])
+@pytest.mark.parametrize("change", ["replaced", "frozen", "added", "new storage", "converted"])
 def test_a_model_changed_after_construction_is_reported(change, tmp_path):
     model, opt = make()
     avg = oe.Averager(model, {"ema": oe.EMA(0.9)}).attach(opt)
     train_step(model, opt, 1)
     avg.fence()
-    if change == "replaced":
+    if change == "new storage":
+        model.fc2.weight.data = model.fc2.weight.detach().clone()
+        message = "'fc2.weight' was given new storage"
+    elif change == "converted":  # (model.double() gives every parameter new storage too)
+        model.double()
+        message = "'fc1.weight' is (now )?torch.float64"
+    elif change == "replaced":
         model.fc2.weight = nn.Parameter(model.fc2.weight.detach().clone())
         message = "'fc2.weight' was replaced by another tensor"
     elif change == "frozen":
@@ -208,6 +252,26 @@ def test_a_model_changed_after_construction_is_reported(change, tmp_path):
     with pytest.raises(RuntimeError, match="failed earlier"):
         train_step(model, opt, 3)
     avg.close()  # the error was reported: closing is quiet
+
+
+@pytest.mark.parametrize("who_issues", ["fence", "issuer"])
+def test_new_storage_between_the_step_and_its_copy_never_enters_the_snapshot(who_issues):
+    """``p.data = ...`` right after a step, before that step's copy is issued (the lazy
+    device's issuer holds it back): the snapshot must not take the new storage, and the next
+    call says the parameter has new storage, instead of averaging it silently."""
+    with lazy_device(seed=1, max_delay=0.0, claim_policy="fence"):
+        model, opt = make()
+        with oe.Averager(model, {"last": oe.LAWA(1, every=1)}) as avg:
+            avg.attach(opt)
+            train_step(model, opt, 1)
+            train_step(model, opt, 2)  # its copy waits for the next fence / read
+            model.fc2.weight.data = torch.full_like(model.fc2.weight, 7.0)
+            if who_issues == "fence":
+                avg.fence()  # the training thread issues step 2's copy now
+            with pytest.raises(RuntimeError, match="'fc2.weight' was given new storage"):
+                call_with_timeout(avg.flush, 30, "flush", abandon=[avg])
+            # Nothing with the new storage was applied.
+            assert avg.stats()["snapshots_applied"] == 1
 
 
 def test_an_unfenced_reshape_names_the_tensor_and_the_missing_fence(monkeypatch):
