@@ -33,12 +33,15 @@ def _dot(t_a, g_a, t_b, g_b):
 def solve_weights(times: Sequence[float], gammas: Sequence[float], target_time: float,
                   target_gamma: float) -> Tuple[np.ndarray, float]:
     """Least-squares weights of the stored profiles (``times`` since start, ``gammas``) for the
-    target profile, and the fit's relative residual ``||fit - target|| / ||target||``."""
+    target profile, normalised to sum to 1 as EDM2 does (every profile and the target integrate
+    to 1: a combination whose weights do not sum to 1 scales the synthesised weights), and the
+    fit's relative residual ``||fit - target|| / ||target||`` with those weights."""
     t = np.asarray(times, dtype=np.float64)[:, None]
     g = np.asarray(gammas, dtype=np.float64)[:, None]
     a = _dot(t, g, t.T, g.T)
     b = _dot(t[:, 0], g[:, 0], target_time, target_gamma)
     x = np.linalg.lstsq(a, b, rcond=None)[0]
+    x = x / x.sum()
     target_norm2 = _dot(target_time, target_gamma, target_time, target_gamma)
     err2 = max(float(x @ a @ x - 2 * x @ b + target_norm2), 0.0)
     return x, (err2 / target_norm2) ** 0.5
@@ -57,8 +60,9 @@ def posthoc_ema(paths: Sequence[str], sigma_rel: float, step: Optional[int] = No
 
     Raises:
         ValueError: a file that is not a power-EMA snapshot, files of different models (names,
-            shapes) or schedules (``start``), ``step`` beyond the stored ones, or ``sigma_rel``
-            out of range.
+            shapes) or schedules (``start``), a ``step`` at which no snapshot is stored (the
+            profiles end at their own steps: a profile ending in between is not spanned by
+            them, as in EDM2), or ``sigma_rel`` out of range.
     """
     if not paths:
         raise ValueError("paths must name at least one power-EMA snapshot")
@@ -79,11 +83,12 @@ def posthoc_ema(paths: Sequence[str], sigma_rel: float, step: Optional[int] = No
                              f"{start}: the profiles must share their start")
         if set(tensors) != set(first) or any(tensors[k].shape != first[k].shape for k in first):
             raise ValueError(f"{p} and {first_path} hold different tensors (names or shapes)")
-    last = max(meta["step"] for _, _, meta in loaded)
-    step = last if step is None else step
-    if not start < step <= last:
-        raise ValueError(f"step must be in ({start}, {last}] (after the start, at most the "
-                         f"latest stored snapshot), got {step}")
+    stored = sorted({meta["step"] for _, _, meta in loaded})
+    step = stored[-1] if step is None else step
+    if step not in stored or not step > start:
+        shown = ", ".join(map(str, stored[:8])) + (", ..." if len(stored) > 8 else "")
+        raise ValueError(f"step must be a step with a stored snapshot, after the start "
+                         f"({start}): one of {shown}; got {step}")
     times = [meta["step"] - start for _, _, meta in loaded]
     gammas = [meta["average"]["gamma"] for _, _, meta in loaded]
     x, residual = solve_weights(times, gammas, step - start, target_gamma)
