@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import string
 import threading
 from typing import Dict, List, Mapping, Optional, Tuple
@@ -35,6 +36,11 @@ __all__ = ["load_snapshot", "apply_snapshot", "SnapshotFuture"]
 
 FORMAT = "offload_ema.snapshot"
 _TMP_INFIX = ".tmp-"
+# Our temporaries: ".<final name>.tmp-<pid>-<n>@<host>". The host says whose pid it is: on a
+# disk shared by several machines (a multi-node run's ranks), only this machine can tell whether
+# the writer is gone. (Names without a host are from earlier versions: taken as this host's.)
+_TMP_NAME = re.compile(r"^\..+" + re.escape(_TMP_INFIX) + r"(\d+)-\d+(?:@(.+))?$")
+_HOST = socket.gethostname().replace("/", "_")
 _counter = itertools.count()
 _writing: set = set()  # this process's temporaries being written now
 _writing_lock = threading.Lock()
@@ -86,23 +92,38 @@ def _replace_atomically(path: str, write) -> None:
     flush and fsync what it writes."""
     path = os.path.abspath(path)
     directory, base = os.path.split(path)
-    tmp = os.path.join(directory, f".{base}{_TMP_INFIX}{os.getpid()}-{next(_counter)}")
+    tmp = _temporary(directory, base)
     with _writing_lock:
         _writing.add(tmp)
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, OSError):
+            raise _user_error(exc, path) from exc
         raise
     finally:
         with _writing_lock:
             _writing.discard(tmp)
     _fsync_dir(directory)  # the rename itself survives a crash
-    _remove_stale_temporaries(directory, base)
+    _remove_stale_temporaries(directory)
+
+
+def _temporary(directory: str, base: str) -> str:
+    return os.path.join(directory,
+                        f".{base}{_TMP_INFIX}{os.getpid()}-{next(_counter)}@{_HOST}")
+
+
+def _user_error(exc: OSError, path: str) -> OSError:
+    """``exc`` (met on one of our temporaries, named after it) told about the path the user
+    asked for."""
+    if exc.errno is None:
+        return OSError(f"cannot write {path}: {exc}")
+    return type(exc)(exc.errno, f"cannot write it: {exc.strerror}", path)
 
 
 def write_atomic(path: str, tensors: Mapping[str, torch.Tensor], meta: Dict[str, str]) -> int:
@@ -219,10 +240,12 @@ def write_directory(path: str, write) -> int:
     writers killed mid-write are removed too. Returns the bytes of the files written."""
     path = os.path.abspath(path)
     directory, base = os.path.split(path)
-    os.makedirs(directory, exist_ok=True)
-    _remove_stale_temporaries(directory, base)
-    tmp = os.path.join(directory, f".{base}{_TMP_INFIX}{os.getpid()}-{next(_counter)}")
-    old = os.path.join(directory, f".{base}{_TMP_INFIX}{os.getpid()}-{next(_counter)}")
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as exc:
+        raise _user_error(exc, path) from exc
+    _remove_stale_temporaries(directory)
+    tmp, old = _temporary(directory, base), _temporary(directory, base)
     with _writing_lock:
         _writing.update((tmp, old))
     try:
@@ -233,8 +256,10 @@ def write_directory(path: str, write) -> int:
         _fsync_dir(tmp)
         _put_directory(tmp, path, old)
         return nbytes
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise _user_error(exc, path) from exc
         raise
     finally:
         with _writing_lock:
@@ -269,15 +294,20 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def _remove_stale_temporaries(directory: str, base: str) -> None:
-    """Temporaries of this final name left by processes that no longer run (killed mid-write)."""
-    for tmp in glob.glob(os.path.join(glob.escape(directory), f".{glob.escape(base)}{_TMP_INFIX}*")):
-        m = re.search(re.escape(_TMP_INFIX) + r"(\d+)-\d+$", tmp)
-        if not m:
-            continue
-        pid = int(m.group(1))
+def _remove_stale_temporaries(directory: str) -> None:
+    """Our temporaries in ``directory``, of any final name (``save_every``'s names change with
+    the step), left by processes of this host that no longer run (killed mid-write)."""
+    try:
+        names = [e.name for e in os.scandir(directory) if e.name.startswith(".")]
+    except OSError:
+        return
+    for name in names:
+        m = _TMP_NAME.match(name)
+        if not m or (m.group(2) is not None and m.group(2) != _HOST):
+            continue  # not ours, or another machine's writer: only it knows whether it runs
+        pid, tmp = int(m.group(1)), os.path.join(directory, name)
         if pid != os.getpid() and _alive(pid):
-            continue  # another live process is writing this name right now
+            continue  # another live process is writing right now
         if pid == os.getpid() and _own_in_flight(tmp):
             continue
         try:

@@ -2,6 +2,7 @@
 SIGKILL during saves."""
 import glob
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -368,3 +369,55 @@ def test_frozen_parameters_and_buffers_are_written_with_their_values(tmp_path):
     assert torch.equal(tensors["fc1.weight"], model.fc1.weight.detach())
     assert torch.equal(tensors["bn.running_mean"], running_mean)
     assert int(tensors["bn.num_batches_tracked"]) == 1
+
+
+def _dead_pid():
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait(timeout=30)
+    return p.pid
+
+
+def test_save_every_removes_every_stale_temporary_of_this_host(tmp_path):
+    """Killed writers leave temporaries under the names they were writing; save_every's names
+    change with the step, so each kill left one (up to a whole snapshot) that nothing removed.
+    Any of ours whose process is gone goes now; another machine's (shared disk) and live ones
+    stay."""
+    dead = _dead_pid()
+    host = snapshots._HOST
+    stale = [f".ema-00000010.safetensors.tmp-{dead}-0@{host}",
+             f".ema-00000020.safetensors.tmp-{dead}-3@{host}",
+             f".lawa-00000010.safetensors.tmp-{dead}-1",  # an earlier version's name (no host)
+             f".ema-00000030.safetensors.tmp-{dead}-7@{host}"]
+    keep = [f".ema-00000040.safetensors.tmp-{dead}-0@another-machine",
+            f".ema-00000050.safetensors.tmp-{os.getppid()}-0@{host}",  # a live process
+            ".notes.txt", "ema-old.safetensors.tmp-123"]
+    for name in stale + keep:
+        (tmp_path / name).write_bytes(b"x" * 64)
+    (tmp_path / stale[-1]).unlink()
+    (tmp_path / stale[-1]).mkdir()  # a directory's (save_pretrained)
+    (tmp_path / stale[-1] / "part").write_bytes(b"x")
+    model, opt = make()
+    with oe.Averager(model, {"ema": oe.EMA(0.9)}) as avg:
+        avg.attach(opt)
+        avg.save_every(2, str(tmp_path / "{name}-{step:08d}.safetensors"))
+        for s in range(1, 3):
+            train_step(model, opt, s)
+        avg.flush()
+    left = sorted(os.listdir(tmp_path))
+    assert not set(stale) & set(left), left
+    assert set(keep) <= set(left), left
+
+
+@pytest.mark.parametrize("target", ["/proc", "a directory"])
+def test_a_failed_write_names_the_users_path_not_our_temporary(target, tmp_path):
+    model, opt = make()
+    path = "/proc/y.safetensors" if target == "/proc" else str(tmp_path / "newdir")
+    if target == "a directory":
+        os.mkdir(path)
+    with oe.Averager(model, {"ema": oe.EMA(0.9)}) as avg:
+        avg.attach(opt)
+        train_step(model, opt, 1)
+        with pytest.raises(OSError) as info:
+            avg.save(path, "ema").result(timeout=60)
+    message = str(info.value)
+    assert path in message and ".tmp-" not in message, message
