@@ -173,7 +173,8 @@ class FSDP2Shards(OwnerSharded):
         self.dcp_group, self.dcp_mesh = _writer_mesh(process_group)
 
     def gather(self, layout, values, dst):
-        out = {e.name: (_full_tensor(values[e.name], e.tensor) if is_dtensor(e.tensor)
+        # With ``dst``, only that rank ever holds a full tensor (the others send their shards).
+        out = {e.name: (_full_tensor(values[e.name], e.tensor, dst) if is_dtensor(e.tensor)
                         else values[e.name]) for e in layout.all_entries}
         return out if dst is None or dst == self.rank else None
 
@@ -247,7 +248,7 @@ class ZeroShards(FSDP2Shards):
     def gather(self, layout, values, dst):
         out = {}
         for e in layout.all_entries:
-            out[e.name] = (_zero3_full(values[e.name], e.tensor, self.group)
+            out[e.name] = (_zero3_full(values[e.name], e.tensor, self.group, dst)
                            if is_zero3(e.tensor) else values[e.name])
         return out if dst is None or dst == self.rank else None
 
@@ -331,15 +332,32 @@ def _zero3_span(p, rank: int, world: int) -> Tuple[int, int]:
     return lo, min(p.ds_numel, lo + size)
 
 
-def _zero3_full(local_avg: torch.Tensor, p, group) -> torch.Tensor:
+def _zero3_full(local_avg: torch.Tensor, p, group, dst: Optional[int] = None
+                ) -> Optional[torch.Tensor]:
     """The full float32 CPU tensor of a ZeRO-3 parameter's average from every rank's partition
-    average (an all-gather over the group)."""
+    average (equal sizes, the last padded): an all-gather over the group, or with ``dst`` a
+    gather to that rank alone (None elsewhere: no rank but ``dst`` holds the full tensor)."""
     comm = _comm_device(group, p.ds_tensor.device)
     world = dist.get_world_size(group)
     part = local_avg.reshape(-1).to(comm, torch.float32)
-    out = torch.empty(world * part.numel(), dtype=torch.float32, device=comm)
-    dist.all_gather_into_tensor(out, part, group=group)
+    if dst is None:
+        out = torch.empty(world * part.numel(), dtype=torch.float32, device=comm)
+        dist.all_gather_into_tensor(out, part, group=group)
+    else:
+        out = _gather_to(part, dst, group)
+        if out is None:
+            return None
     return out[:p.ds_numel].view(p.ds_shape).to("cpu")
+
+
+def _gather_to(part: torch.Tensor, dst: int, group) -> Optional[torch.Tensor]:
+    """Every rank's ``part`` (the same shape everywhere) concatenated along dim 0 on the
+    group's rank ``dst``; None on the others, which allocate nothing beyond ``part``."""
+    world = dist.get_world_size(group)
+    me = dist.get_rank(group)
+    parts = [torch.empty_like(part) for _ in range(world)] if me == dst else None
+    dist.gather(part, parts, dst=_global_rank(group, dst), group=group)
+    return torch.cat(parts) if parts is not None else None
 
 
 def _release_gathered(model: nn.Module) -> None:
@@ -384,7 +402,9 @@ def _writer_mesh(process_group):
     from torch.distributed.device_mesh import DeviceMesh
 
     ranks = dist.get_process_group_ranks(process_group or dist.group.WORLD)
-    group = dist.new_group(ranks=ranks, backend="gloo")
+    # Only the group's ranks call this (a subgroup: data parallel inside a larger job); a plain
+    # new_group() must be called by every rank of the job and would wait for the others.
+    group = dist.new_group(ranks=ranks, backend="gloo", use_local_synchronization=True)
     return group, DeviceMesh.from_group(group, "cpu")
 
 
@@ -449,13 +469,42 @@ def _broadcast_into(tensors, owner_ranks, group=None) -> None:
                 t.copy_(buf)
 
 
-def _full_tensor(local_avg: torch.Tensor, like) -> torch.Tensor:
+def _full_tensor(local_avg: torch.Tensor, like, dst: Optional[int] = None
+                 ) -> Optional[torch.Tensor]:
     """The full float32 CPU tensor of an FSDP2 parameter's average, gathered from every rank's
-    local average (a collective over the parameter's device mesh)."""
-    comm = _comm_device(like.device_mesh.get_group(), like.device)
-    d = DTensor.from_local(local_avg.to(comm), like.device_mesh, like.placements, run_check=False,
+    local average (a collective over the parameter's device mesh). With ``dst`` (fully_shard's
+    1-D Shard(0) layout) a gather to that rank of the mesh's group alone: None elsewhere, and
+    no other rank holds the full tensor. Collectives run on the mesh's device (its backend's:
+    a CUDA mesh with CPU-offloaded shards still gathers through CUDA under NCCL)."""
+    mesh = like.device_mesh
+    comm = _mesh_device(mesh)
+    if dst is not None and _dim0_layout(like):
+        group = mesh.get_group()
+        chunk = -(-like.shape[0] // mesh.size())  # torch.chunk's rows per rank
+        local = local_avg.to(comm, torch.float32)
+        padded = local.new_zeros((chunk,) + tuple(like.shape[1:]))
+        padded[:local.shape[0]].copy_(local)
+        full = _gather_to(padded, dst, group)
+        return None if full is None else full[:like.shape[0]].to("cpu")
+    d = DTensor.from_local(local_avg.to(comm), mesh, like.placements, run_check=False,
                            shape=like.shape, stride=like.stride())
     return d.full_tensor().to("cpu", torch.float32)
+
+
+def _mesh_device(mesh) -> torch.device:
+    """Where a mesh's collectives move tensors: its CUDA device under NCCL, the host with gloo
+    (which moves CPU tensors)."""
+    backend = str(dist.get_backend(mesh.get_group())).lower()
+    if "nccl" in backend and mesh.device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _dim0_layout(dt) -> bool:
+    from torch.distributed.tensor.placement_types import Shard
+    placements = dt.placements
+    return (dt.device_mesh.ndim == 1 and len(placements) == 1 and
+            isinstance(placements[0], Shard) and placements[0].dim == 0)
 
 
 def _dim0_offsets(dt) -> list:

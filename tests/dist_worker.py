@@ -206,13 +206,91 @@ def diffusers_main_only(rank, world, out):
     ema.close()
 
 
+def _allocated_bytes(fn):
+    """(fn(), bytes the CPU allocator handed out while it ran: what it materialised)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        value = fn()
+    return value, sum(e.self_cpu_memory_usage for e in prof.events()
+                      if e.self_cpu_memory_usage > 0)
+
+
+def fsdp2_gather(rank, world, out):
+    """averaged_state_dict(rank=0) (and save_pretrained, which uses it) of FSDP2 averages: only
+    rank 0 may hold full tensors; the others send their shards and allocate about a shard."""
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 257), nn.Tanh(), nn.Linear(257, 255), nn.Tanh(),
+                          nn.Linear(255, 7))  # uneven rows: padded shards
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    avg = oe.Averager(model, {"ema": oe.EMA(0.7)}).attach(opt)
+    ref = RefEMA(0.7)
+    for s in range(1, 4):
+        g = torch.Generator().manual_seed(s)
+        model(torch.randn(4, 256, generator=g)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        ref.update({n: p.full_tensor().double() for n, p in model.named_parameters()})
+    full = sum(p.numel() * 4 for p in model.parameters())
+    avg.flush()
+    sd, nbytes = _allocated_bytes(lambda: avg.averaged_state_dict("ema", rank=0))
+    if rank == 0:
+        assert_matches(sd, ref.avg, rtol=1e-5, atol=1e-7)
+        assert nbytes >= full, (nbytes, full)
+    else:
+        assert sd == {}
+        # This rank's shard (its local average's copy and the padded send buffer), never the
+        # full model (which it held before: every tensor gathered everywhere).
+        assert nbytes < 0.75 * full * 2 / world + 65536, (nbytes, full)
+    print(f"rank {rank}: {nbytes} bytes allocated for a {full}-byte average", file=sys.stderr)
+    avg.close()
+
+
+def fsdp2_subgroups(rank, world, out):
+    """Two data-parallel groups inside one job (ranks {0, 1} and {2, 3}), an FSDP2 Averager on
+    each: the Averager's own gloo group for DCP exports is created by its group's ranks only
+    (a job-wide new_group waited for ranks that never call it)."""
+    from torch import nn
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import fully_shard
+
+    half = world // 2
+    groups = [dist.new_group(list(range(half))), dist.new_group(list(range(half, world)))]
+    mine = groups[rank // half]
+    mesh = DeviceMesh.from_group(mine, "cpu")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 3))
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    avg = oe.Averager(model, {"ema": oe.EMA(0.5)}, process_group=mine).attach(opt)
+    ref = RefEMA(0.5)
+    for s in range(1, 4):
+        g = torch.Generator().manual_seed(10 * (rank // half) + s)  # each group its own data
+        model(torch.randn(4, 8, generator=g)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        ref.update({n: p.full_tensor().double() for n, p in model.named_parameters()})
+    assert_matches(avg.averaged_state_dict("ema"), ref.avg, rtol=1e-5, atol=1e-7)
+    avg.save(os.path.join(out, f"group{rank // half}.dcp"), "ema", format="dcp").result(timeout=60)
+    avg.close()
+
+
 def main():
     scenario, rank, world, init_file, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), \
         sys.argv[4], sys.argv[5]
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=20))
     scenarios = {"fsdp2": fsdp2, "fsdp2_root": fsdp2_root, "tiny": tiny, "ddp_lazy": ddp_lazy,
-                 "diffusers_main_only": diffusers_main_only}
+                 "diffusers_main_only": diffusers_main_only, "fsdp2_gather": fsdp2_gather,
+                 "fsdp2_subgroups": fsdp2_subgroups}
     if scenario in scenarios:
         scenarios[scenario](rank, world, out)
         dist.barrier()

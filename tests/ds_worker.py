@@ -113,6 +113,8 @@ def zero(rank, world, out, stage):
         assert_matches(sd, ref.avg, rtol=1e-5, atol=1e-7)
     only0 = avg.averaged_state_dict("ema", rank=0)
     assert (only0 is None or only0 == {}) == (rank != 0)
+    if rank == 0:  # gathered to rank 0 alone
+        assert_matches(only0, refs["ema"].avg, rtol=1e-5, atol=1e-7)
 
     # An evaluation forward inside swapped() sees the average; the training weights come back.
     before = full_params(engine, stage)

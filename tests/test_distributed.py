@@ -148,3 +148,20 @@ def test_ddp_on_the_simulated_copy_engine_over_several_seeds(tmp_path):
 def test_diffusers_drop_in_keeps_the_whole_ema_on_every_rank(tmp_path):
     pytest.importorskip("diffusers")
     _check_ranks(launch("diffusers_main_only", tmp_path, timeout=90))
+
+
+def test_fsdp2_gather_to_one_rank_materialises_full_tensors_there_only(tmp_path):
+    results = launch("fsdp2_gather", tmp_path)
+    for r, (code, out, err) in enumerate(results):
+        assert code == 0, f"rank {r} failed:\n{err[-3000:]}"
+        assert out.strip() == f"OK {r}"
+
+
+def test_fsdp2_averagers_on_data_parallel_subgroups_export_without_waiting_for_others(tmp_path):
+    results = launch("fsdp2_subgroups", tmp_path, world=4)
+    for r, (code, out, err) in enumerate(results):
+        assert code == 0, f"rank {r} failed:\n{err[-3000:]}"
+        assert out.strip() == f"OK {r}"
+    for g in (0, 1):
+        tensors, meta = oe.load_snapshot(tmp_path / f"group{g}.dcp")
+        assert meta["step"] == 3 and set(tensors) == {"0.weight", "0.bias", "2.weight", "2.bias"}
