@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import traceback
 
 import pytest
@@ -359,11 +360,23 @@ def test_block_policy_waits_and_stays_exact(monkeypatch):
         avg.attach(opt)
         train_step(model, opt, 1)
         ref.update(snapshot(model))
-        threading.Timer(0.3, gate.open.set).start()
+        # The gate opens 0.3 s after the training thread starts waiting (not after a fixed
+        # time from here: a slow forward under load would eat into it).
+        waiting = threading.Event()
+        wait_capacity = avg._engine.wait_capacity
+        avg._engine.wait_capacity = lambda: (waiting.set(), wait_capacity())[1]
+
+        def open_later():
+            if waiting.wait(30):
+                time.sleep(0.3)
+            gate.open.set()
+        opener = threading.Thread(target=open_later, daemon=True)
+        opener.start()
         train_step(model, opt, 2)  # blocks until the gate opens
+        opener.join(30)
         ref.update(snapshot(model))
         st = avg.stats()
-        assert st["busy_wait_seconds"] >= 0.2
+        assert waiting.is_set() and st["busy_wait_seconds"] >= 0.29
         assert st["snapshots_skipped"] == st["snapshots_coalesced"] == 0
         assert_matches(avg.averaged_state_dict("ema"), ref.avg, rtol=1e-6, atol=1e-7)
 
