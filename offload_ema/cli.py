@@ -16,9 +16,16 @@ def main(argv=None) -> int:
     benchmark.add_arguments(b)
     i = sub.add_parser("inspect", help="print a snapshot file's metadata and tensors")
     i.add_argument("path")
-    c = sub.add_parser("consolidate",
-                       help="merge a sharded snapshot (per-rank files + index) into one file")
-    c.add_argument("src", help="the index (NAME.safetensors.index.json) or the name saved under")
+    c = sub.add_parser(
+        "consolidate", help="merge a sharded snapshot (per-rank files + index, or a "
+                            "torch.distributed.checkpoint directory) into one file",
+        description="Merges a sharded snapshot into one safetensors file. A "
+                    "torch.distributed.checkpoint directory's .metadata is a pickle by design: "
+                    "it is read with an allow list (DCP's metadata classes, sizes, dtypes), so a "
+                    "crafted one is refused and runs nothing; safetensors files and indexes run "
+                    "no code either way.")
+    c.add_argument("src", help="the index (NAME.safetensors.index.json), the name saved under, "
+                               "or a DCP checkpoint directory")
     c.add_argument("out", help="the single safetensors file to write")
     h = sub.add_parser("posthoc", help="synthesise a power EMA of another length from stored "
                                        "power-EMA snapshots (EDM2's post-hoc EMA)")

@@ -19,7 +19,9 @@ def load_file(path) -> dict:
 
     path = os.fspath(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: tensors are read from the file as used, so a size claimed in a damaged or
+        # crafted file is never allocated (the file bounds every record).
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError:
         raise
     except Exception as exc:  # UnpicklingError, RuntimeError (zip), EOFError, ...
@@ -32,6 +34,16 @@ def load_file(path) -> dict:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path}: not an offload_ema Averager state_dict (format {FORMAT})")
     return state
+
+
+def load_into(averager, path) -> None:
+    """``averager.load_state_dict`` of the state file at ``path`` (:func:`load_file`): any
+    refusal is a ValueError naming the file, and the Averager is unchanged."""
+    state = load_file(path)
+    try:
+        averager.load_state_dict(state)
+    except ValueError as exc:
+        raise ValueError(f"{os.fspath(path)}: {exc}") from None
 
 
 def export(schedule, engine, layout, strategy, live: bool) -> dict:
@@ -57,7 +69,9 @@ def _export(schedule_state, specs, engine, layout, strategy) -> dict:
 
 
 def restore(state: dict, schedule, engine, layout, strategy) -> None:
-    """Checks ``state`` against this Averager, then restores it (nothing changes on a mismatch)."""
+    """Checks ``state`` against this Averager, then restores it (nothing changes on a mismatch:
+    every field is checked, types, ranges and tensor shapes included, before the first is
+    written; a damaged or crafted state is a ValueError, never a half-restored Averager)."""
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"state is not an offload_ema Averager state_dict (format {FORMAT})")
     saved_world, saved_rank = state.get("world", 1), state.get("rank", 0)
@@ -66,30 +80,96 @@ def restore(state: dict, schedule, engine, layout, strategy) -> None:
             f"state was saved by rank {saved_rank} of {saved_world}; this Averager is rank "
             f"{strategy.rank} of {strategy.world}. Resume at the same world size, each rank with "
             "its own state (averages are sharded across ranks)")
-    saved = [tuple(x[:1]) + (tuple(x[1]),) + tuple(x[2:]) for x in state["layout"]]
+    try:
+        saved = [tuple(x[:1]) + (tuple(x[1]),) + tuple(x[2:]) for x in state["layout"]]
+    except (KeyError, TypeError, IndexError):
+        raise ValueError("state's 'layout' is missing or not a list of [name, shape, dtype]"
+                         ) from None
     mine = layout.signature()
     if saved != mine:
         diff = next(((a, b) for a, b in zip(saved, mine) if a != b), None)
         raise ValueError("state was saved for a different model: "
                          + (f"saved {diff[0]}, this model has {diff[1]}" if diff else
                             f"saved {len(saved)} averaged tensors, this model has {len(mine)}"))
-    if set(state["averages"]) != set(schedule.specs):
-        raise ValueError(f"state holds averages {sorted(state['averages'])}, this Averager has "
+    averages = state.get("averages")
+    if not isinstance(averages, dict) or set(averages) != set(schedule.specs):
+        held = sorted(map(str, averages)) if isinstance(averages, dict) else averages
+        raise ValueError(f"state holds averages {held}, this Averager has "
                          f"{sorted(schedule.specs)}")
-    for name, d in state["averages"].items():
+    for name, d in averages.items():
         mine_cfg = schedule.specs[name].config()
-        if d["config"] != mine_cfg:
-            raise ValueError(f"average {name!r} was saved as {d['config']}, this Averager has "
+        if not isinstance(d, dict) or d.get("config") != mine_cfg:
+            saved_cfg = d.get("config") if isinstance(d, dict) else d
+            raise ValueError(f"average {name!r} was saved as {saved_cfg}, this Averager has "
                              f"{mine_cfg}")
-    for name, d in state["averages"].items():
+        _check_average(name, d, schedule.specs[name], layout)
+    step = _count(state.get("step"), "step")
+    counts = state.get("counts", schedule.counts)
+    if not isinstance(counts, dict) or set(counts) != set(schedule.counts):
+        raise ValueError(f"state's 'counts' must hold {sorted(schedule.counts)}, got {counts!r}")
+    counts = {k: _count(v, f"counts[{k!r}]") for k, v in counts.items()}
+    for name, d in averages.items():
         schedule.load(name, d)
         engine.import_state(name, d)
-    schedule.step = int(state["step"])
-    schedule.counts = dict(state.get("counts", schedule.counts))
+    schedule.step = step
+    schedule.counts = counts
     schedule.published = schedule.snapshot()
     if schedule.step:
-        engine.set_last_applied_step(max((d["last_step"] for d in state["averages"].values()),
+        engine.set_last_applied_step(max((d["last_step"] for d in averages.values()),
                                          default=0))
+
+
+def _count(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"state's {what} must be an int >= 0, got {value!r}")
+    return value
+
+
+def _check_tensors(ts, what: str, layout, dtype=None) -> None:
+    """``ts``: one flat CPU tensor per group of ``layout``, of its size (and ``dtype``, or the
+    group's staging dtype)."""
+    import torch
+
+    groups = layout.groups
+    if not isinstance(ts, (list, tuple)) or len(ts) != len(groups):
+        raise ValueError(f"state's {what} must be a list of {len(groups)} tensors, got "
+                         f"{type(ts).__name__}{f' of {len(ts)}' if hasattr(ts, '__len__') else ''}")
+    for i, (t, g) in enumerate(zip(ts, groups)):
+        want = dtype or g.dtype
+        if not isinstance(t, torch.Tensor) or t.dtype != want or tuple(t.shape) != (g.numel,):
+            got = (f"{t.dtype} of shape {list(t.shape)}" if isinstance(t, torch.Tensor) else
+                   type(t).__name__)
+            raise ValueError(f"state's {what}[{i}] must be a {want} tensor of shape "
+                             f"[{g.numel}], got {got}")
+
+
+def _check_average(name: str, d: dict, spec, layout) -> None:
+    import torch
+
+    from offload_ema.averages import Decaying
+
+    for key in ("scheduled", "pending", "applied", "last_step"):
+        _count(d.get(key), f"averages[{name!r}][{key!r}]")
+    if "periods" in d:
+        _count(d["periods"], f"averages[{name!r}]['periods']")
+    if isinstance(spec, Decaying):
+        _check_tensors(d.get("acc"), f"averages[{name!r}]['acc']", layout, torch.float32)
+        return
+    window = spec.window
+    order, slots, next_pos = d.get("order"), d.get("slots"), d.get("next_pos")
+    if not isinstance(order, list) or len(order) > window or len(set(order)) != len(order) or \
+            not all(isinstance(p, int) and not isinstance(p, bool) and 0 <= p < window
+                    for p in order):
+        raise ValueError(f"state's averages[{name!r}]['order'] must list distinct ring entries "
+                         f"in [0, {window}), got {order!r}")
+    if not isinstance(slots, dict) or set(slots) != set(order):
+        raise ValueError(f"state's averages[{name!r}]['slots'] must hold exactly the entries "
+                         f"of 'order' {order}")
+    for pos in order:
+        _check_tensors(slots[pos], f"averages[{name!r}]['slots'][{pos}]", layout)
+    if isinstance(next_pos, bool) or not isinstance(next_pos, int) or not 0 <= next_pos < window:
+        raise ValueError(f"state's averages[{name!r}]['next_pos'] must be an int in "
+                         f"[0, {window}), got {next_pos!r}")
 
 
 def seeded(state: dict, layout, name: str, values, applied: int, step: int) -> dict:

@@ -268,10 +268,12 @@ def write_directory(path: str, write) -> int:
 
 def _load_dcp(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, object]]:
     """A torch.distributed.checkpoint directory written by ``save(..., format="dcp")``, put
-    together in this process."""
-    import tempfile
-
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    together in this process. DCP's ``.metadata`` is a pickle by design: it is read with an
+    unpickler that builds only DCP's metadata classes, sizes, dtypes and paths (anything else
+    is refused, so no code in it runs); the tensor files are read as tensors only."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     try:
         with open(os.path.join(path, DCP_META)) as f:
@@ -279,11 +281,74 @@ def _load_dcp(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, object]]:
     except (OSError, ValueError) as exc:
         raise ValueError(f"{path} is not an offload_ema checkpoint directory (no readable "
                          f"{DCP_META}): {exc}") from exc
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "state.pt")
-        dcp_to_torch_save(path, out)
-        tensors = torch.load(out, weights_only=True)
+
+    metadata = read_dcp_metadata(path)  # before DCP's loader (which wraps errors of its own)
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            if hasattr(metadata, "storage_meta"):  # as FileSystemReader does (torch >= 2.5)
+                from torch.distributed.checkpoint.metadata import StorageMeta
+                if metadata.storage_meta is None:
+                    metadata.storage_meta = StorageMeta()
+                metadata.storage_meta.load_id = getattr(self, "load_id", None)
+            return metadata
+
+    tensors: Dict[str, torch.Tensor] = {}
+    try:
+        _load_state_dict(tensors, storage_reader=Reader(path),
+                         planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    except Exception as exc:  # a damaged checkpoint: reported naming it
+        raise ValueError(f"{path}: the checkpoint's data cannot be read ({type(exc).__name__}: "
+                         f"{exc})") from None
     return dict(tensors), _parse_meta(meta, path)
+
+
+def read_dcp_metadata(path: str):
+    """The ``.metadata`` of a torch.distributed.checkpoint directory, unpickled with an allow
+    list (DCP's metadata classes, torch sizes and dtypes, paths): a file asking for any other
+    object is a ValueError naming it, and nothing in it runs."""
+    import pickle
+
+    import torch.distributed.checkpoint.metadata as dcp_metadata
+
+    meta_path = os.path.join(path, ".metadata")
+
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module, name):
+            if module == dcp_metadata.__name__ and isinstance(
+                    getattr(dcp_metadata, name, None), type):
+                return getattr(dcp_metadata, name)
+            if (module, name) in _DCP_GLOBALS:
+                import importlib
+                return getattr(importlib.import_module(module), name)
+            if module == "torch" and isinstance(getattr(torch, name, None),
+                                                (torch.dtype, torch.layout, torch.memory_format)):
+                return getattr(torch, name)
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's "
+                                         "metadata")
+
+    try:
+        with open(meta_path, "rb") as f:
+            metadata = Restricted(f).load()
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        raise ValueError(f"{meta_path}: not a torch.distributed.checkpoint metadata file, or one "
+                         f"asking for more than metadata (refused; nothing in it ran): "
+                         f"{type(exc).__name__}: {exc}") from None
+    if not isinstance(metadata, dcp_metadata.Metadata):
+        raise ValueError(f"{meta_path}: holds a {type(metadata).__name__}, not DCP metadata")
+    return metadata
+
+
+# What else DCP's metadata pickle refers to (torch 2.4 to 2.13): sizes, the layout lookup by
+# name, the filesystem writer's storage records, and the checkpoint id's path class.
+_DCP_GLOBALS = {
+    ("torch", "Size"), ("torch.serialization", "_get_layout"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+    ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict"),
+}
 
 
 def _fsync_dir(directory: str) -> None:

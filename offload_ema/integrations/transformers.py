@@ -205,7 +205,7 @@ class AveragerCallback(transformers.TrainerCallback):
         best = Averager(model, self.averages, **{**self.averager_kwargs, "fold": 1,
                                                   "staging_bytes": _REBUILD_STAGING})
         try:
-            on_every_rank(lambda: best.load_state_dict(resume.load_file(path)),
+            on_every_rank(lambda: resume.load_into(best, path),
                           f"reading the best checkpoint's averager state {path}")
             if not best.ready(name):
                 return
@@ -229,7 +229,7 @@ class AveragerCallback(transformers.TrainerCallback):
                     if found else "(was the checkpoint written with this callback?)"))
         # weights_only (resume.load_file): a checkpoint may come from elsewhere, and loading it
         # must never run code from it; a file that asks to is refused, naming it.
-        self.averager.load_state_dict(resume.load_file(path))
+        resume.load_into(self.averager, path)
 
     def on_save(self, args, state, control, **kwargs):
         # The Trainer calls on_save on every rank after its _save_checkpoint. Rank 0 may be the
