@@ -264,6 +264,7 @@ def test_new_storage_between_the_step_and_its_copy_never_enters_the_snapshot(who
         with oe.Averager(model, {"last": oe.LAWA(1, every=1)}) as avg:
             avg.attach(opt)
             train_step(model, opt, 1)
+            avg.flush()  # step 1 applied before the change
             train_step(model, opt, 2)  # its copy waits for the next fence / read
             model.fc2.weight.data = torch.full_like(model.fc2.weight, 7.0)
             if who_issues == "fence":
