@@ -1,3 +1,7 @@
+import faulthandler
+import os
+import sys
+
 import pytest
 import torch
 
@@ -45,3 +49,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+# No test may hang the suite: one that runs past this many seconds dumps every thread's stack
+# and ends the run with an error (each test's own waits have shorter timeouts that fail it).
+TEST_TIMEOUT = float(os.environ.get("OFFLOAD_EMA_TEST_TIMEOUT", "600"))
+
+
+def _stderr_fd(config) -> int:
+    """The terminal's stderr, not pytest's capture of it (lost when the process exits)."""
+    try:
+        from _pytest.faulthandler import fault_handler_stderr_fd_key
+        return config.stash[fault_handler_stderr_fd_key]
+    except (ImportError, KeyError):
+        return sys.__stderr__.fileno()
+
+
+@pytest.fixture(autouse=True)
+def _no_hang(request):
+    faulthandler.dump_traceback_later(TEST_TIMEOUT, exit=True, file=_stderr_fd(request.config))
+    yield
+    faulthandler.cancel_dump_traceback_later()

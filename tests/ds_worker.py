@@ -134,7 +134,7 @@ def zero(rank, world, out, stage):
 
     # Per-rank files with an index: loaded whole, equal to the reference.
     path = os.path.join(out, "ema.safetensors")
-    avg.save(path, "ema").result()
+    avg.save(path, "ema").result(timeout=120)
     dist.barrier()
     loaded, meta = oe.load_snapshot(path + ".index.json" if world > 1 else path)
     assert_matches(loaded, refs["ema"].avg, rtol=1e-5, atol=1e-7)

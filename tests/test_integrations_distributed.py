@@ -47,7 +47,7 @@ def launch(framework, phase, tmp_path, world=2, timeout=150):
         for p in procs:
             if p.poll() is None:
                 p.kill()
-                p.wait()
+                p.wait(30)
     for r, (code, out, err) in enumerate(results):
         assert code == 0 and out.strip().endswith(f"OK {r}"), \
             f"{framework} {phase}: rank {r} failed (exit {code}):\n" + "\n".join(

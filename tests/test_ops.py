@@ -261,7 +261,8 @@ def test_kernel_releases_the_gil(cpp_backend):
     finally:
         ops.set_num_threads(old)
         stop.set()
-        t.join()
+        t.join(60)
+        assert not t.is_alive(), "the ticking thread did not stop"
     # With the GIL held for the whole call the other thread would not tick at all.
     assert during > 1000, f"other thread ticked {during} times in {elapsed:.3f}s of kernel time"
 
@@ -322,7 +323,8 @@ def test_concurrent_callers_each_get_correct_results(cpp_backend):
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(120)
+    assert not any(t.is_alive() for t in threads), "a kernel call hung"
     assert not errors
     for j in range(4):
         expect = starts[j].clone()
@@ -488,14 +490,15 @@ with warnings.catch_warnings(record=True) as caught:
     firsts = [None] * 4
 
     def first(k):
-        go.wait()
+        go.wait(60)
         firsts[k] = run()
 
     threads = [threading.Thread(target=first, args=(k,)) for k in range(4)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(120)
+    assert not any(t.is_alive() for t in threads), "the first calls hung"
     used = ops.isa()
     again = run()
     ops.set_isa("scalar")

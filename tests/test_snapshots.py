@@ -299,7 +299,7 @@ while True:
     for p in model.parameters():
         p.grad = torch.full_like(p, 0.01)
     opt.step()
-    avg.save(path, "ema").result()
+    avg.save(path, "ema").result(timeout=120)
     print(step, flush=True)
 """
 
