@@ -48,6 +48,65 @@ from offload_ema.layout import unwrap_model
 MODES = ["none", "naive", "swa_utils", "gpu_foreach", "offload", "offload_fold", "offload_multi",
          "diffusers", "diffusers_offload", "timm_v3", "lightning_ema"]
 BETA = 0.999
+# --rounds left out: at least 6 interleaved rounds (the fewest in which rounds that all agree
+# decide a comparison, by a sign test at 5%), at most 12, stopping once every comparison of the
+# verdict is decided or a tie (see _settled).
+AUTO_ROUNDS = (6, 12)
+# The comparisons the verdict states (those whose modes ran).
+VERDICT_PAIRS = [("offload", "none"), ("offload", "naive"), ("naive", "none")]
+# A tie is settled when every round's ratio lies within this of 1 (and the rounds disagree).
+TIE_BAND = 0.05
+
+
+def compare(a: List[float], b: List[float]) -> dict:
+    """Mode a's step time against mode b's over interleaved rounds (each round's medians, the
+    same round's drift on both): the median ratio, its range over the rounds, how many rounds
+    agree on the direction, and whether that decides it (two-sided sign test, p < 0.05)."""
+    ratios = [x / y for x, y in zip(a, b) if y > 0]
+    n = len(ratios)
+    if not n:
+        return {"ratio": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0,
+                "agree": 0, "p": 1.0, "decided": False}
+    k = max(sum(r < 1 for r in ratios), sum(r > 1 for r in ratios))
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k, n + 1)) / 2 ** n)
+    return {"ratio": statistics.median(ratios), "lo": min(ratios), "hi": max(ratios), "n": n,
+            "agree": k, "p": p, "decided": p < 0.05}
+
+
+def in_words(a: str, b: str, c: dict) -> str:
+    """One comparison as a sentence: which is faster, by how much, and how sure."""
+    rounds = f"{c['agree']} of {c['n']} rounds"
+    spread = f"rounds {c['lo']:.3f}..{c['hi']:.3f}x"
+    if not c["decided"]:
+        return (f"{a} vs {b}: a tie within this machine's noise (step time ratio "
+                f"{c['ratio']:.3f}x, {spread}; only {rounds} point one way)")
+    if c["ratio"] < 1:
+        return (f"{a} vs {b}: {a}'s step is {1 / c['ratio']:.2f}x faster ({b} "
+                f"{1 / c['ratio']:.2f}x slower; {rounds} agree, {spread})")
+    return (f"{a} vs {b}: {a}'s step is {c['ratio']:.2f}x slower ({b} {c['ratio']:.2f}x "
+            f"faster; {rounds} agree, {spread})")
+
+
+def _settled(times: Dict[str, List[float]], steps: int, world: int) -> bool:
+    """Whether every verdict comparison is decided, or a tie whose rounds all lie within
+    TIE_BAND of equal (more rounds would not change what it says). Under DDP the ranks must
+    agree: rank 0 decides and tells the others."""
+    def medians(m):
+        ts = times.get(m) or []
+        return [statistics.median(ts[i:i + steps]) for i in range(0, len(ts) - steps + 1, steps)]
+    done = True
+    for a, b in VERDICT_PAIRS:
+        if not times.get(a) or not times.get(b):
+            continue
+        c = compare(medians(a), medians(b))
+        tie = c["n"] and 1 - TIE_BAND <= c["lo"] and c["hi"] <= 1 + TIE_BAND
+        done = done and (c["decided"] or bool(tie))
+    if world > 1:
+        import torch.distributed as dist
+        flag = [done]
+        dist.broadcast_object_list(flag, src=0)
+        done = flag[0]
+    return done
 
 
 def _rss() -> int:
@@ -534,7 +593,8 @@ def run(args, rank: int = 0, world: int = 1) -> List[dict]:
           f"tensors={n_tensors}"
           + (f" (experts={cfg.experts}x{cfg.hidden} per block)" if cfg.experts else "") + " "
           f"dtype={args.dtype} device={device} optimizer=AdamW({args.optimizer}) "
-          f"batch={cfg.batch}x{cfg.seq} tokens, {args.rounds} rounds x {args.steps} steps "
+          f"batch={cfg.batch}x{cfg.seq} tokens, "
+          f"{args.rounds or f'{AUTO_ROUNDS[0]} to {AUTO_ROUNDS[1]}'} rounds x {args.steps} steps "
           f"(+{args.warmup} warm-up) per mode, on_busy={args.on_busy}, kernels={oe.ops.backend()}"
           f"/{oe.ops.isa()} x{oe.ops.get_num_threads()} threads, torch {torch.__version__}, "
           f"{platform.node() or 'host'} {os.cpu_count()} CPUs"
@@ -581,7 +641,7 @@ def run(args, rank: int = 0, world: int = 1) -> List[dict]:
                 "update_ms_per_snapshot": o.update_s / snaps * 1e3,
                 "round_medians_ms": [statistics.median(ts[i:i + args.steps]) * 1e3
                                      for i in range(0, len(ts), args.steps)],
-                "rounds": args.rounds, "partial": not final,
+                "rounds": len(ts) // args.steps, "partial": not final,
             })
             for k in ("snapshot_bytes", "host_bytes", "bytes_copied", "read_in_place_bytes",
                       "device_pack_bytes", "saves", "save_seconds", "save_bytes", "fold", "folds"):
@@ -591,10 +651,14 @@ def run(args, rank: int = 0, world: int = 1) -> List[dict]:
                 rows[-1]["save_gbps"] = c["save_bytes"] / c["save_seconds"] / 1e9
         return rows
 
-    progress = Progress(args.rounds * len(modes) * (args.steps + args.warmup))
+    auto = args.rounds is None
+    max_rounds = AUTO_ROUNDS[1] if auto else args.rounds
+    progress = Progress(max_rounds * len(modes) * (args.steps + args.warmup))
     progress.on = progress.on and rank == 0
     try:
-        for r in range(args.rounds):
+        r = 0
+        while r < max_rounds and not (auto and r >= AUTO_ROUNDS[0] and
+                                      _settled(times, args.steps, world)):
             for m in modes:
                 if m in unavailable:
                     continue
@@ -619,13 +683,14 @@ def run(args, rank: int = 0, world: int = 1) -> List[dict]:
                         if i >= args.warmup:  # the first steps of a round re-warm this mode's path
                             times[m].append(time.perf_counter() - t0)
                             avg_times[m].append(mode.avg_s - a0)
-                        progress.tick(f"round {r + 1}/{args.rounds} {m}")
+                        progress.tick(f"round {r + 1}/{'<=' if auto else ''}{max_rounds} {m}")
                     mode.end()
                 if first:
                     rss_delta[m] = _rss() - rss0
                 if args.json and rank == 0:
                     # Outside the timed steps; a run cut short still leaves what it measured.
                     write_json(args.json, records(final=False))
+            r += 1
         progress.close()
         rows = records(final=True)
         rows += [{"mode": m, "unavailable": why} for m, why in unavailable.items()]
@@ -729,28 +794,33 @@ def disk_write_gbps(directory: str, nbytes: int) -> float:
 
 
 LEGEND = """\
-median / p90 ms: step time over every timed step of the mode; overhead: median vs none's, and in
-  brackets the lowest..highest of the per-round overheads (each round's median vs none's median
-  in the same round: the spread this machine's drift puts on the figure)
-GPU mem +: peak GPU memory above none's; host RSS +: resident host memory added by the mode;
-  pinned: page-locked staging bytes (GPU only)
-applied: snapshots in the averages; skip / coal: snapshots dropped or merged into the next one
-  because the worker was still busy (on_busy="skip" / "coalesce"; "block" waits instead)
-fence / copy / update ms: per snapshot, the training thread's wait in the fence, the copy into
-  staging (GPU: on the copy engine) and the worker's kernel time
-avg us/step: the training thread's own time in the averaging code per step (for offload: inside
-  the Averager's optimizer-step hooks)
-rounds: each round's median step time (modes run in interleaved rounds)"""
+median / p90 ms: step time over every timed step of the mode. vs none: its median against none's;
+  in brackets the lowest..highest of the per-round figures (each round's median against none's
+  median in the same round: the spread this machine's drift puts on it). verdict: faster / slower
+  when the rounds agree (sign test, 5%), tie when the difference is within that spread
+train us: the training thread's own time in the averaging code per step, median (mean in the
+  details: it carries the rare long waits); offload modes: inside the Averager's hooks
+host RSS +: change of the process's resident memory while the mode was set up; negative when
+  the allocator gave memory back to the system meanwhile (freed by an earlier mode): a
+  difference of the whole process, not this mode's allocation. GPU mem +: peak GPU memory
+  above none's; pinned: page-locked staging (GPU only)
+applied: snapshots in the averages; skip / coal: dropped or merged into the next one because
+  the worker was busy (on_busy="skip" / "coalesce"; "block" waits instead); fence / copy /
+  update ms: per snapshot, the training thread's wait in the fence, the copy into staging (GPU:
+  on the copy engine) and the worker's kernel time"""
 
 
 def _round_overheads(rows: List[dict]) -> None:
-    """Adds each mode's per-round overheads vs none's median in the same round."""
+    """Adds each mode's per-round overheads vs none's median in the same round, and the
+    comparison with none (``vs_none``)."""
     none = next((r for r in rows if r["mode"] == "none"), None)
     if none is None:
         return
     for r in rows:
         pairs = zip(r["round_medians_ms"], none["round_medians_ms"])
         r["overhead_pct_rounds"] = [100 * (a / b - 1) for a, b in pairs if b > 0]
+        if r["mode"] != "none":
+            r["vs_none"] = compare(r["round_medians_ms"], none["round_medians_ms"])
 
 
 def _noise_warnings(rows: List[dict]) -> List[str]:
@@ -772,25 +842,40 @@ def _noise_warnings(rows: List[dict]) -> List[str]:
     return out
 
 
-def report(rows: List[dict]) -> None:
+def _verdict_word(r: dict) -> str:
+    c = r.get("vs_none")
+    if c is None:
+        return ""
+    return "tie" if not c["decided"] else "faster" if c["ratio"] < 1 else "slower"
+
+
+def report(rows: List[dict], wide: bool = False) -> None:
+    """The results: one table of what a step costs (at most 120 columns), one of the details,
+    the legend, then the verdict in words."""
     missing = [r for r in rows if "unavailable" in r]
     rows = [r for r in rows if "unavailable" not in r]
     _round_overheads(rows)
-    hdr = (f"{'mode':<18}{'median ms':>10}{'p90 ms':>9}{'overhead':>10}{'(rounds)':>16}"
-           f"{'GPU mem +':>11}"
-           f"{'host RSS +':>11}{'pinned':>9}{'applied':>8}{'skip':>6}{'coal':>6}"
-           f"{'fence ms':>9}{'copy ms':>9}{'update ms':>10}{'avg us/step':>12}"
-           f"  rounds (median ms)")
+    hdr = (f"{'mode':<18}{'median ms':>10}{'p90 ms':>9}{'vs none':>9}{'(rounds)':>17}"
+           f"{'verdict':>8}{'train us':>10}{'host RSS +':>11}{'GPU mem +':>11}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         print(f"{r['mode']:<18}{r['step_ms_median']:>10.2f}{r['step_ms_p90']:>9.2f}"
-              f"{r['overhead_pct']:>+9.1f}%{_spread(r):>16}{_size(r['gpu_mem_delta_bytes']):>11}"
-              f"{_size(r['rss_delta_bytes']):>11}{_size(r['pinned_bytes']):>9}{r['applied']:>8}"
-              f"{r['skipped']:>6}{r['coalesced']:>6}{r['fence_ms_per_snapshot']:>9.2f}"
+              f"{r['overhead_pct']:>+8.1f}%{_spread(r):>17}{_verdict_word(r):>8}"
+              f"{r['averager_us_median']:>10.1f}{_size(r['rss_delta_bytes']):>11}"
+              f"{_size(r['gpu_mem_delta_bytes']):>11}")
+    print()
+    det = (f"{'mode':<18}{'applied':>8}{'skip':>6}{'coal':>6}{'pinned':>9}{'fence ms':>9}"
+           f"{'copy ms':>9}{'update ms':>10}{'train us mean':>14}" + ("  rounds (median ms)"
+                                                                     if wide else ""))
+    print(det)
+    print("-" * len(det))
+    for r in rows:
+        print(f"{r['mode']:<18}{r['applied']:>8}{r['skipped']:>6}{r['coalesced']:>6}"
+              f"{_size(r['pinned_bytes']):>9}{r['fence_ms_per_snapshot']:>9.2f}"
               f"{r['copy_ms_per_snapshot']:>9.2f}{r['update_ms_per_snapshot']:>10.2f}"
-              f"{r['averager_us_per_step']:>12.1f}  "
-              + " ".join(f"{x:.1f}" for x in r["round_medians_ms"]))
+              f"{r['averager_us_per_step']:>14.1f}"
+              + ("  " + " ".join(f"{x:.1f}" for x in r["round_medians_ms"]) if wide else ""))
     for r in missing:
         print(f"{r['mode']}: {r['unavailable']}")
     if any(r["mode"] == "diffusers_offload" and r.get("device", "").startswith("cpu")
@@ -820,12 +905,10 @@ def report(rows: List[dict]) -> None:
               f"{off['step_ms_median'] / r['step_ms_median']:.2f}x); GPU memory "
               f"{_size(off['gpu_mem_delta_bytes'])} vs {_size(r['gpu_mem_delta_bytes'])}; host RSS "
               f"{_size(off['rss_delta_bytes'])} vs {_size(r['rss_delta_bytes'])}; training thread "
-              f"{off['averager_us_per_step']:.0f} vs {r['averager_us_per_step']:.0f} us/step")
+              f"{off['averager_us_median']:.0f} vs {r['averager_us_median']:.0f} us/step (median)")
     fold = _fold_summary(by)
     if fold:
         print(fold)
-    if "none" in by and "naive" in by:
-        print(f"\nnaive / none step time: {by['naive']['step_ms_median'] / by['none']['step_ms_median']:.2f}x")
     for m in ("offload", "offload_fold", "offload_multi"):
         if m in by and "none" in by:
             r = by[m]
@@ -841,12 +924,37 @@ def report(rows: List[dict]) -> None:
                       f"written at {r['save_gbps']:.2f} GB/s = "
                       f"{100 * r['save_gbps'] / r['disk_write_gbps']:.0f}% of the disk's "
                       f"sequential write speed ({r['disk_write_gbps']:.2f} GB/s, same size, fsynced)")
-            print(f"{m}: overhead {r['overhead_pct']:+.2f}% ; skipped+coalesced "
-                  f"{r['skipped'] + r['coalesced']} ; CPU update {upd:.1f} ms per snapshot vs "
-                  f"{step:.1f} ms per step ({'keeps up' if upd <= step else f'{upd / step:.2f}x slower than a step'})"
-                  f" ; copy {copy_gbps:.1f} GB/s{in_place}")
-            print(f"{m}: training thread in the Averager {r['averager_us_per_step']:.1f} us/step "
-                  f"(median {r['averager_us_median']:.1f} us) for {r['tensors']} tensors")
+            print(f"{m}: skipped+coalesced {r['skipped'] + r['coalesced']} ; CPU update "
+                  f"{upd:.1f} ms per snapshot vs {step:.1f} ms per step "
+                  f"({'keeps up' if upd <= step else f'{upd / step:.2f}x slower than a step'})"
+                  f" ; copy {copy_gbps:.1f} GB/s{in_place} ; training thread "
+                  f"{r['averager_us_median']:.1f} us/step median ({r['averager_us_per_step']:.1f} "
+                  f"mean) for {r['tensors']} tensors")
+    _print_verdict(by)
+
+
+def _print_verdict(by: Dict[str, dict]) -> None:
+    """The answer in words: is offload's step slower than none's, and how does it compare with
+    the naive synchronous EMA (step time and the training thread's time)?"""
+    lines = []
+    for a, b in VERDICT_PAIRS:
+        if a in by and b in by:
+            c = compare(by[a]["round_medians_ms"], by[b]["round_medians_ms"])
+            by[a].setdefault("verdict", {})[b] = c
+            lines.append(in_words(a, b, c))
+    if "offload" in by and "naive" in by:
+        o, n = by["offload"]["averager_us_median"], by["naive"]["averager_us_median"]
+        if o > 0 and n > 0:
+            lines.append(f"offload vs naive, training thread: {o:.0f} vs {n:.0f} us per step "
+                         f"(median): offload's is {n / o:.1f}x less"
+                         if o <= n else
+                         f"offload vs naive, training thread: {o:.0f} vs {n:.0f} us per step "
+                         f"(median): offload's is {o / n:.1f}x more")
+    if lines:
+        rounds = max(len(r["round_medians_ms"]) for r in by.values())
+        print(f"\nverdict ({rounds} interleaved rounds; a difference only when the rounds agree):")
+        for line in lines:
+            print(f"  {line}")
 
 
 def _fold_summary(by: Dict[str, dict]) -> Optional[str]:
@@ -926,7 +1034,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimizer", choices=["foreach", "fused"], default="foreach")
     p.add_argument("--modes", default=",".join(MODES),
                    help=f"comma-separated subset of {','.join(MODES)}")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help=f"interleaved rounds (default: {AUTO_ROUNDS[0]} to {AUTO_ROUNDS[1]}, "
+                        "stopping once the verdict's comparisons are decided or a clear tie)")
+    p.add_argument("--wide", action="store_true",
+                   help="also print each round's median step time per mode")
     p.add_argument("--steps", type=int, default=None, help="timed steps per mode per round")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per mode per round")
     p.add_argument("--on-busy", dest="on_busy", choices=["block", "skip", "coalesce"],
@@ -959,7 +1071,7 @@ def main(args: argparse.Namespace) -> int:
     if bad:
         raise SystemExit(f"--modes: unknown {bad}; choose from {', '.join(MODES)}")
     for name in ("rounds", "steps"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"--{name} must be >= 1")
     if args.warmup < 0:
         raise SystemExit("--warmup must be >= 0")
@@ -985,7 +1097,7 @@ def main(args: argparse.Namespace) -> int:
                 raise SystemExit(f"--save-dir {args.save_dir}: a file, not a directory")
             os.makedirs(args.save_dir, exist_ok=True)  # a new directory is made, not an error
         rows = run(args) if args.nproc == 1 else _spawn(args, tmp)
-    report(rows)
+    report(rows, wide=args.wide)
     if args.json:
         write_json(args.json, rows)
         print(f"wrote {len(rows)} records to {args.json}")

@@ -83,8 +83,8 @@ def test_bench_many_tensors_reports_the_averager_time_of_every_mode(tmp_path, ca
         # Each step's averaging lies within that step, and the median of 2 steps is their mean.
         assert us / 1e3 <= r["step_ms_median"] * 1.0001, r
     out = capsys.readouterr().out
-    assert "tensors=1223 (experts=150x1 per block)" in out and "avg us/step" in out
-    assert "offload: training thread in the Averager" in out
+    assert "tensors=1223 (experts=150x1 per block)" in out and "train us" in out
+    assert "us/step median" in out and "for 1223 tensors" in out
 
 
 def test_averager_time_is_the_time_inside_the_averagers_hooks(tmp_path, monkeypatch):
@@ -164,7 +164,8 @@ def test_bench_writes_records_table_and_plot(tmp_path, capsys):
     assert by["naive"]["applied"] == 6 and by["swa_utils"]["applied"] == 6
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = capsys.readouterr().out
-    assert "naive / none step time" in out and "offload: overhead" in out
+    assert "offload vs naive: " in out and "naive vs none: " in out and "offload vs none: " in out
+    assert "offload vs naive, training thread:" in out
     assert "host update per snapshot: fold 1" in out and "vs fold 4" in out
 
 
@@ -302,7 +303,7 @@ def test_a_run_cut_after_its_first_round_leaves_that_round_in_the_json(tmp_path,
     rows = json.loads(js.read_text())
     assert [r["mode"] for r in rows] == ["none", "naive"]
     for r in rows:
-        assert r["partial"] and r["rounds"] == 3 and len(r["round_medians_ms"]) == 1
+        assert r["partial"] and r["rounds"] == 1 and len(r["round_medians_ms"]) == 1
         assert KEYS <= set(r), KEYS - set(r)
     assert rows[1]["applied"] == 2
 
@@ -368,7 +369,7 @@ def test_report_explains_itself_and_warns_when_too_noisy(capsys):
              row("offload", 10.5, 11.0, 5.0, [10.4, 10.6])]
     benchmark.report(quiet)
     out = capsys.readouterr().out
-    assert "skip / coal: snapshots dropped or merged" in out and "warning" not in out
+    assert "skip / coal: dropped or merged" in out and "warning" not in out
     assert quiet[1]["overhead_pct_rounds"] == pytest.approx([4.0, 100 * (10.6 / 10.1 - 1)])
     assert "(+4.0..+5.0)" in out
     noisy = [row("none", 10.0, 25.0, 0.0, [9.0, 12.0]), row("offload", 10.3, 11.0, 3.0, [9.3, 12.3])]
@@ -403,3 +404,32 @@ def test_peer_modes_run_the_peers_own_classes_and_missing_ones_are_reported(tmp_
         assert "unavailable" in rows["lightning_ema"]
     else:
         assert rows["lightning_ema"]["applied"] == 3
+
+
+def test_the_verdict_calls_a_difference_only_when_the_rounds_agree(capsys):
+    """Paired rounds (the same drift on both modes): every round slower is a difference, stated
+    with its direction in words; rounds that disagree are a tie, however large the median."""
+    from offload_ema import benchmark
+
+    slower = benchmark.compare([12.0, 12.2, 11.9, 12.5, 12.1, 12.3], [10.0] * 6)
+    assert slower["decided"] and slower["agree"] == 6 and slower["p"] == pytest.approx(2 / 64)
+    assert "offload's step is 1.21x slower (naive 1.21x faster; 6 of 6 rounds agree" in \
+        benchmark.in_words("offload", "naive", slower)
+    faster = benchmark.compare([8.0] * 7, [10.0] * 7)
+    assert "offload's step is 1.25x faster (none 1.25x slower" in \
+        benchmark.in_words("offload", "none", faster)
+    mixed = benchmark.compare([13.0, 7.0, 14.0, 9.0, 12.5, 8.5], [10.0] * 6)
+    assert not mixed["decided"]
+    assert "a tie within this machine's noise" in benchmark.in_words("offload", "none", mixed)
+    five = benchmark.compare([12.0] * 5, [10.0] * 5)  # five rounds cannot decide at 5%
+    assert not five["decided"] and five["p"] == pytest.approx(2 / 32)
+
+
+def test_auto_rounds_stop_once_the_verdict_is_settled():
+    from offload_ema import benchmark
+    steps = 2
+    clear = {"none": [0.010] * 12, "offload": [0.010] * 12, "naive": [0.020] * 12}
+    assert benchmark._settled(clear, steps, 1)  # a clear difference and an exact tie
+    noisy = {"none": [0.010, 0.010, 0.030, 0.030, 0.010, 0.010] * 2,
+             "offload": [0.030, 0.030, 0.010, 0.010, 0.010, 0.010] * 2}
+    assert not benchmark._settled(noisy, steps, 1)
