@@ -1018,7 +1018,8 @@ def _size(n: int) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     cuda = torch.cuda.is_available()
-    p.add_argument("--device", default="cuda" if cuda else "cpu")
+    p.add_argument("--device", default="cuda" if cuda else "cpu",
+                   help="where the model trains: cuda (default when a GPU is there), cuda:N, cpu")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="model size (default: 1b on a GPU, tiny on the CPU)")
     p.add_argument("--layers", type=int, help="override the preset's number of blocks")
@@ -1031,7 +1032,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="each expert's hidden width (default 4 * width / experts, at least 1)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
                    help="parameter dtype (default: bf16 on a GPU, fp32 on the CPU)")
-    p.add_argument("--optimizer", choices=["foreach", "fused"], default="foreach")
+    p.add_argument("--optimizer", choices=["foreach", "fused"], default="foreach",
+                   help="AdamW's implementation (default foreach; fused: one kernel, GPU)")
     p.add_argument("--modes", default=",".join(MODES),
                    help=f"comma-separated subset of {','.join(MODES)}")
     p.add_argument("--rounds", type=int, default=None,
@@ -1042,8 +1044,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="timed steps per mode per round")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per mode per round")
     p.add_argument("--on-busy", dest="on_busy", choices=["block", "skip", "coalesce"],
-                   default="block")
-    p.add_argument("--threads", type=int, help="offload_ema kernel threads")
+                   default="block", help="the offload modes' busy policy when the worker has "
+                                         "not finished the previous snapshots (default block)")
+    p.add_argument("--threads", type=int,
+                   help="threads of offload_ema's host update kernels (default: the cores)")
     p.add_argument("--fold", type=int, default=4,
                    help="snapshots offload_fold folds per pass over the accumulator (default 4)")
     p.add_argument("--save-every", dest="save_every", type=int, default=0,

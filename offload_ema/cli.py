@@ -7,6 +7,21 @@ import sys
 
 
 def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "posthoc":
+        return posthoc(args.snapshots, args.sigma_rel, args.step, args.out, args.verbose)
+    if args.command == "consolidate":
+        return consolidate(args.src, args.out)
+    if args.command == "bench":
+        from offload_ema import benchmark
+        return benchmark.main(args)
+    if args.command == "inspect":
+        return inspect(args.path, args.verbose)
+    return 2
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line: bench, inspect, consolidate, posthoc."""
     p = argparse.ArgumentParser(prog="offload-ema", description="offload_ema tools")
     sub = p.add_subparsers(dest="command", required=True)
     from offload_ema import benchmark
@@ -15,7 +30,11 @@ def main(argv=None) -> int:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     benchmark.add_arguments(b)
     i = sub.add_parser("inspect", help="print a snapshot file's metadata and tensors")
-    i.add_argument("path")
+    i.add_argument("path", help="a snapshot file (.safetensors), a sharded snapshot's index or "
+                                "the name it was saved under, or a DCP checkpoint directory")
+    i.add_argument("--verbose", action="store_true",
+                   help="print long metadata in full (a synthesised snapshot's every source "
+                        "and weight) instead of a summary")
     c = sub.add_parser(
         "consolidate", help="merge a sharded snapshot (per-rank files + index, or a "
                             "torch.distributed.checkpoint directory) into one file",
@@ -33,19 +52,22 @@ def main(argv=None) -> int:
     h.add_argument("--step", type=int, default=None, help="default: the latest stored step")
     h.add_argument("out", help="the snapshot file to write")
     h.add_argument("snapshots", nargs="+", help="power-EMA snapshot files (or indexes)")
-    args = p.parse_args(argv)
-    if args.command == "posthoc":
-        return posthoc(args.snapshots, args.sigma_rel, args.step, args.out)
-    if args.command == "consolidate":
-        return consolidate(args.src, args.out)
-    if args.command == "bench":
-        return benchmark.main(args)
-    if args.command == "inspect":
-        return inspect(args.path)
-    return 2
+    h.add_argument("--verbose", action="store_true",
+                   help="print every source snapshot's weight (default: the largest)")
+    return p
 
 
-def inspect(path: str) -> int:
+def _weights_summary(sources, weights, verbose: bool, indent: str = "  ") -> str:
+    """A post-hoc fit's weights: the largest few by magnitude (all with ``verbose``)."""
+    pairs = sorted(zip(sources, weights), key=lambda p: -abs(p[1]))
+    shown = pairs if verbose else pairs[:5]
+    lines = [f"{indent}{w:+.4f}  {os.path.basename(str(src))}" for src, w in shown]
+    if len(pairs) > len(shown):
+        lines.append(f"{indent}... {len(pairs) - len(shown)} more (--verbose for all)")
+    return "\n".join(lines)
+
+
+def inspect(path: str, verbose: bool = False) -> int:
     from offload_ema.snapshots import load_snapshot
 
     try:
@@ -63,8 +85,25 @@ def inspect(path: str) -> int:
         print(f"offload-ema inspect: {exc}", file=sys.stderr)
         return 1
     print(path)
+    avg = meta.get("average") if isinstance(meta.get("average"), dict) else {}
+    synthesised = avg.get("kind") == "posthoc_power_ema"
     for k in sorted(meta):
-        print(f"  {k}: {meta[k]}")
+        value = meta[k]
+        if synthesised and k == "average" and not verbose:
+            value = {x: v for x, v in avg.items() if x not in ("sources", "weights")}
+            value["sources"] = f"{len(avg.get('sources', []))} snapshots"
+        elif synthesised and k == "applied":
+            value = "- (synthesised after training from the sources' averages)"
+        elif k == "passthrough" and not verbose:
+            import json
+            names = json.loads(value) if isinstance(value, str) else value
+            value = (f"{len(names)} entries not averaged (buffers, frozen parameters): taken "
+                     f"as they were{', e.g. ' + ', '.join(names[:3]) if names else ''}")
+        print(f"  {k}: {value}")
+    if synthesised:
+        print(f"  fit ({len(avg.get('sources', []))} sources; weights sum to "
+              f"{sum(avg.get('weights', [])):.4f}):")
+        print(_weights_summary(avg.get("sources", []), avg.get("weights", []), verbose, "    "))
     total = sum(t.numel() for t in tensors.values())
     print(f"{len(tensors)} tensors, {total:,} elements")
     width = max((len(k) for k in tensors), default=4)
@@ -94,9 +133,7 @@ def consolidate(src: str, out: str) -> int:
     return 0
 
 
-def posthoc(paths, sigma_rel: float, step, out: str) -> int:
-    import json
-
+def posthoc(paths, sigma_rel: float, step, out: str, verbose: bool = False) -> int:
     from offload_ema.posthoc import posthoc_ema
     from offload_ema.snapshots import metadata, write_atomic
 
@@ -109,10 +146,15 @@ def posthoc(paths, sigma_rel: float, step, out: str) -> int:
     config = {"kind": "posthoc_power_ema", "sigma_rel": sigma_rel, "gamma": info["gamma"],
               "sources": [str(p) for p in paths], "weights": info["weights"]}
     meta = metadata("posthoc", config, info["step"], 0, torch.float32)
+    import json
+    meta["passthrough"] = json.dumps(info["passthrough"])
     write_atomic(out, tensors, meta)
-    print(f"wrote {out}: sigma_rel {sigma_rel} (gamma {info['gamma']:.4g}) at step "
-          f"{info['step']} from {len(paths)} snapshots; residual {info['residual']:.3g} "
-          f"(relative L2 misfit of the profile); weights {json.dumps(info['weights'])}")
+    print(f"wrote {out}")
+    print(f"  sigma_rel {sigma_rel} (gamma {info['gamma']:.4g}) at step {info['step']} from "
+          f"{len(paths)} snapshots; residual {info['residual']:.3g} (relative misfit of the "
+          f"profile)")
+    print(f"  weights (sum {sum(info['weights']):.4f}), largest first:")
+    print(_weights_summary(paths, info["weights"], verbose, "    "))
     return 0
 
 

@@ -56,7 +56,8 @@ def posthoc_ema(paths: Sequence[str], sigma_rel: float, step: Optional[int] = No
     Returns:
         ``{name: float32 tensor}`` of the averaged entries (entries that are not averaged, e.g.
         integer buffers, from the latest snapshot), or ``(state_dict, info)`` with
-        ``return_info``: ``info`` has ``weights``, ``residual`` (relative), ``gamma``, ``step``.
+        ``return_info``: ``info`` has ``weights``, ``residual`` (relative), ``gamma``, ``step``,
+        ``passthrough`` (the entries taken from the latest snapshot).
 
     Raises:
         ValueError: a file that is not a power-EMA snapshot, files of different models (names,
@@ -106,7 +107,7 @@ def posthoc_ema(paths: Sequence[str], sigma_rel: float, step: Optional[int] = No
         out[k] = acc.float()
     if return_info:
         return out, {"weights": x.tolist(), "residual": residual, "gamma": target_gamma,
-                     "step": step, "sigma_rel": sigma_rel}
+                     "step": step, "sigma_rel": sigma_rel, "passthrough": sorted(passthrough)}
     return out
 
 

@@ -4,7 +4,9 @@ back into a model.
 A file holds one tensor per state_dict entry of the unwrapped model (averaged entries in float32
 by default, or the dtype asked for; integer buffers in their own dtype) and string metadata:
 ``format`` ("offload_ema.snapshot"), ``version``, ``name``, ``average`` (JSON: kind, beta /
-window, every, start), ``step``, ``applied``, ``created`` (ISO 8601, UTC), ``dtype``.
+window, every, start), ``step``, ``applied``, ``created`` (ISO 8601, UTC), ``dtype``,
+``passthrough`` (JSON list of the entries not averaged: buffers, frozen parameters) and, in a
+sharded snapshot's per-rank files, ``world``, ``rank`` and ``shards`` (split tensors' offsets).
 
 Writes go to a temporary file in the destination directory, are flushed and fsynced, then renamed
 over the final path, and the directory is fsynced: a process killed at any moment leaves the
