@@ -410,6 +410,7 @@ class Retention:
         if "step" not in fields:
             raise ValueError(f"path template must contain {{step}}, got {template!r}")
         self.template, self.keep_last = template, keep_last
+        self._warned: set = set()  # names already warned about another run's files
 
     def _patterns(self, name: str) -> Tuple[str, "re.Pattern"]:
         glob_pat, regex = "", ""
@@ -435,11 +436,23 @@ class Retention:
                 found.append((int(m.group(1)), p))
         return sorted(found)
 
-    def prune(self, name: str) -> None:
+    def prune(self, name: str, step: int) -> None:
+        """Keeps the ``keep_last`` newest files at or below ``step`` (the one just written).
+        Files of higher steps are another run's (a run restarted from step 1 in the same
+        directory): never removed in favour of this run's older steps, and said once."""
         if self.keep_last is None:
             return
         files = self.files(name)
-        for _, p in files[:max(0, len(files) - self.keep_last)]:
+        mine = [(s, p) for s, p in files if s <= step]
+        ahead = len(files) - len(mine)
+        if ahead and name not in self._warned:
+            import warnings
+            self._warned.add(name)
+            warnings.warn(f"save_every: {ahead} file(s) matching {self.template!r} for {name!r} "
+                          f"have steps above this run's {step} (another run's, in the same "
+                          f"directory?): keep_last={self.keep_last} leaves them alone and rotates "
+                          "this run's own", RuntimeWarning, stacklevel=2)
+        for _, p in mine[:max(0, len(mine) - self.keep_last)]:
             try:
                 os.unlink(p)
             except FileNotFoundError:

@@ -129,7 +129,7 @@ class SnapshotWriter:
             if index_path is not None and strategy.rank == 0:
                 write_index(index_path, index, meta)
             if retention is not None:
-                retention.prune(name)
+                retention.prune(name, step)
             return nbytes
 
         self._engine.run_after(take_copy)

@@ -421,3 +421,32 @@ def test_a_failed_write_names_the_users_path_not_our_temporary(target, tmp_path)
             avg.save(path, "ema").result(timeout=60)
     message = str(info.value)
     assert path in message and ".tmp-" not in message, message
+
+
+def test_keep_last_never_removes_this_runs_files_for_an_older_runs_higher_steps(tmp_path):
+    """A run restarted from step 1 in a directory where an earlier run reached step 40: the
+    earlier run's higher-step files were "newest" by step, and rotation deleted the new run's
+    own files as soon as they were written."""
+    template = str(tmp_path / "{name}-{step:05d}.safetensors")
+    model, opt = make()
+    with oe.Averager(model, {"ema": oe.EMA(0.9)}) as avg:  # the earlier run: steps 1..40
+        avg.attach(opt)
+        avg.save_every(10, template, keep_last=2)
+        for s in range(1, 41):
+            train_step(model, opt, s)
+    assert sorted(p.name for p in tmp_path.glob("ema-*")) == ["ema-00030.safetensors",
+                                                               "ema-00040.safetensors"]
+    model, opt = make(seed=1)
+    with pytest.warns(RuntimeWarning, match="steps above this run's 10"):
+        with oe.Averager(model, {"ema": oe.EMA(0.9)}) as avg:  # restarted from step 1
+            avg.attach(opt)
+            avg.save_every(10, template, keep_last=2)
+            for s in range(1, 26):
+                train_step(model, opt, s)
+    names = sorted(p.name for p in tmp_path.glob("ema-*"))
+    # This run's two newest, at or below its step (10 and 20), and the earlier run's 30 and 40
+    # untouched. (Before: each of this run's files was removed right after it was written.)
+    assert names == ["ema-00010.safetensors", "ema-00020.safetensors", "ema-00030.safetensors",
+                     "ema-00040.safetensors"], names
+    _, meta = oe.load_snapshot(tmp_path / "ema-00020.safetensors")
+    assert meta["step"] == 20
