@@ -204,7 +204,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("copy_on_stream", &oe::copy_on_stream,
         "Non-blocking copies srcs -> dsts with a given stream current (restored on return).",
         py::arg("dsts"), py::arg("srcs"), py::arg("starts"), py::arg("ends"),
-        py::arg("stream_id"), py::arg("device_index"), py::arg("device_type"));
+        py::arg("stream_id"), py::arg("device_index"), py::arg("device_type"),
+        // As torch's own bindings of _foreach_copy_: other threads (training's) run meanwhile.
+        py::call_guard<py::gil_scoped_release>());
   m.def("get_num_threads", &oe::get_num_threads, "Threads a kernel call may use.");
   m.def("set_num_threads", &oe::set_num_threads, "Sets the threads a kernel call may use (>= 1).");
   m.def("isa", [] { return std::string(oe::isa_name(oe::active_isa())); },

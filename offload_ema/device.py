@@ -116,15 +116,21 @@ class CudaOps:
         where registering fails."""
         total = _carved_bytes(sizes)
         base = torch.empty(total, dtype=torch.uint8)
-        with torch.cuda.device(self.device):  # its primary context current on this thread
-            torch.cuda.current_stream(self.device)  # (initialises CUDA on this device)
-            ctx = _driver_register(base.data_ptr(), total) if total else None
-        if ctx is not None:
+        torch.cuda.init()  # the driver initialised (cuInit) before its API is called directly
+        index = self.device.index if self.device.index is not None else \
+            torch.cuda.current_device()
+        why = _driver_register(base.data_ptr(), total, index) if total else "nothing to pin"
+        if why is None:
             # Unregistered before the memory can be freed: on close, or when this object is
             # collected unclosed (the finalizer holds ``base``, so the memory outlives it).
-            self._unregister = weakref.finalize(self, _driver_unregister, base, ctx)
+            self._unregister = weakref.finalize(self, _driver_unregister, base, index)
             self.pinned_nbytes = total
         else:
+            if total:
+                import warnings
+                warnings.warn(f"offload_ema: pinning {total} bytes of staging with "
+                              f"cuMemHostRegister failed ({why}); torch's pinned allocator is "
+                              "used instead (it rounds up to a power of two)", RuntimeWarning)
             base = torch.empty(total, dtype=torch.uint8, pin_memory=True)
             self.pinned_nbytes = 1 << max(total - 1, 0).bit_length()  # what the allocator holds
         return carve(base, sizes)
@@ -171,10 +177,11 @@ class CudaOps:
         training thread (the fence issues copies) cannot leave it on the side stream, as it can
         between the enter and exit of ``with torch.cuda.stream(...)``."""
         from offload_ema import ops
-        if ops._C is not None:
+        copy_on_stream = getattr(ops._C, "copy_on_stream", None)  # (None: an older build)
+        if copy_on_stream is not None:
             lo_hi = ranges or [(-1, -1)] * len(srcs)
-            ops._C.copy_on_stream(dsts, srcs, [r[0] for r in lo_hi], [r[1] for r in lo_hi],
-                                  stream.stream_id, stream.device_index, stream.device_type)
+            copy_on_stream(dsts, srcs, [r[0] for r in lo_hi], [r[1] for r in lo_hi],
+                           stream.stream_id, stream.device_index, stream.device_type)
             return
         # Without the C++ extension (a pure-Python install): not safe against an interrupt
         # between the two switches.
@@ -200,38 +207,60 @@ def _libcuda():
         return None
 
 
-def _driver_register(ptr: int, nbytes: int) -> Optional[int]:
-    """cuMemHostRegister(ptr, nbytes, 0) in the thread's current context: that context, or
-    None on any failure (no driver library, no current context, the call refused)."""
+CU_MEMHOSTREGISTER_PORTABLE = 1  # pinned for every context (any device's copies)
+
+
+def _driver_register(ptr: int, nbytes: int, index: int) -> Optional[str]:
+    """cuMemHostRegister(ptr, nbytes, PORTABLE) with device ``index``'s primary context pushed
+    for the call (retained until _driver_unregister: the thread's current context may be none
+    or another device's). None when done, else why not (no driver library, a refused call)."""
     lib = _libcuda()
     if lib is None:
-        return None
+        return "no libcuda.so.1"
     try:
-        ctx = ctypes.c_void_p()
-        if lib.cuCtxGetCurrent(ctypes.byref(ctx)) != 0 or not ctx.value:
-            return None
-        register = getattr(lib, "cuMemHostRegister_v2", None) or lib.cuMemHostRegister
-        register.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
-        ok = register(ctypes.c_void_p(ptr), ctypes.c_size_t(nbytes), 0) == 0
-        return ctx.value if ok else None
-    except (AttributeError, OSError, ctypes.ArgumentError):
+        dev, ctx = ctypes.c_int(), ctypes.c_void_p()
+        if lib.cuDeviceGet(ctypes.byref(dev), index) != 0:
+            return f"cuDeviceGet({index}) failed"
+        if lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev) != 0:
+            return "cuDevicePrimaryCtxRetain failed"
+        lib.cuCtxPushCurrent_v2.argtypes = [ctypes.c_void_p]
+        if lib.cuCtxPushCurrent_v2(ctx) != 0:
+            lib.cuDevicePrimaryCtxRelease_v2(dev)
+            return "cuCtxPushCurrent failed"
+        try:
+            register = getattr(lib, "cuMemHostRegister_v2", None) or lib.cuMemHostRegister
+            register.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+            err = register(ctypes.c_void_p(ptr), ctypes.c_size_t(nbytes),
+                           CU_MEMHOSTREGISTER_PORTABLE)
+        finally:
+            lib.cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p()))
+        if err != 0:
+            lib.cuDevicePrimaryCtxRelease_v2(dev)
+            return f"CUresult {err}"
         return None
+    except (AttributeError, OSError, ctypes.ArgumentError) as exc:
+        return repr(exc)
 
 
-def _driver_unregister(base: torch.Tensor, ctx: int) -> None:
-    """cuMemHostUnregister in the context that registered ``base`` (made current for the call:
-    a collection or the exit may run on a thread without it). Best effort: at exit the context
-    may be gone, and then so is the registration."""
+def _driver_unregister(base: torch.Tensor, index: int) -> None:
+    """cuMemHostUnregister with the registering primary context pushed (a collection or the
+    exit may run on a thread without it), then that context's retain released. Best effort: at
+    exit the context may be gone, and then so is the registration."""
     lib = _libcuda()
     if lib is None:
         return
     try:
+        dev, ctx = ctypes.c_int(), ctypes.c_void_p()
+        if lib.cuDeviceGet(ctypes.byref(dev), index) != 0 or \
+                lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev) != 0:
+            return
         lib.cuCtxPushCurrent_v2.argtypes = [ctypes.c_void_p]
         lib.cuMemHostUnregister.argtypes = [ctypes.c_void_p]
-        pushed = lib.cuCtxPushCurrent_v2(ctypes.c_void_p(ctx)) == 0
-        lib.cuMemHostUnregister(ctypes.c_void_p(base.data_ptr()))
-        if pushed:
+        if lib.cuCtxPushCurrent_v2(ctx) == 0:
+            lib.cuMemHostUnregister(ctypes.c_void_p(base.data_ptr()))
             lib.cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p()))
+        lib.cuDevicePrimaryCtxRelease_v2(dev)  # this call's retain
+        lib.cuDevicePrimaryCtxRelease_v2(dev)  # _driver_register's
     except (AttributeError, OSError, ctypes.ArgumentError):
         pass
 

@@ -326,6 +326,8 @@ class Engine:
         self.applied_schedule = None  # schedule state of the last job done      (under _lock)
         self._unfenced: Optional[Job] = None                                # training thread
         self._last_main_event = None  # the last event the engine recorded on the main stream
+        self._fence_thread: Optional[int] = None  # the thread that fences (training's)
+        self._dirty = False  # a recover() that has not finished: finished before the next job
         self._submitting: Optional[Job] = None                              # training thread
         self._last_queued_step = 0                                          # training thread
         self._queue: "queue.SimpleQueue" = queue.SimpleQueue()  # Job, callable, None (stop)
@@ -477,6 +479,10 @@ class Engine:
 
     # ---- training thread --------------------------------------------------------------------
     def busy(self) -> bool:
+        if self._dirty:  # an interrupted recover(): finished now (no job is submitted since)
+            self.read(_nothing)
+            self._refill()
+            self._dirty = False
         return self._tickets.empty()
 
     def wait_capacity(self) -> None:
@@ -523,6 +529,8 @@ class Engine:
         applied, an unqueued one is forgotten, and the tickets and staging buffers are all free
         again (an interrupt between taking one and recording it, at any bytecode, loses none)."""
         job = self._submitting
+        # Set first: a second interrupt before the refill below leaves it to the next submit.
+        self._dirty = True
         # Once this marker has run on the worker, every job queued before it has been taken,
         # applied and released (held ones are folded first).
         self.read(_nothing)
@@ -538,6 +546,7 @@ class Engine:
             self._last_queued_step = step
         self._submitting = None
         self._refill()
+        self._dirty = False
         return queued
 
     def _refill(self) -> None:
@@ -602,16 +611,18 @@ class Engine:
         if job is None:
             return
         t0 = time.perf_counter()
+        self._fence_thread = threading.get_ident()
         if self._issuer_copies and job.ready_event is not None and self._ops.claim_policy != ISSUER:
             try:  # the claim inside the try: an interrupt right after it is handled below
+                # (FENCE already: this thread's own earlier fence, abandoned by an interrupt
+                # that also skipped the hand-back below: issued from the start.)
                 if job.claim.setdefault("by", FENCE) == FENCE and not job.issued.is_set():
                     self._issue_copies(job)  # not yet taken by the issuer: no hand-off
                     job.issued.set()
-            except BaseException:
-                # An interrupt or a failed issue: the issuer issues it from the start (a copy
-                # issued twice writes the same bytes).
-                if job.claim.get("by") == FENCE and not job.issued.is_set():
-                    job.claim["by"] = RELEASED
+            except Exception:  # e.g. out of memory for a reshape: the issuer tries (and reports)
+                self._hand_back(job)
+            except BaseException:  # an interrupt: the issuer issues it from the start
+                self._hand_back(job)
                 raise
         # Issuer / chunked: the worker issues the copies; host: the worker reads them.
         self._wait_for(job.issued)
@@ -623,6 +634,18 @@ class Engine:
         self._unfenced = None
         self._fence_wait += time.perf_counter() - t0
 
+    def _hand_back(self, job: Job) -> None:
+        if job.claim.get("by") == FENCE and not job.issued.is_set():
+            job.claim["by"] = RELEASED
+
+    def _release_abandoned_claim(self) -> None:
+        """On the thread that fences: a claim of its own left by an interrupted fence (a second
+        interrupt skipped the hand-back) is handed to the issuer, which otherwise waits for it.
+        Safe: this thread is here, not inside fence()."""
+        job = self._unfenced
+        if job is not None and threading.get_ident() == self._fence_thread:
+            self._hand_back(job)
+
     # ---- any thread ---------------------------------------------------------------------------
     def run_after(self, fn) -> None:
         """Runs ``fn()`` on the worker after every snapshot submitted so far is applied (it sees
@@ -632,6 +655,7 @@ class Engine:
     def read(self, fn):
         """``fn()``'s result, computed on the worker after every snapshot submitted so far is
         applied and before any later one: a consistent read from any thread."""
+        self._release_abandoned_claim()
         done = threading.Event()
         result = []
 
@@ -723,6 +747,7 @@ class Engine:
         from the worker itself (a garbage collection there) it only asks it to stop."""
         if self._closed:
             return
+        self._release_abandoned_claim()
         self._closed = True
         self._inbox.put(None)  # the issuer passes it on to the worker
         if threading.current_thread() in (self._thread, self._issuer):
@@ -742,6 +767,8 @@ class Engine:
             self._buffer_plans.clear()
             self._staging, self._buffer_staging, self._flags, self._pack = [], [], None, None
             self._ops.free_host()
+            for e in self.layout.all_entries:  # storage the model may have given up: freed
+                e.source = None
 
     # ---- reading the averages (worker idle, or on the worker) -------------------------------
     def applied(self, name: str) -> int:

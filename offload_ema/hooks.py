@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import os
 import sys
+import threading
 import warnings
 import weakref
 from typing import Dict, Optional, Sequence
@@ -18,6 +19,13 @@ __all__ = ["OptimizerHooks", "DeepSpeedHooks", "step_hooks", "is_deepspeed_optim
 def _compiler_disable(fn):
     disable = getattr(getattr(torch, "compiler", None), "disable", None)
     return disable(fn) if disable is not None else fn
+
+
+def _is_compiling() -> bool:
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    if is_compiling is None:  # torch < 2.3
+        is_compiling = getattr(getattr(torch, "_dynamo", None), "is_compiling", lambda: False)
+    return is_compiling()
 
 
 class OptimizerHooks:
@@ -46,6 +54,7 @@ class OptimizerHooks:
         # Weak: hooks left on a live optimizer do not keep a dropped Averager alive.
         me, expected = weakref.ref(averager), len(optimizers)
         stepped: Dict[int, Optional[torch.Tensor]] = {}
+        in_step = [False]  # between an optimizer's pre- and post-hook (a closure's forward)
 
         def take(avg) -> None:
             flags = [f for f in stepped.values() if isinstance(f, torch.Tensor)]
@@ -66,6 +75,7 @@ class OptimizerHooks:
                 return
             if stepped and id(opt) in stepped:
                 settle()  # the last training step: a new one begins with this optimizer
+            in_step[0] = True
             avg.fence()
 
         @_compiler_disable
@@ -73,6 +83,7 @@ class OptimizerHooks:
             avg = me()
             if avg is None or avg._closed:
                 return
+            in_step[0] = False
             stepped[id(opt)] = getattr(opt, "found_inf", None)  # set by GradScaler if fused
             if len(stepped) >= expected:
                 take(avg)
@@ -86,9 +97,14 @@ class OptimizerHooks:
             else:
                 take(avg)
 
-        @_compiler_disable
+        # Not compiler-disabled (a graph break would fail fullgraph=True): traced, it returns at
+        # once, and a compiled forward leaves a pending step to the next optimizer's pre-hook.
         def forward_hook(module, args):
-            settle()  # before this forward changes the module buffers
+            if _is_compiling() or not stepped or in_step[0]:
+                return  # (in a step: a closure optimizer's own forward)
+            avg = me()
+            if avg is not None and threading.get_ident() == avg._training_thread:
+                settle()  # before this forward changes the module buffers
 
         self.settle = settle
         self._handles = []

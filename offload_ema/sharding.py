@@ -32,6 +32,7 @@ __all__ = ["Local", "OwnerSharded", "FSDP2Shards", "ZeroShards", "choose"]
 def choose(model: nn.Module, shard: Optional[bool], process_group=None):
     """The strategy for ``model``: FSDP2 shards when its parameters are DTensors; owner-sharded
     when torch.distributed runs with more than one process (or ``shard=True``); else local."""
+    _refuse_fsdp1(model)
     initialised = dist.is_available() and dist.is_initialized()
     params = list(unwrap_model(model).parameters())
     if any(is_dtensor(p) for p in params):
@@ -45,6 +46,21 @@ def choose(model: nn.Module, shard: Optional[bool], process_group=None):
     if not initialised:
         raise RuntimeError("shard=True needs torch.distributed to be initialised first")
     return OwnerSharded(process_group)
+
+
+def _refuse_fsdp1(model: nn.Module) -> None:
+    """FSDP's first version flattens parameters and points each at a new view of its flat
+    buffer at every forward (``.data`` swaps): a snapshot bound to a parameter's storage would
+    meet a different one each step."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - a torch without distributed
+        return
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        raise NotImplementedError(
+            "FullyShardedDataParallel (FSDP1) is not supported: it swaps its parameters' storage "
+            "at every forward. Shard with fully_shard (FSDP2: averaged per local shard), or "
+            "build the Averager on the model before wrapping it and use DDP")
 
 
 class Local:

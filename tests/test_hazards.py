@@ -360,3 +360,31 @@ def test_consolidate_runs_as_a_module(tmp_path):
     assert r.returncode == 0, r.stderr
     one, meta = oe.load_snapshot(tmp_path / "one.safetensors")
     assert set(one) == set(model.state_dict()) and meta["name"] == "ema"
+
+
+def test_closure_optimizers_attached_together_count_each_step_once():
+    """A closure optimizer runs the model's forward inside its step: that forward must not end
+    the training step (the first optimizer's update alone, before the second's)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))
+    a = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    b = torch.optim.SGD(model[1].parameters(), lr=0.1)
+    x = torch.randn(16, 4)
+    ref = RefEMA(0.9)
+    with oe.Averager(model, {"ema": oe.EMA(0.9)}) as avg:
+        avg.attach(a, b)
+        for _ in range(5):
+            def closure():
+                a.zero_grad()
+                b.zero_grad()
+                loss = model(x).pow(2).mean()
+                loss.backward()
+                return loss
+            closure()
+            a.step(closure)
+            b.step(closure)
+            ref.update(snapshot(model))
+        avg.flush()
+        st = avg.stats()
+        assert st["step"] == 5 and st["snapshots_taken"] == 5, st
+        assert_matches(avg.averaged_state_dict("ema"), ref.avg, rtol=1e-6, atol=1e-7)

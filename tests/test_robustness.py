@@ -486,3 +486,65 @@ def test_an_interrupt_right_after_the_job_is_queued_is_not_a_lost_snapshot(devic
         for n, r in refs.items():
             assert_matches(avg.averaged_state_dict(n), r.avg, rtol=1e-6, atol=1e-7)
         avg.close()
+
+
+# ---- a second interrupt --------------------------------------------------------------------------
+
+def test_a_fence_claim_left_by_a_second_interrupt_is_handed_back():
+    """A second interrupt can land between an interrupted fence's check and its hand-back of
+    the claim: the claim stays the fence's with nothing issued. flush / reads / close on the
+    training thread hand it to the issuer instead of waiting for a copy nobody issues."""
+    with lazy_device(seed=3, max_delay=0.0, claim_policy="fence"):
+        model, opt = make()
+        avg = oe.Averager(model, {"ema": oe.EMA(0.7)}).attach(opt)
+        ref = RefEMA(0.7)
+        for s in (1, 2):
+            train_step(model, opt, s)
+            ref.update(snapshot(model))
+        eng = avg._engine
+        eng._unfenced.claim["by"] = engine_mod.FENCE  # as left by the fence: never issued
+
+        def as_the_training_thread(call):  # (the thread that fences: here, the timed one)
+            def run():
+                eng._fence_thread = threading.get_ident()
+                return call()
+            return run
+        call_with_timeout(as_the_training_thread(avg.flush), 30,
+                          "flush after an abandoned claim", abandon=[avg])
+        assert_matches(avg.averaged_state_dict("ema"), ref.avg, rtol=1e-6, atol=1e-7)
+        train_step(model, opt, 3)
+        eng._unfenced.claim["by"] = engine_mod.FENCE
+        call_with_timeout(as_the_training_thread(avg.close), 30,
+                          "close after an abandoned claim", abandon=[avg])
+
+
+def test_a_recover_cut_short_by_a_second_interrupt_is_finished_by_the_next_step():
+    """A second interrupt inside recover() (before it refilled the tickets) must not lose a
+    ticket for good: with one snapshot in flight at most, the next step would wait forever."""
+    model, opt = make()
+    staging = oe.averager.Layout(model).nbytes // 2  # chunked: one snapshot in flight
+    with oe.Averager(model, {"ema": oe.EMA(0.7)}, staging_bytes=staging) as avg:
+        avg.attach(opt)
+        ref = RefEMA(0.7)
+        train_step(model, opt, 1)
+        ref.update(snapshot(model))
+        avg.flush()
+        eng = avg._engine
+        assert eng.capacity == 1
+        eng._tickets.get_nowait()  # taken by a submit, then interrupted before it was recorded
+        eng._dirty = True          # recover() began and was interrupted before its refill
+        for s in (2, 3):
+            call_with_timeout(lambda: train_step(model, opt, s), 30, f"step {s}", abandon=[avg])
+            ref.update(snapshot(model))
+        assert_matches(avg.averaged_state_dict("ema"), ref.avg, rtol=1e-6, atol=1e-7)
+        assert avg.stats()["in_flight"] == 0
+
+
+def test_fsdp1_is_refused_at_construction():
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    model, _ = make()
+    wrapper = FullyShardedDataParallel.__new__(FullyShardedDataParallel)  # (no process group)
+    nn.Module.__init__(wrapper)
+    wrapper.inner = model
+    with pytest.raises(NotImplementedError, match="FSDP1.*fully_shard"):
+        oe.Averager(wrapper, {"ema": oe.EMA(0.9)})
