@@ -12,11 +12,11 @@ EXT := offload_ema/_C$(EXT_SUFFIX)
 .PHONY: setup deps bench bench-kernels test gpu-wheels
 
 # What each package is for: torch (the library itself; a CPU build unless one is installed),
-# setuptools / wheel / ninja (building the C++ kernels), psutil / safetensors (runtime), pytest
+# setuptools / wheel / ninja (building the C++ kernels), numpy / psutil / safetensors (runtime), pytest
 # (the tests), matplotlib (--plot), lightning / transformers / accelerate / diffusers (the
 # integrations and their tests), deepspeed (the ZeRO tests). pip runs only for what is missing
 # (looked up without importing anything): a set-up machine skips this in well under a second.
-PACKAGES := setuptools:setuptools>=64 wheel:wheel ninja:ninja pytest:pytest psutil:psutil \
+PACKAGES := setuptools:setuptools>=64 wheel:wheel ninja:ninja pytest:pytest numpy:numpy psutil:psutil \
 	safetensors:safetensors matplotlib:matplotlib lightning:lightning transformers:transformers \
 	accelerate:accelerate diffusers:diffusers sklearn:scikit-learn
 MISSING = $(shell $(PYTHON) -c "import importlib.util as u, sys; print(' '.join(repr(p.split(':', 1)[1]) for p in sys.argv[1:] if u.find_spec(p.split(':')[0]) is None))" $(foreach p,$(PACKAGES),'$(p)'))
@@ -45,4 +45,4 @@ test: setup
 
 # Wheels the offline GPU machine needs for bench/gpu_check.sh (carried as .wheels/).
 gpu-wheels:
-	$(PYTHON) -m pip download -q -d .wheels pytest ninja psutil safetensors
+	$(PYTHON) -m pip download -q -d .wheels pytest ninja numpy psutil safetensors

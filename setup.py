@@ -7,9 +7,17 @@ No -march flag is used: the kernels pick their instruction set at run time (csrc
 wheel built here runs on any x86-64 or aarch64 host.
 """
 import os
+import sys
 
 from setuptools import find_packages, setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+try:
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+except ImportError:
+    sys.exit("offload_ema compiles its C++ kernels against the torch already installed, and pip's "
+             "isolated build environment has none (an isolated build would fetch a second, "
+             "multi-GB torch). Install torch first (e.g. pip install torch), then:\n"
+             "    pip install --no-build-isolation .")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -43,7 +51,7 @@ setup(
     python_requires=">=3.9",
     # torch is not listed: pip would otherwise be free to fetch a (CUDA) build of its choosing.
     # Install torch first (README); the build uses whatever torch >= 2.4 is present.
-    install_requires=["psutil", "safetensors"],
+    install_requires=["numpy", "psutil", "safetensors"],
     # Integrations and tools, each optional: `pip install --no-build-isolation -e .[lightning]`.
     # (DeepSpeed is left out: its sdist must be built with --no-build-isolation against the
     # installed torch, which an extra cannot ask for; `make deps` installs it that way.)
