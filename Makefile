@@ -43,6 +43,9 @@ bench-kernels: setup
 test: setup
 	$(PYTHON) -m pytest -q tests $(ARGS)
 
-# Wheels the offline GPU machine needs for bench/gpu_check.sh (carried as .wheels/).
+# Wheels the offline GPU machine's image lacks for bench/gpu_check.sh (carried as .wheels/):
+# diffusers (the peer modes) and its one requirement the image has not; pure-Python wheels.
+DIFFUSERS_SPEC ?= diffusers==0.42.1
 gpu-wheels:
-	$(PYTHON) -m pip download -q -d .wheels pytest ninja numpy psutil safetensors
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		-d .wheels "$(DIFFUSERS_SPEC)" importlib_metadata zipp
