@@ -10,18 +10,16 @@ from offload_ema._version import __version__
 FORMAT = 1
 
 
-def load_file(path) -> dict:
-    """An Averager state written with ``torch.save(avg.state_dict(), path)``, read without
-    running code from the file (``weights_only=True``: tensors, numbers, strings, lists, dicts).
-    Raises ValueError naming ``path`` for a file that is not such a state (a pickle asking for
-    anything else, a damaged or truncated file)."""
+def load_plain(path, what: str):
+    """``torch.load(path, weights_only=True, mmap=True)``: tensors, numbers, strings, lists and
+    dicts, and nothing in the file runs; any failure is a ValueError naming ``path`` as not
+    ``what``. (mmap: tensors are read from the file as used, so a size claimed in a damaged or
+    crafted file is never allocated; the file bounds every record.)"""
     import torch
 
     path = os.fspath(path)
     try:
-        # mmap: tensors are read from the file as used, so a size claimed in a damaged or
-        # crafted file is never allocated (the file bounds every record).
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError:
         raise
     except Exception as exc:  # UnpicklingError, RuntimeError (zip), EOFError, ...
@@ -30,9 +28,18 @@ def load_file(path) -> dict:
                "pickle that could run code: refused, nothing in it ran)"
                if isinstance(exc, pickle.UnpicklingError) else
                f"damaged or not a torch.save file ({type(exc).__name__})")
-        raise ValueError(f"{path}: not an offload_ema Averager state file: {why}") from None
+        raise ValueError(f"{path}: not {what}: {why}") from None
+
+
+def load_file(path) -> dict:
+    """An Averager state written with ``torch.save(avg.state_dict(), path)``, read without
+    running code from the file (:func:`load_plain`). Raises ValueError naming ``path`` for a
+    file that is not such a state (a pickle asking for anything else, a damaged or truncated
+    file)."""
+    state = load_plain(path, "an offload_ema Averager state file")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{path}: not an offload_ema Averager state_dict (format {FORMAT})")
+        raise ValueError(f"{os.fspath(path)}: not an offload_ema Averager state_dict "
+                         f"(format {FORMAT})")
     return state
 
 

@@ -100,15 +100,7 @@ def _module_of(parameters) -> Optional[nn.Module]:
 def _check_pickle(path: str) -> None:
     """Raises ValueError naming ``path`` unless it is a ``torch.save`` file of tensors, numbers,
     strings and containers (read with ``weights_only=True``: nothing in it runs)."""
-    try:
-        torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # UnpicklingError, RuntimeError (zip), EOFError, ...
-        import pickle
-        why = ("it holds objects other than tensors, numbers, strings, lists and dicts (a "
-               "pickle that could run code: refused, nothing in it ran)"
-               if isinstance(exc, pickle.UnpicklingError) else
-               f"damaged or not a torch.save file ({type(exc).__name__})")
-        raise ValueError(f"{path}: not loadable as model weights: {why}") from None
+    resume.load_plain(path, "loadable as model weights")
 
 
 @dataclass(frozen=True)
