@@ -36,8 +36,8 @@ def _worker_threads():
     """The worker runs its own torch ops on one thread (it leaves the cores to training); a
     save's copies are large and rare, and take the kernels' thread count meanwhile. Only where
     the setting is per thread (OpenMP); torch's native pool would change it for training too."""
-    from offload_ema.engine import _per_thread_intraop
-    if not _per_thread_intraop():
+    from offload_ema.engine import per_thread_intraop
+    if not per_thread_intraop():
         yield
         return
     before = torch.get_num_threads()

@@ -308,12 +308,12 @@ class Gate:
 
     def __init__(self, monkeypatch):
         self.open = threading.Event()
-        original = engine_mod.Engine._apply
+        original = engine_mod.Worker._apply
 
         def gated(eng, *args, **kw):
             assert self.open.wait(30), "gate never opened"
             return original(eng, *args, **kw)
-        monkeypatch.setattr(engine_mod.Engine, "_apply", gated)
+        monkeypatch.setattr(engine_mod.Worker, "_apply", gated)
 
 
 def _one_slot(model):

@@ -100,7 +100,7 @@ def test_pinned_staging_is_bounded_and_never_allocated_per_step(monkeypatch):
     with oe.Averager(model, {"ema": oe.EMA(0.9), "lawa": oe.LAWA(2, every=2)},
                      staging_bytes=budget) as avg:
         avg.attach(opt)
-        ptrs = [t.data_ptr() for t in avg._engine._staging]
+        ptrs = [t.data_ptr() for t in avg._engine.staging.buffers]
         pinned_calls = []
         real_empty = torch.empty
 
@@ -116,7 +116,7 @@ def test_pinned_staging_is_bounded_and_never_allocated_per_step(monkeypatch):
             opt.step()
         avg.flush()
         st = avg.stats()
-        assert [t.data_ptr() for t in avg._engine._staging] == ptrs
+        assert [t.data_ptr() for t in avg._engine.staging.buffers] == ptrs
     assert not pinned_calls, f"pinned allocations during training: {pinned_calls[:3]}"
     # Exactly what was asked, not rounded up to a power of two: the staging within the budget
     # plus the found_inf flags' cache line.

@@ -328,13 +328,13 @@ def test_flush_from_another_thread_returns_while_training_goes_on():
 
 
 def test_snapshots_held_when_the_worker_fails_are_given_back(monkeypatch):
-    real = engine_mod.Engine._stage
+    real = engine_mod.Worker._stage
 
     def failing(eng, job):
         if job.step == 3:
             raise RuntimeError("injected staging failure")
         return real(eng, job)
-    monkeypatch.setattr(engine_mod.Engine, "_stage", failing)
+    monkeypatch.setattr(engine_mod.Worker, "_stage", failing)
     model, opt = make()
     avg = oe.Averager(model, {"ema": oe.EMA(0.9)}, fold=4).attach(opt)
     for s in range(1, 4):

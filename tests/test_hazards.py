@@ -337,7 +337,7 @@ def test_a_dropped_averager_releases_its_worker_and_staging(tmp_path):
     for s in range(1, 4):
         train_step(model, opt, s)
     avg.save(tmp_path / "ema.safetensors", "ema").result(timeout=60)
-    staging = weakref.ref(avg._engine._staging[0])
+    staging = weakref.ref(avg._engine.staging.buffers[0])
     assert len(_worker_threads()) == before + 2  # worker and writer
     del avg
     gc.collect()

@@ -183,11 +183,11 @@ def test_host_training_reads_large_parameters_in_place(inplace_min, monkeypatch)
     """CPU training: the worker reads parameters of at least INPLACE_MIN_BYTES where they are
     (no staging copy) while training goes on; the fence holds the next optimizer step until it
     has. Averages equal the synchronous reference bit for bit, whatever is read in place."""
-    from offload_ema import engine
+    from offload_ema.engine import staging as staging_mod
     if inplace_min == "all":
-        monkeypatch.setattr(engine, "INPLACE_MIN_BYTES", 0)
+        monkeypatch.setattr(staging_mod, "INPLACE_MIN_BYTES", 0)
     elif inplace_min == "none":
-        monkeypatch.setattr(engine, "INPLACE_MIN_BYTES", 1 << 40)
+        monkeypatch.setattr(staging_mod, "INPLACE_MIN_BYTES", 1 << 40)
     steps, beta, size = 150, 0.9, 65536  # bfloat16: 128 KiB per tensor
 
     model, opt = _slab(size)

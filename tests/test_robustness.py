@@ -277,12 +277,12 @@ def test_new_storage_between_the_step_and_its_copy_never_enters_the_snapshot(who
 
 def test_an_unfenced_reshape_names_the_tensor_and_the_missing_fence(monkeypatch):
     held = threading.Event()
-    real = engine_mod.Engine._process
+    real = engine_mod.Worker._process
 
     def late(eng, job):  # the worker reaches the copy only after the change below
         assert held.wait(30)
         return real(eng, job)
-    monkeypatch.setattr(engine_mod.Engine, "_process", late)
+    monkeypatch.setattr(engine_mod.Worker, "_process", late)
     model, opt = make()
     avg = oe.Averager(model, {"ema": oe.EMA(0.9)})
     train_step(model, opt, 1)
@@ -381,7 +381,7 @@ def test_resume_with_coalesced_periods_pending_is_bit_exact(monkeypatch):
     """Saved while EMA periods are coalesced (pending) and resumed: the next snapshot carries
     them, exactly as in the run that was not interrupted."""
     gate = threading.Event()
-    real = engine_mod.Engine._apply
+    real = engine_mod.Worker._apply
 
     def gated(eng, *a, **k):
         assert gate.wait(30)
@@ -420,7 +420,7 @@ def test_resume_with_coalesced_periods_pending_is_bit_exact(monkeypatch):
         avg.close()
         return out
 
-    monkeypatch.setattr(engine_mod.Engine, "_apply", gated)
+    monkeypatch.setattr(engine_mod.Worker, "_apply", gated)
     straight, resumed = run(False), run(True)
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), k
@@ -482,7 +482,7 @@ def test_an_interrupt_right_after_the_job_is_queued_is_not_a_lost_snapshot(devic
         avg.flush()
         st = avg.stats()
         assert st["step"] == 5 and st["snapshots_applied"] == 5 and st["in_flight"] == 0
-        assert engine._tickets.qsize() == capacity
+        assert engine.pools.tickets.qsize() == capacity
         for n, r in refs.items():
             assert_matches(avg.averaged_state_dict(n), r.avg, rtol=1e-6, atol=1e-7)
         avg.close()
@@ -531,7 +531,7 @@ def test_a_recover_cut_short_by_a_second_interrupt_is_finished_by_the_next_step(
         avg.flush()
         eng = avg._engine
         assert eng.capacity == 1
-        eng._tickets.get_nowait()  # taken by a submit, then interrupted before it was recorded
+        eng.pools.tickets.get_nowait()  # taken by a submit, then interrupted before it was recorded
         eng._dirty = True          # recover() began and was interrupted before its refill
         for s in (2, 3):
             call_with_timeout(lambda: train_step(model, opt, s), 30, f"step {s}", abandon=[avg])

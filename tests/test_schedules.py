@@ -90,12 +90,12 @@ def test_coalescing_against_a_replayed_reference(monkeypatch):
     steps 4 and 8; the reference replays the same periods."""
     gate = threading.Event()
     gate.set()
-    real = engine_mod.Engine._apply
+    real = engine_mod.Worker._apply
 
     def gated(eng, *a, **k):
         assert gate.wait(30)
         return real(eng, *a, **k)
-    monkeypatch.setattr(engine_mod.Engine, "_apply", gated)
+    monkeypatch.setattr(engine_mod.Worker, "_apply", gated)
     specs = {"warm": oe.EMA(0.95, warmup_gamma=1.0), "power": oe.PowerEMA(gamma=2.0),
              "swa": oe.SWA(), "ema": oe.EMA(0.8)}
     betas = {"warm": timm_warmup(0.95, 1.0, 2 / 3, 0.0), "power": edm2_power(2.0),

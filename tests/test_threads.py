@@ -62,7 +62,7 @@ def test_a_dead_background_thread_is_an_error_not_a_hang(thread, monkeypatch):
     """Whatever ends the worker or the issuer thread (here: it returns at once), the calls that
     wait for it raise instead of waiting forever."""
     from offload_ema import engine as engine_mod
-    monkeypatch.setattr(engine_mod.Engine, "_run" if thread == "worker" else "_run_issuer",
+    monkeypatch.setattr(engine_mod.Worker if thread == "worker" else engine_mod.Issuer, "_run",
                         lambda self: None)
     with lazy_device(seed=0, max_delay=0.0):
         model, opt = make()
