@@ -37,7 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -45,9 +45,15 @@ import offload_ema as oe
 from offload_ema.gpt import GPT, PRESETS, GPTConfig, lm_loss
 from offload_ema.layout import unwrap_model
 
-MODES = ["none", "naive", "swa_utils", "gpu_foreach", "offload", "offload_fold", "offload_multi",
-         "diffusers", "diffusers_offload", "timm_v3", "lightning_ema"]
 BETA = 0.999
+# Every mode, by name, in the order the report lists them: a class registered with @mode.
+REGISTRY: Dict[str, type] = {}
+
+
+def mode(cls):
+    """Registers a :class:`Mode` subclass under its ``name`` (a peer: ``peer_module`` set)."""
+    REGISTRY[cls.name] = cls
+    return cls
 # --rounds left out: at least 6 interleaved rounds (the fewest in which rounds that all agree
 # decide a comparison, by a sign test at 5%), at most 12, stopping once every comparison of the
 # verdict is decided or a tie (see _settled).
@@ -114,13 +120,21 @@ def _rss() -> int:
     return psutil.Process().memory_info().rss
 
 
+@mode
 class Mode:
-    """One way of keeping an average, set up once and run in several rounds.
+    """One way of keeping an average, set up once and run in several rounds: ``begin`` /
+    ``after_step`` / ``end`` around each round's steps, ``counters`` for its record, ``close``.
 
     ``avg_s`` adds up the training thread's wall time inside this mode's averaging code (the
-    run loop reads it around each step); ``none`` has none."""
+    run loop reads it around each step); ``none`` has none. Class attributes: ``gpu_only`` (left
+    out of CPU runs), ``peer_module`` (a peer's package: imported before any mode is built, so
+    that its import's memory is not counted as its EMA's; missing: the mode says so),
+    ``cpu_note`` (printed under a CPU run's table)."""
 
     name = "none"
+    gpu_only = False
+    peer_module: Optional[str] = None
+    cpu_note: Optional[str] = None
     fence_s = copy_s = update_s = 0.0
     avg_s = 0.0
 
@@ -153,6 +167,7 @@ class Mode:
         self.avg_s += dt
 
 
+@mode
 class Naive(Mode):
     name = "naive"
 
@@ -182,6 +197,7 @@ class Naive(Mode):
         return dict(super().counters(), applied=self.applied)
 
 
+@mode
 class SwaUtils(Mode):
     name = "swa_utils"
 
@@ -200,8 +216,10 @@ class SwaUtils(Mode):
         return dict(super().counters(), applied=int(self.avg.n_averaged))
 
 
+@mode
 class GpuForeach(Mode):
     name = "gpu_foreach"
+    gpu_only = True
 
     def __init__(self, *a):
         super().__init__(*a)
@@ -257,6 +275,7 @@ class HookClock:
         self.handles, self.t0 = [], None
 
 
+@mode
 class Offload(Mode):
     name = "offload"
 
@@ -316,6 +335,7 @@ class Offload(Mode):
                 "save_seconds": st["save_seconds"], "save_bytes": st["save_bytes"]}
 
 
+@mode
 class OffloadFold(Offload):
     """``offload`` folding ``--fold`` staged snapshots per pass over the accumulator."""
     name = "offload_fold"
@@ -324,6 +344,7 @@ class OffloadFold(Offload):
         return {"fold": self.args.fold}
 
 
+@mode
 class OffloadMulti(Offload):
     name = "offload_multi"
 
@@ -335,10 +356,12 @@ class Unavailable(RuntimeError):
     """A peer's package is missing (or cannot be installed here): its mode reports why."""
 
 
+@mode
 class DiffusersEma(Mode):
     """diffusers' own ``EMAModel`` (``foreach=True``), its EMA on the model's device: what its
     training scripts do by default."""
     name = "diffusers"
+    peer_module = "diffusers.training_utils"
     offload = False
 
     def __init__(self, *a):
@@ -366,17 +389,22 @@ class DiffusersEma(Mode):
         return dict(super().counters(), applied=self.ema.optimization_step)
 
 
+@mode
 class DiffusersOffload(DiffusersEma):
     """diffusers' scripts' ``--offload_ema`` pattern around its own ``EMAModel``. On a CPU-only run
     the moves are no-ops: the mode is then the same as ``diffusers`` (marked in the output)."""
     name = "diffusers_offload"
     offload = True
+    cpu_note = ("its moves to and from the device do nothing on a CPU-only run (the same as "
+                "diffusers here); it measures the offload pattern on a GPU only")
 
 
+@mode
 class TimmV3(Mode):
     """timm's ``ModelEmaV3``, where timm is installed (it is not installed by ``make``: its
     torchvision dependency pins a torch version, and pip would replace the installed torch)."""
     name = "timm_v3"
+    peer_module = "timm.utils"
 
     def __init__(self, *a):
         super().__init__(*a)
@@ -398,10 +426,12 @@ class TimmV3(Mode):
         return dict(super().counters(), applied=self.applied)
 
 
+@mode
 class LightningEma(Mode):
     """Lightning's own ``EMAWeightAveraging`` callback (Lightning >= 2.6), driven as its Trainer
     would drive it after each optimizer step (an ``AveragedModel`` on the model's device)."""
     name = "lightning_ema"
+    peer_module = "lightning.pytorch.callbacks"
 
     def __init__(self, *a):
         super().__init__(*a)
@@ -430,14 +460,8 @@ class LightningEma(Mode):
         return dict(super().counters(), applied=int(self.cb._average_model.n_averaged))
 
 
-MODE_CLASSES = {"none": Mode, "naive": Naive, "swa_utils": SwaUtils, "gpu_foreach": GpuForeach,
-                "offload": Offload, "offload_fold": OffloadFold, "offload_multi": OffloadMulti,
-                "diffusers": DiffusersEma, "diffusers_offload": DiffusersOffload, "timm_v3": TimmV3,
-                "lightning_ema": LightningEma}
-PEERS = ("diffusers", "diffusers_offload", "timm_v3", "lightning_ema")
-_PEER_MODULES = {"diffusers": "diffusers.training_utils", "diffusers_offload":
-                 "diffusers.training_utils", "timm_v3": "timm.utils",
-                 "lightning_ema": "lightning.pytorch.callbacks"}
+MODES = list(REGISTRY)
+PEERS = tuple(n for n, c in REGISTRY.items() if c.peer_module)
 
 
 def _import_peers(modes) -> None:
@@ -445,9 +469,9 @@ def _import_peers(modes) -> None:
     import (diffusers: ~140 MB) is not its EMA's, and must not count as the mode's host RSS."""
     import importlib
     for m in modes:
-        if m in _PEER_MODULES:
+        if REGISTRY[m].peer_module:
             try:
-                importlib.import_module(_PEER_MODULES[m])
+                importlib.import_module(REGISTRY[m].peer_module)
             except ImportError:
                 pass  # the mode reports it
 
@@ -555,19 +579,26 @@ def _percentile(xs: List[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-def run(args, rank: int = 0, world: int = 1) -> List[dict]:
-    """Runs every mode; with ``world`` > 1 this is one rank of a DDP run (rank 0 returns the
-    rows, with each rank's host memory)."""
+@dataclasses.dataclass
+class Workload:
+    """The model under training, its optimizer and one training step (the same for every mode)."""
+    device: torch.device
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    cfg: GPTConfig
+    n_params: int
+    n_tensors: int
+    step: Callable[[], None]
+    sync: Callable[[], None]
+
+
+def workload(args, rank: int, world: int) -> Workload:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     cfg = model_config(args)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    if args.threads:
-        oe.ops.set_num_threads(args.threads)
     torch.manual_seed(0)
     gpt = GPT(cfg).to(device=device, dtype=dtype)
-    n_params = sum(p.numel() for p in gpt.parameters())
-    n_tensors = sum(1 for _ in gpt.parameters())
     model = gpt
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -582,50 +613,45 @@ def run(args, rank: int = 0, world: int = 1) -> List[dict]:
             # Only the main stream: the averaging side stream runs on, as in training.
             torch.cuda.current_stream(device).synchronize()
 
-    def train_step():
+    def step():
         lm_loss(model, tokens).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    modes = [m for m in args.modes if m != "gpu_foreach" or cuda]
-    say = print if rank == 0 else (lambda *a, **k: None)
-    say(f"offload_ema overhead benchmark: preset={args.preset} params={n_params / 1e6:.1f}M "
-          f"tensors={n_tensors}"
-          + (f" (experts={cfg.experts}x{cfg.hidden} per block)" if cfg.experts else "") + " "
-          f"dtype={args.dtype} device={device} optimizer=AdamW({args.optimizer}) "
-          f"batch={cfg.batch}x{cfg.seq} tokens, "
-          f"{args.rounds or f'{AUTO_ROUNDS[0]} to {AUTO_ROUNDS[1]}'} rounds x {args.steps} steps "
-          f"(+{args.warmup} warm-up) per mode, on_busy={args.on_busy}, kernels={oe.ops.backend()}"
-          f"/{oe.ops.isa()} x{oe.ops.get_num_threads()} threads, torch {torch.__version__}, "
-          f"{platform.node() or 'host'} {os.cpu_count()} CPUs"
-          + (f", {world} processes (DDP, {'NCCL' if cuda else 'gloo'})" if world > 1 else ""))
-    for _ in range(args.warmup):  # compile kernels, fill the caching allocator, AdamW state
-        train_step()
-    sync()
+    return Workload(device, model, opt, cfg, sum(p.numel() for p in gpt.parameters()),
+                    sum(1 for _ in gpt.parameters()), step, sync)
 
-    _import_peers(modes)
-    objs: Dict[str, Mode] = {}
-    unavailable: Dict[str, str] = {}  # mode -> why it did not run
-    times: Dict[str, List[float]] = {m: [] for m in modes}
-    avg_times: Dict[str, List[float]] = {m: [] for m in modes}  # training thread, averaging
-    meter = cuda_memory_meter(device) if cuda else no_memory_meter()
-    rss_delta: Dict[str, int] = {}
 
-    def records(final: bool) -> List[dict]:
+class Measurements:
+    """What the timing loop records per mode, and the records (rows) it turns into."""
+
+    def __init__(self, args, work: Workload, modes: List[str]):
+        self.args, self.work, self.modes = args, work, modes
+        self.objs: Dict[str, Mode] = {}
+        self.unavailable: Dict[str, str] = {}  # mode -> why it did not run
+        self.times: Dict[str, List[float]] = {m: [] for m in modes}
+        self.avg_times: Dict[str, List[float]] = {m: [] for m in modes}  # training thread
+        self.rss_delta: Dict[str, int] = {}
+        self.meter = cuda_memory_meter(work.device) if work.device.type == "cuda" else \
+            no_memory_meter()
+
+    def records(self, final: bool) -> List[dict]:
+        args, work = self.args, self.work
+        times = self.times
         base = statistics.median(times["none"]) if times.get("none") else float("nan")
         rows = []
-        for m in modes:
+        for m in self.modes:
             ts = times[m]
             if not ts:
                 continue
             med = statistics.median(ts)
-            avg_ts = avg_times[m]
-            c = objs[m].counters(wait=final)
-            o = objs[m]
+            avg_ts = self.avg_times[m]
+            o = self.objs[m]
+            c = o.counters(wait=final)
             snaps = max(c["applied"], 1)
-            rows.append({
-                "mode": m, "preset": args.preset, "device": str(device), "params": n_params,
-                "tensors": n_tensors, "experts": cfg.experts,
+            row = {
+                "mode": m, "preset": args.preset, "device": str(work.device),
+                "params": work.n_params, "tensors": work.n_tensors, "experts": work.cfg.experts,
                 "dtype": args.dtype, "step_ms_median": med * 1e3,
                 "step_ms_p90": _percentile(ts, 0.9) * 1e3,
                 "overhead_pct": 100 * (med / base - 1),
@@ -633,8 +659,8 @@ def run(args, rank: int = 0, world: int = 1) -> List[dict]:
                 # on_busy="block"), the median the usual cost.
                 "averager_us_per_step": statistics.fmean(avg_ts) * 1e6,
                 "averager_us_median": statistics.median(avg_ts) * 1e6,
-                "gpu_mem_delta_bytes": meter.delta(m),
-                "rss_delta_bytes": rss_delta[m], "pinned_bytes": c["pinned_bytes"],
+                "gpu_mem_delta_bytes": self.meter.delta(m),
+                "rss_delta_bytes": self.rss_delta[m], "pinned_bytes": c["pinned_bytes"],
                 "applied": c["applied"], "skipped": c["skipped"], "coalesced": c["coalesced"],
                 "fence_ms_per_snapshot": o.fence_s / snaps * 1e3,
                 "copy_ms_per_snapshot": o.copy_s / snaps * 1e3,
@@ -642,15 +668,77 @@ def run(args, rank: int = 0, world: int = 1) -> List[dict]:
                 "round_medians_ms": [statistics.median(ts[i:i + args.steps]) * 1e3
                                      for i in range(0, len(ts), args.steps)],
                 "rounds": len(ts) // args.steps, "partial": not final,
-            })
+            }
             for k in ("snapshot_bytes", "host_bytes", "bytes_copied", "read_in_place_bytes",
                       "device_pack_bytes", "saves", "save_seconds", "save_bytes", "fold", "folds"):
                 if k in c:
-                    rows[-1][k] = c[k]
+                    row[k] = c[k]
             if c.get("saves") and c["save_seconds"] > 0:
-                rows[-1]["save_gbps"] = c["save_bytes"] / c["save_seconds"] / 1e9
+                row["save_gbps"] = c["save_bytes"] / c["save_seconds"] / 1e9
+            rows.append(row)
         return rows
 
+
+def _header(args, work: Workload, world: int) -> str:
+    cfg = work.cfg
+    return (f"offload_ema overhead benchmark: preset={args.preset} "
+            f"params={work.n_params / 1e6:.1f}M tensors={work.n_tensors}"
+            + (f" (experts={cfg.experts}x{cfg.hidden} per block)" if cfg.experts else "") + " "
+            f"dtype={args.dtype} device={work.device} optimizer=AdamW({args.optimizer}) "
+            f"batch={cfg.batch}x{cfg.seq} tokens, "
+            f"{args.rounds or f'{AUTO_ROUNDS[0]} to {AUTO_ROUNDS[1]}'} rounds x {args.steps} "
+            f"steps (+{args.warmup} warm-up) per mode, on_busy={args.on_busy}, "
+            f"kernels={oe.ops.backend()}/{oe.ops.isa()} x{oe.ops.get_num_threads()} threads, "
+            f"torch {torch.__version__}, {platform.node() or 'host'} {os.cpu_count()} CPUs"
+            + (f", {world} processes (DDP, {'NCCL' if work.device.type == 'cuda' else 'gloo'})"
+               if world > 1 else ""))
+
+
+def _run_round(m: str, ms: Measurements, progress, label: str) -> None:
+    """One round of mode ``m``: built the first time (a missing peer is recorded, not fatal),
+    warm-up steps untimed (they re-warm this mode's path), then the timed steps."""
+    args, work = ms.args, ms.work
+    first = m not in ms.objs
+    if first:
+        rss0 = _rss()
+        try:
+            with ms.meter.constructing(m):
+                ms.objs[m] = REGISTRY[m](work.model, work.opt, args)
+        except Unavailable as exc:  # a peer's package is missing: said, not fatal
+            ms.unavailable[m] = str(exc)
+            return
+    mode_obj = ms.objs[m]
+    with ms.meter.running(m):
+        mode_obj.begin()
+        for i in range(args.warmup + args.steps):
+            a0 = mode_obj.avg_s
+            t0 = time.perf_counter()
+            work.step()
+            mode_obj.after_step()
+            work.sync()
+            if i >= args.warmup:
+                ms.times[m].append(time.perf_counter() - t0)
+                ms.avg_times[m].append(mode_obj.avg_s - a0)
+            progress.tick(label)
+        mode_obj.end()
+    if first:
+        ms.rss_delta[m] = _rss() - rss0
+
+
+def run(args, rank: int = 0, world: int = 1) -> List[dict]:
+    """Runs every mode in interleaved rounds; with ``world`` > 1 this is one rank of a DDP run
+    (rank 0 returns the rows, with each rank's host memory)."""
+    if args.threads:
+        oe.ops.set_num_threads(args.threads)
+    work = workload(args, rank, world)
+    modes = [m for m in args.modes if work.device.type == "cuda" or not REGISTRY[m].gpu_only]
+    if rank == 0:
+        print(_header(args, work, world))
+    for _ in range(args.warmup):  # compile kernels, fill the caching allocator, AdamW state
+        work.step()
+    work.sync()
+    _import_peers(modes)
+    ms = Measurements(args, work, modes)
     auto = args.rounds is None
     max_rounds = AUTO_ROUNDS[1] if auto else args.rounds
     progress = Progress(max_rounds * len(modes) * (args.steps + args.warmup))
@@ -658,56 +746,25 @@ def run(args, rank: int = 0, world: int = 1) -> List[dict]:
     try:
         r = 0
         while r < max_rounds and not (auto and r >= AUTO_ROUNDS[0] and
-                                      _settled(times, args.steps, world)):
+                                      _settled(ms.times, args.steps, world)):
             for m in modes:
-                if m in unavailable:
-                    continue
-                first = m not in objs
-                if first:
-                    rss0 = _rss()
-                    try:
-                        with meter.constructing(m):
-                            objs[m] = MODE_CLASSES[m](model, opt, args)
-                    except Unavailable as exc:  # a peer's package is missing: said, not fatal
-                        unavailable[m] = str(exc)
-                        continue
-                mode = objs[m]
-                with meter.running(m):
-                    mode.begin()
-                    for i in range(args.warmup + args.steps):
-                        a0 = mode.avg_s
-                        t0 = time.perf_counter()
-                        train_step()
-                        mode.after_step()
-                        sync()
-                        if i >= args.warmup:  # the first steps of a round re-warm this mode's path
-                            times[m].append(time.perf_counter() - t0)
-                            avg_times[m].append(mode.avg_s - a0)
-                        progress.tick(f"round {r + 1}/{'<=' if auto else ''}{max_rounds} {m}")
-                    mode.end()
-                if first:
-                    rss_delta[m] = _rss() - rss0
-                if args.json and rank == 0:
+                if m not in ms.unavailable:
+                    _run_round(m, ms, progress,
+                               f"round {r + 1}/{'<=' if auto else ''}{max_rounds} {m}")
+                if args.json and rank == 0 and m not in ms.unavailable:
                     # Outside the timed steps; a run cut short still leaves what it measured.
-                    write_json(args.json, records(final=False))
+                    write_json(args.json, ms.records(final=False))
             r += 1
         progress.close()
-        rows = records(final=True)
-        rows += [{"mode": m, "unavailable": why} for m, why in unavailable.items()]
+        rows = ms.records(final=True)
+        rows += [{"mode": m, "unavailable": why} for m, why in ms.unavailable.items()]
     finally:
         # Averagers hold worker threads and, under DDP, take part in collectives: stop them
         # here, on every rank, also when a mode failed, rather than at interpreter exit.
-        for o in objs.values():
+        for o in ms.objs.values():
             o.close()
     if world > 1:
-        import torch.distributed as dist
-        mine = {r["mode"]: (r["rss_delta_bytes"], r.get("host_bytes", 0)) for r in rows}
-        every = [None] * world
-        dist.all_gather_object(every, mine)
-        for r in rows:
-            r["nproc"] = world
-            r["rss_delta_bytes_per_rank"] = [e[r["mode"]][0] for e in every]
-            r["host_bytes_per_rank"] = [e[r["mode"]][1] for e in every]
+        _gather_rank_memory(rows, world)
     if args.save_every:
         written = [r for r in rows if r.get("saves")]
         if written:
@@ -715,6 +772,18 @@ def run(args, rank: int = 0, world: int = 1) -> List[dict]:
             for r in written:
                 r["disk_write_gbps"] = disk
     return rows
+
+
+def _gather_rank_memory(rows: List[dict], world: int) -> None:
+    """Each rank's host memory, on every record (rank 0 reports them)."""
+    import torch.distributed as dist
+    mine = {r["mode"]: (r.get("rss_delta_bytes", 0), r.get("host_bytes", 0)) for r in rows}
+    every = [None] * world
+    dist.all_gather_object(every, mine)
+    for r in rows:
+        r["nproc"] = world
+        r["rss_delta_bytes_per_rank"] = [e[r["mode"]][0] for e in every]
+        r["host_bytes_per_rank"] = [e[r["mode"]][1] for e in every]
 
 
 def model_config(args) -> GPTConfig:
@@ -851,10 +920,30 @@ def _verdict_word(r: dict) -> str:
 
 def report(rows: List[dict], wide: bool = False) -> None:
     """The results: one table of what a step costs (at most 120 columns), one of the details,
-    the legend, then the verdict in words."""
+    the legend, the same-run comparisons, then the verdict in words."""
     missing = [r for r in rows if "unavailable" in r]
     rows = [r for r in rows if "unavailable" not in r]
     _round_overheads(rows)
+    _print_tables(rows, wide)
+    for r in missing:
+        print(f"{r['mode']}: {r['unavailable']}")
+    for r in rows:
+        note = REGISTRY[r["mode"]].cpu_note if r["mode"] in REGISTRY else None
+        if note and r.get("device", "").startswith("cpu"):
+            print(f"{r['mode']}: {note}")
+    print(LEGEND)
+    warnings = _noise_warnings(rows)
+    if warnings:
+        print("warning: this run is too noisy to support some of its figures (rerun in a quieter "
+              "moment, or with more --rounds / --steps):")
+        for w in warnings:
+            print(f"  - {w}")
+    by = {r["mode"]: r for r in rows}
+    _print_comparisons(rows, by)
+    _print_verdict(by)
+
+
+def _print_tables(rows: List[dict], wide: bool) -> None:
     hdr = (f"{'mode':<18}{'median ms':>10}{'p90 ms':>9}{'vs none':>9}{'(rounds)':>17}"
            f"{'verdict':>8}{'train us':>10}{'host RSS +':>11}{'GPU mem +':>11}")
     print(hdr)
@@ -876,20 +965,10 @@ def report(rows: List[dict], wide: bool = False) -> None:
               f"{r['copy_ms_per_snapshot']:>9.2f}{r['update_ms_per_snapshot']:>10.2f}"
               f"{r['averager_us_per_step']:>14.1f}"
               + ("  " + " ".join(f"{x:.1f}" for x in r["round_medians_ms"]) if wide else ""))
-    for r in missing:
-        print(f"{r['mode']}: {r['unavailable']}")
-    if any(r["mode"] == "diffusers_offload" and r.get("device", "").startswith("cpu")
-           for r in rows):
-        print("diffusers_offload: on a CPU-only run its moves to and from the device do nothing "
-              "(the same as diffusers here); it measures the offload pattern on a GPU only")
-    print(LEGEND)
-    warnings = _noise_warnings(rows)
-    if warnings:
-        print("warning: this run is too noisy to support some of its figures (rerun in a quieter "
-              "moment, or with more --rounds / --steps):")
-        for w in warnings:
-            print(f"  - {w}")
-    by = {r["mode"]: r for r in rows}
+
+
+def _print_comparisons(rows: List[dict], by: Dict[str, dict]) -> None:
+    """Memory per rank, each peer beside offload, the fold's effect, each offload mode's work."""
     for r in rows:
         if r.get("host_bytes_per_rank") and r["mode"].startswith("offload"):
             print(f"{r['mode']}: averager host memory per rank "
@@ -911,26 +990,28 @@ def report(rows: List[dict], wide: bool = False) -> None:
         print(fold)
     for m in ("offload", "offload_fold", "offload_multi"):
         if m in by and "none" in by:
-            r = by[m]
-            step = by["none"]["step_ms_median"]
-            upd = r["update_ms_per_snapshot"]
-            # What one snapshot copies (parameters read in place on a CPU-only run are not).
-            nbytes = r.get("bytes_copied", 0) / max(r.get("applied", 0), 1)
-            copy_gbps = nbytes / (r["copy_ms_per_snapshot"] / 1e3) / 1e9 if r["copy_ms_per_snapshot"] else float("nan")
-            in_place = (f", {_size(r['read_in_place_bytes'])} per snapshot read in place"
-                        if r.get("read_in_place_bytes") else "")
-            if r.get("saves"):
-                print(f"{m}: {r['saves']} snapshot files of {_size(r['save_bytes'] // r['saves'])} "
-                      f"written at {r['save_gbps']:.2f} GB/s = "
-                      f"{100 * r['save_gbps'] / r['disk_write_gbps']:.0f}% of the disk's "
-                      f"sequential write speed ({r['disk_write_gbps']:.2f} GB/s, same size, fsynced)")
-            print(f"{m}: skipped+coalesced {r['skipped'] + r['coalesced']} ; CPU update "
-                  f"{upd:.1f} ms per snapshot vs {step:.1f} ms per step "
-                  f"({'keeps up' if upd <= step else f'{upd / step:.2f}x slower than a step'})"
-                  f" ; copy {copy_gbps:.1f} GB/s{in_place} ; training thread "
-                  f"{r['averager_us_median']:.1f} us/step median ({r['averager_us_per_step']:.1f} "
-                  f"mean) for {r['tensors']} tensors")
-    _print_verdict(by)
+            _print_offload_line(m, by[m], by["none"]["step_ms_median"])
+
+
+def _print_offload_line(m: str, r: dict, step: float) -> None:
+    upd = r["update_ms_per_snapshot"]
+    # What one snapshot copies (parameters read in place on a CPU-only run are not).
+    nbytes = r.get("bytes_copied", 0) / max(r.get("applied", 0), 1)
+    copy_gbps = (nbytes / (r["copy_ms_per_snapshot"] / 1e3) / 1e9 if r["copy_ms_per_snapshot"]
+                 else float("nan"))
+    in_place = (f", {_size(r['read_in_place_bytes'])} per snapshot read in place"
+                if r.get("read_in_place_bytes") else "")
+    if r.get("saves"):
+        print(f"{m}: {r['saves']} snapshot files of {_size(r['save_bytes'] // r['saves'])} "
+              f"written at {r['save_gbps']:.2f} GB/s = "
+              f"{100 * r['save_gbps'] / r['disk_write_gbps']:.0f}% of the disk's "
+              f"sequential write speed ({r['disk_write_gbps']:.2f} GB/s, same size, fsynced)")
+    print(f"{m}: skipped+coalesced {r['skipped'] + r['coalesced']} ; CPU update "
+          f"{upd:.1f} ms per snapshot vs {step:.1f} ms per step "
+          f"({'keeps up' if upd <= step else f'{upd / step:.2f}x slower than a step'})"
+          f" ; copy {copy_gbps:.1f} GB/s{in_place} ; training thread "
+          f"{r['averager_us_median']:.1f} us/step median ({r['averager_us_per_step']:.1f} "
+          f"mean) for {r['tensors']} tensors")
 
 
 def _print_verdict(by: Dict[str, dict]) -> None:
