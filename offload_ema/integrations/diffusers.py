@@ -155,6 +155,103 @@ class _Params(nn.Module):
         self.params = nn.ParameterList(params)
 
 
+class AveragedParameters:
+    """The parameters an EMAModel averages, fixed at its first step, and the checks that a
+    later step passes the same ones and that the model still holds them as they were, at a
+    cost that does not grow with the tensor count on the step (see ``EMAModel.step``)."""
+
+    def __init__(self, params: List[nn.Parameter]):
+        self.params = params                       # the first step's parameters, averaged
+        self._grad = [p.requires_grad for p in params]  # their requires_grad then
+        self._homes: Optional[List[Any]] = None    # (module, attr) holding each, where known
+        self._names: List[str] = []                # their names in that model, where known
+        self._next_check = 0                       # the next one the step's check looks at
+        self._modules = weakref.WeakSet()          # modules whose parameters() are these
+
+    def refresh(self) -> None:
+        """The parameters' requires_grad as it is now (an Averager rebuilt on them)."""
+        self._grad = [p.requires_grad for p in self.params]
+
+    def check_same(self, parameters) -> None:
+        """Raises unless ``parameters`` are the first step's (see ``EMAModel.step`` for the cost)."""
+        module = _module_of(parameters)
+        if module is not None:
+            if module in self._modules:
+                return
+            given = list(module.parameters())  # a module not seen yet: compared in full, once
+            if len(given) == len(self.params) and \
+                    all(a is b for a, b in zip(given, self.params)):
+                self.known(module)
+                return
+        else:
+            given = parameters if isinstance(parameters, (list, tuple)) else list(parameters)
+            n = len(self.params)
+            if len(given) == n and all(given[i] is self.params[i] for i in (0, n // 2, n - 1)):
+                return
+        raise ValueError(
+            f"step() got other parameters than its first step() ({len(given)} tensors, "
+            f"{len(self.params)} averaged): offload_ema's EMAModel averages the parameters given "
+            "to its first step(), where diffusers' would average these into the same shadow "
+            "values. Pass the same parameters each step, or build a new EMAModel for others "
+            "(load_state_dict(old.state_dict()) continues the average)")
+
+    def known(self, module: nn.Module) -> None:
+        """``module.parameters()`` are the averaged parameters: later steps may pass it without
+        a comparison; the first such module also tells where each parameter is held (the
+        step's check then notices one replaced in it) and its name."""
+        self._modules.add(module)
+        if self._homes is not None:
+            return
+        where = {}
+        for mod_name, sub in module.named_modules():
+            for attr, p in sub._parameters.items():
+                if p is not None and id(p) not in where:
+                    where[id(p)] = (sub, attr, f"{mod_name}.{attr}".lstrip("."))
+        homes = [where[id(p)] for p in self.params]
+        self._homes = [(sub, attr) for sub, attr, _ in homes]
+        self._names = [name for _, _, name in homes]
+
+    def check(self, count: Optional[int], cause: Optional[BaseException] = None) -> None:
+        """Raises if a parameter's requires_grad changed since the first step, or (where the
+        model is known) the model holds another tensor in its place: ``count`` parameters in turn
+        (the step's O(1) share), or all (``None``: reads, and after a worker error)."""
+        n = len(self.params)
+        if count is None:
+            order = range(n)
+        else:
+            order = [(self._next_check + k) % n for k in range(min(count, n))]
+            self._next_check = (self._next_check + len(order)) % n
+        homes = self._homes
+        for i in order:
+            p = self.params[i]
+            if p.requires_grad != self._grad[i]:
+                self._raise_changed(i, "unfrozen" if p.requires_grad else "frozen", cause)
+            if homes is not None:
+                module, attr = homes[i]
+                now = module._parameters.get(attr)
+                if now is not p and not (is_dtensor(p) and now is not None and
+                                         not is_dtensor(now) and now.shape == p.shape):
+                    # (FSDP2 registers the gathered parameter between a forward and reshard.)
+                    self._raise_changed(i, "replaced", cause)
+
+    def _raise_changed(self, i: int, how: str, cause: Optional[BaseException]) -> None:
+        p = self.params[i]
+        name = f" ({self._names[i]!r})" if self._names else ""
+        what = {
+            "unfrozen": "unfrozen (requires_grad=True) after the EMAModel's first step: "
+                        "diffusers' EMAModel would average it from now on, offload_ema's reports "
+                        "it as it is",
+            "frozen": "frozen (requires_grad=False) after the EMAModel's first step: diffusers' "
+                      "EMAModel would copy it from now on, offload_ema's would go on averaging it",
+            "replaced": "replaced by another tensor in the model after the EMAModel's first "
+                        "step: diffusers' EMAModel would average the new one from now on, "
+                        "offload_ema's the old one"}[how]
+        raise RuntimeError(
+            f"parameter {i}{name} (shape {list(p.shape)}) was {what}. The averaged parameters "
+            "are fixed at the first step(): save ema.state_dict() before the change and load it "
+            "into a new EMAModel built after it") from cause
+
+
 class EMAModel:
     """diffusers' ``EMAModel``, with the average kept in host memory and updated off the
     training step (see the module doc for the differences)."""
@@ -202,12 +299,7 @@ class EMAModel:
         self._averager: Optional[Averager] = None
         self._stepped: Optional[_Params] = None
         self._built: Optional[DiffusersDecay] = None  # the Averager's settings
-        self._params: List[nn.Parameter] = []    # the first step's parameters, averaged
-        self._grad: List[bool] = []              # their requires_grad then
-        self._homes: Optional[List[Any]] = None  # (module, attr) holding each, where known
-        self._names: List[str] = []              # their names in that model, where known
-        self._next_check = 0                     # the next one the step's check looks at
-        self._modules = weakref.WeakSet()        # modules whose parameters() are self._params
+        self._checked: Optional[AveragedParameters] = None  # set by the first step
         self._optimizers: List[Any] = []
         self._fence_handles: List[Any] = []
 
@@ -249,12 +341,12 @@ class EMAModel:
         if self._averager is None:
             self._start(parameters)
         else:
-            self._check_same(parameters)
-            self._check_params(_CHECKS_PER_STEP)
+            self._checked.check_same(parameters)
+            self._checked.check(_CHECKS_PER_STEP)
         try:
             self._averager.step(fence=not self._optimizers)
         except Exception as exc:  # a frozen parameter the worker found: say it in our terms
-            self._check_params(None, cause=exc)
+            self._checked.check(None, cause=exc)
             raise
         self._shadow = None  # the step replaced diffusers' shadow values by the average's
         self.optimization_step += 1
@@ -449,27 +541,29 @@ class EMAModel:
                 self._seed(self._shadow)
         except BaseException:
             self._averager.close()
-            self._averager, self._stepped, self._params, self._grad = None, None, [], []
-            self._homes, self._names = None, []
+            self._averager, self._stepped, self._checked = None, None, None
             raise
         self._exact = None
         if module is not None:
-            self._known(module)
+            self._checked.known(module)
 
     def _build(self, params: List[nn.Parameter]) -> None:
         stepped = _Params(params)
         # Not sharded: every process keeps the whole EMA, as diffusers' class does (its scripts
         # read it on the main process only, e.g. copy_to before saving the pipeline).
         self._averager = Averager(stepped, {_NAME: self._spec()}, shard=False)
-        self._stepped, self._params, self._built = stepped, params, self._spec()
-        self._grad = [p.requires_grad for p in params]
+        self._stepped, self._built = stepped, self._spec()
+        if self._checked is not None and self._checked.params is params:  # a rebuild
+            self._checked.refresh()
+        else:
+            self._checked = AveragedParameters(params)
 
     def _rebuild(self) -> None:
         """A new Averager with the current settings on the same parameters (its state is set
         by the caller)."""
         self._averager.close()
         self._averager = None
-        self._build(self._params)
+        self._build(self._checked.params)
 
     def _seed(self, values: List[torch.Tensor]) -> None:
         """Sets the Averager to diffusers' state: ``values`` after the snapshots of steps
@@ -496,7 +590,7 @@ class EMAModel:
         self._shadow = [_host(t) for t in values]
 
     def _check_like_shadow(self, tensors, what: str) -> None:
-        ref = self._params or self._shadow
+        ref = self._checked.params if self._checked is not None else self._shadow
         if len(tensors) != len(ref):
             raise ValueError(f"{what} {len(tensors)} tensors, this EMAModel averages "
                              f"{len(ref)} parameters")
@@ -513,98 +607,19 @@ class EMAModel:
         except (TypeError, KeyError):
             return False
 
-    def _check_same(self, parameters) -> None:
-        """Raises unless ``parameters`` are the first step's (see :meth:`step` for the cost)."""
-        module = _module_of(parameters)
-        if module is not None:
-            if module in self._modules:
-                return
-            given = list(module.parameters())  # a module not seen yet: compared in full, once
-            if len(given) == len(self._params) and \
-                    all(a is b for a, b in zip(given, self._params)):
-                self._known(module)
-                return
-        else:
-            given = parameters if isinstance(parameters, (list, tuple)) else list(parameters)
-            n = len(self._params)
-            if len(given) == n and all(given[i] is self._params[i] for i in (0, n // 2, n - 1)):
-                return
-        raise ValueError(
-            f"step() got other parameters than its first step() ({len(given)} tensors, "
-            f"{len(self._params)} averaged): offload_ema's EMAModel averages the parameters given "
-            "to its first step(), where diffusers' would average these into the same shadow "
-            "values. Pass the same parameters each step, or build a new EMAModel for others "
-            "(load_state_dict(old.state_dict()) continues the average)")
-
-    def _known(self, module: nn.Module) -> None:
-        """``module.parameters()`` are the averaged parameters: later steps may pass it without
-        a comparison; the first such module also tells where each parameter is held (the
-        step's check then notices one replaced in it) and its name."""
-        self._modules.add(module)
-        if self._homes is not None:
-            return
-        where = {}
-        for mod_name, sub in module.named_modules():
-            for attr, p in sub._parameters.items():
-                if p is not None and id(p) not in where:
-                    where[id(p)] = (sub, attr, f"{mod_name}.{attr}".lstrip("."))
-        homes = [where[id(p)] for p in self._params]
-        self._homes = [(sub, attr) for sub, attr, _ in homes]
-        self._names = [name for _, _, name in homes]
-
-    def _check_params(self, count: Optional[int], cause: Optional[BaseException] = None) -> None:
-        """Raises if a parameter's requires_grad changed since the first step, or (where the
-        model is known) the model holds another tensor in its place: ``count`` parameters in turn
-        (the step's O(1) share), or all (``None``: reads, and after a worker error)."""
-        n = len(self._params)
-        if count is None:
-            order = range(n)
-        else:
-            order = [(self._next_check + k) % n for k in range(min(count, n))]
-            self._next_check = (self._next_check + len(order)) % n
-        homes = self._homes
-        for i in order:
-            p = self._params[i]
-            if p.requires_grad != self._grad[i]:
-                self._raise_changed(i, "unfrozen" if p.requires_grad else "frozen", cause)
-            if homes is not None:
-                module, attr = homes[i]
-                now = module._parameters.get(attr)
-                if now is not p and not (is_dtensor(p) and now is not None and
-                                         not is_dtensor(now) and now.shape == p.shape):
-                    # (FSDP2 registers the gathered parameter between a forward and reshard.)
-                    self._raise_changed(i, "replaced", cause)
-
-    def _raise_changed(self, i: int, how: str, cause: Optional[BaseException]) -> None:
-        p = self._params[i]
-        name = f" ({self._names[i]!r})" if self._names else ""
-        what = {
-            "unfrozen": "unfrozen (requires_grad=True) after the EMAModel's first step: "
-                        "diffusers' EMAModel would average it from now on, offload_ema's reports "
-                        "it as it is",
-            "frozen": "frozen (requires_grad=False) after the EMAModel's first step: diffusers' "
-                      "EMAModel would copy it from now on, offload_ema's would go on averaging it",
-            "replaced": "replaced by another tensor in the model after the EMAModel's first "
-                        "step: diffusers' EMAModel would average the new one from now on, "
-                        "offload_ema's the old one"}[how]
-        raise RuntimeError(
-            f"parameter {i}{name} (shape {list(p.shape)}) was {what}. The averaged parameters "
-            "are fixed at the first step(): save ema.state_dict() before the change and load it "
-            "into a new EMAModel built after it") from cause
-
     def _values(self, check: bool = True) -> List[torch.Tensor]:
         """diffusers' shadow values now (float32 CPU copies): the loaded / assigned ones until
         the next step, else the average, else (before the EMA started) the parameters."""
         if self._shadow is not None:
             return [t.clone() for t in self._shadow]
         if check:
-            self._check_params(None)
+            self._checked.check(None)
         avg = self._averager
         if avg.ready(_NAME):
             sd = avg.averaged_state_dict(_NAME)
-            return [sd[f"params.{i}"] for i in range(len(self._params))]
+            return [sd[f"params.{i}"] for i in range(len(self._checked.params))]
         # update_after_step not reached: diffusers' shadow copies the parameters at each step.
-        return [_host(p) for p in self._params]
+        return [_host(p) for p in self._checked.params]
 
 
 def _host(t: torch.Tensor) -> torch.Tensor:
