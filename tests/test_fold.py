@@ -210,6 +210,9 @@ def test_auto_folds_a_backlog_and_holds_nothing_while_keeping_up():
             gate = _gate(avg)
             for s in range(1, 8):  # a backlog of seven: one pass
                 train_step(model, opt, s)
+            # All seven queued for the worker before it goes on (the issuer may still be
+            # issuing the last one's copies: the worker would find its queue empty and fold 6).
+            _wait_until(lambda: avg._engine.worker.queue.qsize() >= 7)
             gate.set()
             avg.flush()
             st = avg.stats()
