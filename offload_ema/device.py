@@ -24,7 +24,6 @@ The engine's calls, in order, for one snapshot (asynchronous implementations)::
 """
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import weakref
 from typing import List, Optional, Tuple

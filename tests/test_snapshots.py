@@ -2,7 +2,6 @@
 SIGKILL during saves."""
 import glob
 import os
-import shutil
 import signal
 import subprocess
 import sys

@@ -3,7 +3,6 @@ silently and never with a hang: each failure reaches the training thread as an e
 import threading
 
 import pytest
-import torch
 
 import offload_ema as oe
 from offload_ema import device as device_mod

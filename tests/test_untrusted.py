@@ -2,7 +2,6 @@
 code from them, and a damaged or crafted file is a ValueError naming it, with the model and the
 Averager left as they were."""
 import json
-import os
 import pickle
 import random
 import struct

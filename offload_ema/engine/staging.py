@@ -297,7 +297,6 @@ class Staging:
                           and nbytes <= PACK_TENSOR_BYTES) else "direct"
 
     def _plan_direct(self, plan: CopyPlan, part, flat: torch.Tensor) -> None:
-        t = part.entry.tensor
         dst = flat[part.dst:part.dst + part.end - part.start]
         plan.dsts.append(dst.view(part.entry.shape) if part.whole else dst)
         src = part.entry.source  # the bound storage: in-place updates show through
