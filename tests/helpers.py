@@ -6,6 +6,8 @@ import os
 import torch
 from torch import nn
 
+from offload_ema import ops
+
 
 class TinyNet(nn.Module):
     def __init__(self, dtype=torch.float32, width=16):
@@ -158,3 +160,58 @@ def call_with_timeout(fn, timeout, what, abandon=()):
     if "error" in out:
         raise out["error"]
     return out.get("value")
+
+
+class Slab(nn.Module):
+    """Low arithmetic density: a trivial SGD step on fixed gradients, so that a copy that reads
+    the parameters after the next step has started shows up as a wrong average."""
+
+    def __init__(self, n=4, size=4096, dtype=torch.bfloat16):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.ps = nn.ParameterList(
+            [nn.Parameter(torch.randn(size, generator=g).to(dtype)) for _ in range(n)])
+        self.grads = [[torch.randn(size, generator=g).to(dtype) for _ in self.ps] for _ in range(3)]
+
+    def fake_backward(self, step):
+        for p, grad in zip(self.ps, self.grads[step % 3]):
+            p.grad = grad
+
+
+def slab(size=4096):
+    model = Slab(size=size)
+    return model, torch.optim.SGD(model.parameters(), lr=1e-2)
+
+
+def slab_reference(beta, steps, size=4096):
+    """The same training with each snapshot averaged synchronously by the same kernel."""
+    model, opt = slab(size)
+    acc = None
+    for s in range(1, steps + 1):
+        model.fake_backward(s)
+        opt.step()
+        snap = [p.detach().clone() for p in model.ps]
+        if acc is None:
+            acc = [x.float() for x in snap]
+        else:
+            for a, x in zip(acc, snap):
+                ops.ema_update_(a, x, 1 - beta)
+    return acc
+
+
+def run_steps(model, opt, avg, steps, start=0, on_step=None):
+    for s in range(start + 1, start + steps + 1):
+        train_step(model, opt, s)
+        if on_step:
+            on_step(s)
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 6)
+        self.head = nn.Linear(6, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(self.emb(x))

@@ -1,5 +1,8 @@
 """The offload-ema command: every argument explained, summaries a reader can take in."""
 import argparse
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -62,3 +65,20 @@ def test_inspect_of_a_synthesised_snapshot_summarises_its_sources(profiles, caps
     assert "entries not averaged" in printed  # passthrough, explained
     assert cli.main(["inspect", "--verbose", str(out)]) == 0
     assert capsys.readouterr().out.count(".safetensors") >= 40
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_consolidate_runs_as_a_module(tmp_path):
+    model, opt = make()
+    with oe.Averager(model, {"ema": oe.EMA(0.9)}) as avg:
+        avg.attach(opt)
+        train_step(model, opt, 1)
+        avg.save(tmp_path / "ema.safetensors", "ema").result(timeout=60)
+    r = subprocess.run([sys.executable, "-m", "offload_ema.cli", "consolidate",
+                        str(tmp_path / "ema.safetensors"), str(tmp_path / "one.safetensors")],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    one, meta = oe.load_snapshot(tmp_path / "one.safetensors")
+    assert set(one) == set(model.state_dict()) and meta["name"] == "ema"

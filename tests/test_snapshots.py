@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -14,8 +15,8 @@ from torch import nn
 
 import offload_ema as oe
 from offload_ema import cli, snapshots
-from helpers import RefEMA, TinyNet, make, snapshot, train_step
-from test_averager import Tied
+from helpers import (RefEMA, Tied, TinyNet, assert_matches, call_with_timeout, make, snapshot,
+                     train_step)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -449,3 +450,105 @@ def test_keep_last_never_removes_this_runs_files_for_an_older_runs_higher_steps(
                      "ema-00040.safetensors"], names
     _, meta = oe.load_snapshot(tmp_path / "ema-00020.safetensors")
     assert meta["step"] == 20
+
+
+def _write_with_meta(path, meta):
+    from offload_ema.snapshots import write_atomic
+    write_atomic(str(path), {"w": torch.zeros(2)}, meta)
+
+
+@pytest.mark.parametrize("meta,field", [
+    ({"format": "offload_ema.snapshot", "name": "ema", "step": "3"}, "'average'"),
+    ({"format": "offload_ema.snapshot", "average": "{not json", "step": "3"}, "'average'"),
+    ({"format": "offload_ema.snapshot", "average": "[1]", "step": "3"}, "'average'"),
+    ({"format": "offload_ema.snapshot", "average": "{}", "step": "three"}, "'step'"),
+])
+def test_damaged_metadata_is_a_value_error_naming_the_file_and_field(tmp_path, meta, field):
+    path = tmp_path / "bad.safetensors"
+    _write_with_meta(path, meta)
+    with pytest.raises(ValueError, match=f"bad.safetensors.*{field}"):
+        oe.load_snapshot(path)
+
+
+def test_the_writer_thread_runs_before_any_save_and_a_save_handed_over_at_exit_is_written(
+        tmp_path, monkeypatch):
+    """Python 3.12.0-3.12.2 cannot start a thread inside the exit's close: the writer's thread
+    exists from the start, so a first save whose copy runs in that close is still written."""
+    model, opt = make()
+    avg = oe.Averager(model, {"ema": oe.EMA(0.9)}).attach(opt)
+    assert avg._writer._thread.is_alive()  # before any save
+    for s in range(1, 4):
+        train_step(model, opt, s)
+    ref = RefEMA(0.9)
+    # (the reference of the three steps, replayed)
+    model2, opt2 = make()
+    for s in range(1, 4):
+        train_step(model2, opt2, s)
+        ref.update(snapshot(model2))
+
+    start = threading.Thread.start
+
+    def refuse(self):  # as at exit on those versions (the test's own timer thread may start)
+        if self.name.startswith("offload_ema"):
+            raise RuntimeError("can't create new thread at interpreter shutdown")
+        return start(self)
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    fut = avg.save(tmp_path / "ema.safetensors", "ema")
+    call_with_timeout(avg.close, 30, "close", abandon=[avg])
+    monkeypatch.undo()
+    assert fut.result(timeout=5) == str(tmp_path / "ema.safetensors")
+    tensors, _ = snapshots.load_snapshot(tmp_path / "ema.safetensors")
+    assert_matches(tensors, ref.avg, rtol=1e-6, atol=1e-7)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _python(code, tmp_path, timeout=120):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=timeout, cwd=tmp_path, env=env)
+
+
+# The worker is slowed down so that the save is still queued behind the updates when the script
+# ends: it must be written before the process exits.
+_EXIT_SCRIPT = """
+import sys, time, torch, offload_ema as oe
+
+real = oe.ops.ema_update_multi_
+def slow(*a, **k):
+    time.sleep(0.2)
+    return real(*a, **k)
+oe.ops.ema_update_multi_ = slow
+if sys.argv[2] == "fail":
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+    import offload_ema.writer as writer_mod
+    writer_mod.write_atomic = disk_full
+m = torch.nn.Linear(64, 64)
+opt = torch.optim.SGD(m.parameters(), lr=0.1)
+avg = oe.Averager(m, {"ema": oe.EMA(0.9)}, staging_bytes=1 << 20).attach(opt)
+for _ in range(4):
+    m(torch.randn(4, 64)).sum().backward(); opt.step(); opt.zero_grad()
+avg.save(sys.argv[1], "ema")
+print("end of script", flush=True)
+"""
+
+
+def test_a_save_pending_at_exit_is_written(tmp_path):
+    path = tmp_path / "ema.safetensors"
+    r = _python(_EXIT_SCRIPT.replace("sys.argv[1]", repr(str(path))).replace(
+        "sys.argv[2]", "'ok'"), tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "end of script"
+    tensors, meta = oe.load_snapshot(path)
+    assert meta["step"] == 4 and meta["applied"] == 4 and set(tensors) == {"weight", "bias"}
+
+
+def test_a_save_that_fails_at_exit_is_loud_and_the_exit_status_is_not_zero(tmp_path):
+    path = tmp_path / "ema.safetensors"
+    r = _python(_EXIT_SCRIPT.replace("sys.argv[1]", repr(str(path))).replace(
+        "sys.argv[2]", "'fail'"), tmp_path)
+    assert r.returncode != 0
+    assert "No space left on device" in r.stderr and "pending snapshot" in r.stderr
+    assert not path.exists()

@@ -1,19 +1,20 @@
-"""The Averager as a misbehaving training script meets it: interrupts at every line of a step,
-reads from other threads, a model changed under it, damaged metadata, use after close, resume at
-every position of the LAWA ring."""
+"""The coordinator (``offload_ema.engine.Engine``): the training thread's calls (submit, fence,
+recover, the busy policies) and every wait on a background thread, under interrupts at any
+instruction, failures, full queues and dead threads."""
 import contextlib
-import functools
+import gc
 import sys
 import threading
+import time
+import weakref
 
 import pytest
 import torch
-from torch import nn
 
 import offload_ema as oe
-from offload_ema.testing import lazy_device
 from offload_ema import engine as engine_mod
-from helpers import (RefEMA, RefLAWA, assert_matches, call_with_timeout, make, snapshot,
+from offload_ema.testing import lazy_device
+from helpers import (RefEMA, RefLAWA, assert_matches, call_with_timeout, make, run_steps, snapshot,
                      train_step)
 
 PKG = oe.__file__.rsplit("/", 1)[0]
@@ -53,7 +54,11 @@ class InterruptAt:
 
 
 SPECS = lambda: {"ema": oe.EMA(0.7), "lawa": oe.LAWA(2, every=1)}  # noqa: E731
+
+
 INTERRUPTED_STEP = 3
+
+
 # Each configuration is deterministic: the engine is idle (or, "busy", held full) when step 3
 # starts, and the lazy device's claim policy decides who issues a whole snapshot's copies: the
 # training thread's fence ("fence") or the issuer thread ("issuer").
@@ -164,117 +169,6 @@ def test_an_interrupt_at_any_instruction_of_a_step_leaves_a_consistent_averager(
     assert outcomes["with"] and outcomes["without"], outcomes
 
 
-# ---- reads from other threads ------------------------------------------------------------------
-
-def test_reads_from_another_thread_are_never_torn():
-    """LAWA(window=1) equals one step's weights exactly: a read mixing two steps is visible."""
-    torch.manual_seed(0)
-    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(6)])
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    steps = 300
-    history = {}  # step -> the weights of that step
-    reads, problems = [], []
-    stop = threading.Event()
-    with oe.Averager(model, {"last": oe.LAWA(1, every=1)}) as avg:
-        avg.attach(opt)
-
-        def reader():
-            while not stop.is_set():
-                if not avg.ready("last"):
-                    continue
-                try:
-                    sd = avg.averaged_state_dict("last")
-                    st = avg.stats()
-                    state = avg.state_dict()
-                except BaseException as exc:  # noqa: BLE001 - reported below
-                    problems.append(repr(exc))
-                    return
-                reads.append((sd, st, state))
-        t = threading.Thread(target=reader)
-        t.start()
-        for s in range(1, steps + 1):
-            model(torch.randn(4, 8)).pow(2).mean().backward()
-            opt.step()
-            opt.zero_grad()
-            history[s] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        stop.set()
-        t.join(60)
-    assert not problems, problems
-    assert len(reads) >= 20, f"only {len(reads)} reads happened"
-    for sd, st, state in reads:
-        matching = [s for s, w in history.items() if all(torch.equal(sd[k], w[k]) for k in w)]
-        assert matching, "a read mixed tensors of different steps"
-        assert st["snapshots_applied"] <= st["snapshots_taken"] <= st["step"]
-        # A state read from another thread is the state after one applied snapshot.
-        ring = state["averages"]["last"]
-        assert ring["applied"] == state["step"] == ring["last_step"]
-        assert all(torch.equal(a, b) for a, b in zip(
-            ring["slots"][ring["order"][0]], _flat(history[state["step"]])))
-
-
-def _flat(weights):
-    return [torch.cat([v.reshape(-1) for v in weights.values()])]
-
-
-# ---- a model changed under the Averager ---------------------------------------------------------
-
-@pytest.mark.parametrize("change", ["replaced", "frozen", "added", "new storage", "converted"])
-def test_a_model_changed_after_construction_is_reported(change, tmp_path):
-    model, opt = make()
-    avg = oe.Averager(model, {"ema": oe.EMA(0.9)}).attach(opt)
-    train_step(model, opt, 1)
-    avg.fence()
-    if change == "new storage":
-        model.fc2.weight.data = model.fc2.weight.detach().clone()
-        message = "'fc2.weight' was given new storage"
-    elif change == "converted":  # (model.double() gives every parameter new storage too)
-        model.double()
-        message = "'fc1.weight' is (now )?torch.float64"
-    elif change == "replaced":
-        model.fc2.weight = nn.Parameter(model.fc2.weight.detach().clone())
-        message = "'fc2.weight' was replaced by another tensor"
-    elif change == "frozen":
-        model.fc2.weight.requires_grad_(False)
-        message = "'fc2.weight' was frozen"
-    else:
-        model.fc2.register_parameter("extra", nn.Parameter(torch.zeros(3)))
-        message = "module 'fc2' gained or lost parameters"
-    for read in (lambda: avg.averaged_state_dict("ema"),
-                 lambda: avg.swapped(model, "ema").__enter__(),
-                 lambda: avg.save(tmp_path / "ema.safetensors", "ema")):
-        with pytest.raises(RuntimeError, match=message):
-            read()
-    # Training goes on: the worker stops at the next snapshot and the step says why.
-    train_step(model, opt, 2)
-    with pytest.raises(RuntimeError, match=message):
-        avg.flush()
-    assert not (tmp_path / "ema.safetensors").exists()
-    with pytest.raises(RuntimeError, match="failed earlier"):
-        train_step(model, opt, 3)
-    avg.close()  # the error was reported: closing is quiet
-
-
-@pytest.mark.parametrize("who_issues", ["fence", "issuer"])
-def test_new_storage_between_the_step_and_its_copy_never_enters_the_snapshot(who_issues):
-    """``p.data = ...`` right after a step, before that step's copy is issued (the lazy
-    device's issuer holds it back): the snapshot must not take the new storage, and the next
-    call says the parameter has new storage, instead of averaging it silently."""
-    with lazy_device(seed=1, max_delay=0.0, claim_policy="fence"):
-        model, opt = make()
-        with oe.Averager(model, {"last": oe.LAWA(1, every=1)}) as avg:
-            avg.attach(opt)
-            train_step(model, opt, 1)
-            avg.flush()  # step 1 applied before the change
-            train_step(model, opt, 2)  # its copy waits for the next fence / read
-            model.fc2.weight.data = torch.full_like(model.fc2.weight, 7.0)
-            if who_issues == "fence":
-                avg.fence()  # the training thread issues step 2's copy now
-            with pytest.raises(RuntimeError, match="'fc2.weight' was given new storage"):
-                call_with_timeout(avg.flush, 30, "flush", abandon=[avg])
-            # Nothing with the new storage was applied.
-            assert avg.stats()["snapshots_applied"] == 1
-
-
 def test_an_unfenced_reshape_names_the_tensor_and_the_missing_fence(monkeypatch):
     held = threading.Event()
     real = engine_mod.Worker._process
@@ -293,137 +187,6 @@ def test_an_unfenced_reshape_names_the_tensor_and_the_missing_fence(monkeypatch)
                                            r"without avg.fence\(\) first"):
         avg.flush()
     avg.close()
-
-
-# ---- metadata, closed Averagers ----------------------------------------------------------------
-
-def _write_with_meta(path, meta):
-    from offload_ema.snapshots import write_atomic
-    write_atomic(str(path), {"w": torch.zeros(2)}, meta)
-
-
-@pytest.mark.parametrize("meta,field", [
-    ({"format": "offload_ema.snapshot", "name": "ema", "step": "3"}, "'average'"),
-    ({"format": "offload_ema.snapshot", "average": "{not json", "step": "3"}, "'average'"),
-    ({"format": "offload_ema.snapshot", "average": "[1]", "step": "3"}, "'average'"),
-    ({"format": "offload_ema.snapshot", "average": "{}", "step": "three"}, "'step'"),
-])
-def test_damaged_metadata_is_a_value_error_naming_the_file_and_field(tmp_path, meta, field):
-    path = tmp_path / "bad.safetensors"
-    _write_with_meta(path, meta)
-    with pytest.raises(ValueError, match=f"bad.safetensors.*{field}"):
-        oe.load_snapshot(path)
-
-
-def test_every_method_of_a_closed_averager_raises(tmp_path):
-    model, opt = make()
-    avg = oe.Averager(model, {"ema": oe.EMA(0.9)}).attach(opt)
-    train_step(model, opt, 1)
-    avg.close()
-    calls = [lambda: avg.save_every(2, str(tmp_path / "{name}-{step}.safetensors")),
-             lambda: avg.save(tmp_path / "e.safetensors", "ema"), avg.step, avg.flush,
-             lambda: avg.averaged_state_dict("ema"), lambda: avg.attach(opt),
-             lambda: avg.swapped(model, "ema").__enter__()]
-    for call in calls:
-        with pytest.raises(RuntimeError, match="closed"):
-            call()
-
-
-# ---- resume at every position of the ring --------------------------------------------------------
-
-def _specs():
-    return {"ema": oe.EMA(0.8), "lawa": oe.LAWA(4, every=1), "lawa3": oe.LAWA(3, every=2)}
-
-
-@functools.lru_cache(maxsize=None)
-def _straight(steps):
-    """The averages after every step of an uninterrupted run."""
-    model, opt = make()
-    out = {}
-    with oe.Averager(model, _specs()) as avg:
-        avg.attach(opt)
-        for s in range(1, steps + 1):
-            train_step(model, opt, s)
-            out[s] = {n: avg.averaged_state_dict(n) for n in _specs() if avg.ready(n)}
-    return out
-
-
-@pytest.mark.parametrize("stop", range(1, 9))
-def test_resume_at_every_ring_position_is_bit_exact(stop):
-    """Compared after every step once resumed: the ring's order matters until the window has
-    been refilled, so resuming at the wrong ring position shows there."""
-    steps = 13
-    straight = _straight(steps)
-    model, opt = make()
-    with oe.Averager(model, _specs()) as avg:
-        avg.attach(opt)
-        for s in range(1, stop + 1):
-            train_step(model, opt, s)
-        state = avg.state_dict()
-        saved = {k: v.clone() for k, v in model.state_dict().items()}
-        opt_state = opt.state_dict()
-    assert state["averages"]["lawa"]["next_pos"] == stop % 4
-    model, opt = make(seed=99)
-    model.load_state_dict(saved)
-    opt.load_state_dict(opt_state)
-    with oe.Averager(model, _specs()) as avg:
-        avg.load_state_dict(state)
-        avg.attach(opt)
-        for s in range(stop + 1, steps + 1):
-            train_step(model, opt, s)
-            for n, expected in straight[s].items():
-                got = avg.averaged_state_dict(n)
-                for k in expected:
-                    assert torch.equal(got[k], expected[k]), (stop, s, n, k)
-
-
-def test_resume_with_coalesced_periods_pending_is_bit_exact(monkeypatch):
-    """Saved while EMA periods are coalesced (pending) and resumed: the next snapshot carries
-    them, exactly as in the run that was not interrupted."""
-    gate = threading.Event()
-    real = engine_mod.Worker._apply
-
-    def gated(eng, *a, **k):
-        assert gate.wait(30)
-        return real(eng, *a, **k)
-
-    def run(split):
-        gate.clear()
-        model, opt = make()
-        one = oe.averager.Layout(model).nbytes
-        avg = oe.Averager(model, {"ema": oe.EMA(0.8)}, on_busy="coalesce", staging_bytes=one)
-        avg.attach(opt)
-        train_step(model, opt, 1)  # taken, held at the gate
-        train_step(model, opt, 2)  # coalesced
-        train_step(model, opt, 3)  # coalesced
-        # Pending periods in the state: read from the schedule without flushing the gate.
-        pending = avg._schedule.coalesced["ema"]
-        gate.set()
-        avg.flush()  # both runs go on from an idle worker: the same steps are taken after
-        if split:
-            state = avg.state_dict()
-            assert state["averages"]["ema"]["pending"] == pending == 2
-            saved = {k: v.clone() for k, v in model.state_dict().items()}
-            opt_state = opt.state_dict()
-            avg.close()
-            model, opt = make(seed=5)
-            model.load_state_dict(saved)
-            opt.load_state_dict(opt_state)
-            avg = oe.Averager(model, {"ema": oe.EMA(0.8)}, on_busy="coalesce",
-                              staging_bytes=one)
-            avg.load_state_dict(state)
-            avg.attach(opt)
-        for s in range(4, 7):
-            train_step(model, opt, s)
-            avg.flush()
-        out = avg.averaged_state_dict("ema")
-        avg.close()
-        return out
-
-    monkeypatch.setattr(engine_mod.Worker, "_apply", gated)
-    straight, resumed = run(False), run(True)
-    for k in straight:
-        assert torch.equal(straight[k], resumed[k]), k
 
 
 @pytest.mark.parametrize("device", ["host", "lazy"])
@@ -488,8 +251,6 @@ def test_an_interrupt_right_after_the_job_is_queued_is_not_a_lost_snapshot(devic
         avg.close()
 
 
-# ---- a second interrupt --------------------------------------------------------------------------
-
 def test_a_fence_claim_left_by_a_second_interrupt_is_handed_back():
     """A second interrupt can land between an interrupted fence's check and its hand-back of
     the claim: the claim stays the fence's with nothing issued. flush / reads / close on the
@@ -540,11 +301,215 @@ def test_a_recover_cut_short_by_a_second_interrupt_is_finished_by_the_next_step(
         assert avg.stats()["in_flight"] == 0
 
 
-def test_fsdp1_is_refused_at_construction():
-    from torch.distributed.fsdp import FullyShardedDataParallel
-    model, _ = make()
-    wrapper = FullyShardedDataParallel.__new__(FullyShardedDataParallel)  # (no process group)
-    nn.Module.__init__(wrapper)
-    wrapper.inner = model
-    with pytest.raises(NotImplementedError, match="FSDP1.*fully_shard"):
-        oe.Averager(wrapper, {"ema": oe.EMA(0.9)})
+@pytest.mark.parametrize("thread", ["worker", "issuer"])
+def test_a_dead_background_thread_is_an_error_not_a_hang(thread, monkeypatch):
+    """Whatever ends the worker or the issuer thread (here: it returns at once), the calls that
+    wait for it raise instead of waiting forever."""
+    from offload_ema import engine as engine_mod
+    monkeypatch.setattr(engine_mod.Worker if thread == "worker" else engine_mod.Issuer, "_run",
+                        lambda self: None)
+    with lazy_device(seed=0, max_delay=0.0):
+        model, opt = make()
+        avg = oe.Averager(model, {"ema": oe.EMA(0.9)}).attach(opt)
+        with pytest.raises(RuntimeError, match=f"offload_ema-{thread} thread stopped unexpectedly"):
+            call_with_timeout(lambda: (train_step(model, opt, 1), train_step(model, opt, 2),
+                                       avg.flush()), 30, "steps and flush", abandon=[avg])
+        call_with_timeout(avg.close, 30, "close", abandon=[avg])
+
+
+def test_an_averager_left_open_past_its_lazy_device_closes_without_a_hang():
+    with lazy_device(seed=2, max_delay=0.002):
+        model, opt = make()
+        avg = oe.Averager(model, {"ema": oe.EMA(0.8)}).attach(opt)
+        ref = RefEMA(0.8)
+        for s in range(1, 4):
+            train_step(model, opt, s)
+            ref.update(snapshot(model))
+    # The block is over: the simulated copy engine has stopped; the Averager still works.
+    train_step(model, opt, 4)
+    ref.update(snapshot(model))
+    sd = call_with_timeout(lambda: avg.averaged_state_dict("ema"), 20, "a read after the block",
+                           abandon=[avg])
+    assert_matches(sd, ref.avg, rtol=1e-6, atol=1e-7)
+    call_with_timeout(avg.close, 20, "close after the block", abandon=[avg])
+
+
+def test_a_failing_submit_leaves_nothing_behind(monkeypatch):
+    model, opt = make()
+    refs = {"ema": RefEMA(0.8), "lawa": RefLAWA(2)}
+    real = engine_mod.Engine._issue
+    fail_at = {3}
+    calls = []
+
+    def flaky(eng, job):
+        calls.append(job.step)
+        if job.step in fail_at and len(calls) == job.step:
+            raise torch.OutOfMemoryError("injected: out of memory on a conversion temporary")
+        return real(eng, job)
+    monkeypatch.setattr(engine_mod.Engine, "_issue", flaky)
+    with oe.Averager(model, {"ema": oe.EMA(0.8), "lawa": oe.LAWA(2, every=1)},
+                     buffers="average", staging_bytes=_one_snapshot(model)) as avg:
+        avg.attach(opt)
+        for s in range(1, 8):
+            if s == 3:
+                with pytest.raises(torch.OutOfMemoryError, match="injected"):
+                    train_step(model, opt, s)
+                continue  # the optimizer stepped; the Averager did not count it
+            train_step(model, opt, s)
+            snap = snapshot(model)
+            snap.update({k: v.double().clone() for k, v in model.named_buffers()
+                         if v.is_floating_point()})
+            for r in refs.values():
+                r.update(snap)
+        done = threading.Event()
+        threading.Thread(target=lambda: (avg.flush(), done.set()), daemon=True).start()
+        assert done.wait(30), "flush() hung after a failed submit"
+        st = avg.stats()
+        assert st["in_flight"] == 0 and st["step"] == 6 and st["snapshots_applied"] == 6
+        for name, ref in refs.items():
+            assert_matches(avg.averaged_state_dict(name), ref.avg, rtol=1e-6, atol=1e-7)
+
+
+def _one_snapshot(model):
+    return oe.averager.Layout(model).nbytes
+
+
+def _worker_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("offload_ema-")]
+
+
+def test_a_dropped_averager_releases_its_worker_and_staging(tmp_path):
+    before = len(_worker_threads())
+    model, opt = make()
+    avg = oe.Averager(model, {"ema": oe.EMA(0.9)}).attach(opt)
+    for s in range(1, 4):
+        train_step(model, opt, s)
+    avg.save(tmp_path / "ema.safetensors", "ema").result(timeout=60)
+    staging = weakref.ref(avg._engine.staging.buffers[0])
+    assert len(_worker_threads()) == before + 2  # worker and writer
+    del avg
+    gc.collect()
+    assert staging() is None, "staging still referenced"
+    assert len(_worker_threads()) == before
+    train_step(model, opt, 4)  # the hooks left on the optimizer do nothing now
+
+
+def test_flush_from_another_thread_returns_while_training_goes_on():
+    """A snapshot submitted after flush's marker may be held until K are: flush waits for what
+    was submitted before it, not for every snapshot to be applied."""
+    model, opt = make()
+    with oe.Averager(model, {"ema": oe.EMA(0.9)}, fold=4) as avg:
+        avg.attach(opt)
+        train_step(model, opt, 1)
+        engine, queued, go = avg._engine, threading.Event(), threading.Event()
+        run_after = engine.run_after
+
+        def marker_then_wait(fn):
+            run_after(fn)
+            queued.set()
+            go.wait(10)
+        engine.run_after = marker_then_wait
+        done = []
+        t = threading.Thread(target=lambda: (avg.flush(), done.append(True)), daemon=True)
+        t.start()
+        assert queued.wait(10)
+        engine.run_after = run_after
+        train_step(model, opt, 2)  # after the marker: held
+        go.set()
+        t.join(10)
+        assert done and avg.stats()["snapshots_applied"] >= 1
+
+
+class Gate:
+    """Holds the worker before it applies anything until released, so 'busy' is deterministic."""
+
+    def __init__(self, monkeypatch):
+        self.open = threading.Event()
+        original = engine_mod.Worker._apply
+
+        def gated(eng, *args, **kw):
+            assert self.open.wait(30), "gate never opened"
+            return original(eng, *args, **kw)
+        monkeypatch.setattr(engine_mod.Worker, "_apply", gated)
+
+
+def _one_slot(model):
+    return oe.averager.Layout(model).nbytes  # staging for exactly one snapshot in flight
+
+
+@pytest.mark.parametrize("policy", ["coalesce", "skip"])
+def test_busy_policies_coalesce_and_skip(monkeypatch, policy):
+    gate = Gate(monkeypatch)
+    model, opt = make()
+    beta = 0.8
+    ref = RefEMA(beta)
+    ref_lawa = RefLAWA(3)
+    with oe.Averager(model, {"ema": oe.EMA(beta), "lawa": oe.LAWA(3, every=1)}, on_busy=policy,
+                     staging_bytes=_one_slot(model)) as avg:
+        avg.attach(opt)
+        train_step(model, opt, 1)      # taken, held at the gate
+        ref.update(snapshot(model))
+        ref_lawa.update(snapshot(model))
+        train_step(model, opt, 2)      # busy -> coalesced / skipped
+        train_step(model, opt, 3)      # busy -> coalesced / skipped
+        gate.open.set()
+        avg.flush()
+        train_step(model, opt, 4)      # taken: stands for steps 2..4 when coalescing
+        snap = snapshot(model)
+        ref.update(snap, periods=3 if policy == "coalesce" else 1)
+        ref_lawa.update(snap)
+        avg.flush()
+        st = avg.stats()
+        assert st["snapshots_taken"] == 2 and st["snapshots_applied"] == 2
+        key = "snapshots_coalesced" if policy == "coalesce" else "snapshots_skipped"
+        other = "snapshots_skipped" if policy == "coalesce" else "snapshots_coalesced"
+        assert st[key] == 2 and st[other] == 0
+        assert_matches(avg.averaged_state_dict("ema"), ref.avg, rtol=1e-6, atol=1e-7)
+        assert_matches(avg.averaged_state_dict("lawa"), ref_lawa.avg, rtol=2.4e-7, atol=1e-9)
+
+
+def test_block_policy_waits_and_stays_exact(monkeypatch):
+    gate = Gate(monkeypatch)
+    model, opt = make()
+    ref = RefEMA(0.8)
+    with oe.Averager(model, {"ema": oe.EMA(0.8)}, on_busy="block",
+                     staging_bytes=_one_slot(model)) as avg:
+        avg.attach(opt)
+        train_step(model, opt, 1)
+        ref.update(snapshot(model))
+        # The gate opens 0.3 s after the training thread starts waiting (not after a fixed
+        # time from here: a slow forward under load would eat into it).
+        waiting = threading.Event()
+        wait_capacity = avg._engine.wait_capacity
+        avg._engine.wait_capacity = lambda: (waiting.set(), wait_capacity())[1]
+
+        def open_later():
+            if waiting.wait(30):
+                time.sleep(0.3)
+            gate.open.set()
+        opener = threading.Thread(target=open_later, daemon=True)
+        opener.start()
+        train_step(model, opt, 2)  # blocks until the gate opens
+        opener.join(30)
+        ref.update(snapshot(model))
+        st = avg.stats()
+        assert waiting.is_set() and st["busy_wait_seconds"] >= 0.29
+        assert st["snapshots_skipped"] == st["snapshots_coalesced"] == 0
+        assert_matches(avg.averaged_state_dict("ema"), ref.avg, rtol=1e-6, atol=1e-7)
+
+
+def test_stats_report_counts_and_sizes():
+    model, opt = make()
+    with oe.Averager(model, {"ema": oe.EMA(0.9, every=2)}) as avg:
+        avg.attach(opt)
+        run_steps(model, opt, avg, 7)
+        avg.flush()
+        st = avg.stats()
+    nbytes = sum(p.numel() * 4 for p in model.parameters())
+    assert st["step"] == 7
+    assert st["snapshots_taken"] == st["snapshots_applied"] == 3
+    assert st["bytes_copied"] == 3 * st["snapshot_bytes"] and st["snapshot_bytes"] >= nbytes
+    assert st["lag_steps"] == 1  # last applied at step 6
+    assert st["pinned_bytes"] == 0 and st["device"] == "cpu"
+    for k in ("copy_seconds", "update_seconds", "fence_wait_seconds", "busy_wait_seconds"):
+        assert st[k] >= 0

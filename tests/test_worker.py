@@ -1,20 +1,70 @@
-"""Folding (``Averager(fold=K)``): K staged snapshots applied in one pass over the accumulators,
-with the same bits as applying them one by one; every read applies what is held first."""
+"""The worker thread (``offload_ema.engine.worker``): its queue taken in order, folding
+(``Averager(fold=K)``: K staged snapshots in one pass with the bits of one by one, every read
+applies what is held first), failures reaching the user with the staging given back, and its
+thread's set-up."""
 import contextlib
 import copy
 import threading
 import time
+import traceback
 
 import pytest
 import torch
 from torch import nn
 
 import offload_ema as oe
+from offload_ema import device as device_mod
 from offload_ema import engine as engine_mod
 from offload_ema import ops
 from offload_ema.layout import Layout
-from offload_ema.testing import lazy_device
-from helpers import RefEMA, RefLAWA, assert_matches, make, snapshot, train_step
+from offload_ema.testing import LazyOps, lazy_device
+from helpers import (RefEMA, RefLAWA, assert_matches, call_with_timeout, make, run_steps, slab,
+                     slab_reference, snapshot, train_step)
+
+
+def _boom():
+    raise RuntimeError("injected: no CUDA context on this thread")
+
+
+@pytest.mark.parametrize("on", ["host", "lazy"])
+def test_a_worker_that_cannot_start_reports_it_at_the_next_call(on, monkeypatch):
+    """The worker's thread set-up (device, stream, capture mode) raising must not leave a dead
+    worker that every later call waits for."""
+    ops_cls = LazyOps if on == "lazy" else device_mod.HostOps
+    monkeypatch.setattr(ops_cls, "thread_init", lambda self: _boom(), raising=False)
+    ctx = lazy_device(seed=0, max_delay=0.0) if on == "lazy" else _nothing()
+    with ctx:
+        model, opt = make()
+        avg = oe.Averager(model, {"ema": oe.EMA(0.9)}).attach(opt)
+
+        def train_and_flush():
+            train_step(model, opt, 1)
+            train_step(model, opt, 2)
+            avg.flush()
+        with pytest.raises(RuntimeError, match="injected: no CUDA context"):
+            call_with_timeout(train_and_flush, 30, "training after a failed worker start",
+                              abandon=[avg])
+        call_with_timeout(avg.close, 30, "close", abandon=[avg])
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_a_failing_callable_on_the_worker_does_not_end_it():
+    model, opt = make()
+    avg = oe.Averager(model, {"ema": oe.EMA(0.9)}).attach(opt)
+    train_step(model, opt, 1)
+    avg._engine.run_after(lambda: 1 / 0)  # e.g. a save's copy that fails unexpectedly
+    with pytest.raises(ZeroDivisionError):
+        call_with_timeout(avg.flush, 30, "flush after a failing callable", abandon=[avg])
+    with pytest.raises(RuntimeError, match="failed earlier"):
+        call_with_timeout(lambda: train_step(model, opt, 2), 30, "the next step", abandon=[avg])
+    call_with_timeout(avg.close, 30, "close", abandon=[avg])
 
 
 def _specs():
@@ -83,9 +133,8 @@ def test_fold_matches_float64_references_with_bfloat16_parameters():
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_fold_on_the_simulated_copy_engine_matches_synchronous_updates(seed):
     """Deferred copies, a low-density model: each held snapshot must be the step's weights."""
-    from test_lazy_device import _reference, _slab
     beta, steps = 0.9, 41
-    model, opt = _slab()
+    model, opt = slab()
     with lazy_device(seed=seed):
         with oe.Averager(model, {"ema": oe.EMA(beta)}, fold=4) as avg:
             avg.attach(opt)
@@ -93,7 +142,7 @@ def test_fold_on_the_simulated_copy_engine_matches_synchronous_updates(seed):
                 model.fake_backward(s)
                 opt.step()
             got = avg.averaged_state_dict("ema")
-    for name, ref in zip(sorted(got, key=lambda n: int(n.split(".")[-1])), _reference(beta, steps)):
+    for name, ref in zip(sorted(got, key=lambda n: int(n.split(".")[-1])), slab_reference(beta, steps)):
         assert torch.equal(got[name], ref), name
 
 
@@ -289,47 +338,6 @@ def test_bad_fold_is_named(fold):
         oe.Averager(model, {"ema": oe.EMA(0.9)}, fold=fold)
 
 
-def test_fold_needs_staging_for_fold_plus_one_whole_snapshots():
-    model, _ = make()
-    snap = Layout(model).nbytes
-    for staging in (4 * snap, snap // 2):  # one short; chunked
-        with pytest.raises(ValueError, match=r"fold=4 needs staging_bytes for at least fold \+ 1"):
-            oe.Averager(model, {"ema": oe.EMA(0.9)}, fold=4, staging_bytes=staging)
-    with oe.Averager(model, {"ema": oe.EMA(0.9)}, fold=4, staging_bytes=5 * snap) as avg:
-        assert avg.stats()["staging_buffers"] == 5
-    # "auto" with chunked staging: one snapshot per pass (chunks cannot be held).
-    with lazy_device():
-        with oe.Averager(model, {"ema": oe.EMA(0.9)}, fold="auto",
-                         staging_bytes=snap // 2) as avg:
-            assert avg.stats()["fold"] == 1
-
-
-def test_flush_from_another_thread_returns_while_training_goes_on():
-    """A snapshot submitted after flush's marker may be held until K are: flush waits for what
-    was submitted before it, not for every snapshot to be applied."""
-    model, opt = make()
-    with oe.Averager(model, {"ema": oe.EMA(0.9)}, fold=4) as avg:
-        avg.attach(opt)
-        train_step(model, opt, 1)
-        engine, queued, go = avg._engine, threading.Event(), threading.Event()
-        run_after = engine.run_after
-
-        def marker_then_wait(fn):
-            run_after(fn)
-            queued.set()
-            go.wait(10)
-        engine.run_after = marker_then_wait
-        done = []
-        t = threading.Thread(target=lambda: (avg.flush(), done.append(True)), daemon=True)
-        t.start()
-        assert queued.wait(10)
-        engine.run_after = run_after
-        train_step(model, opt, 2)  # after the marker: held
-        go.set()
-        t.join(10)
-        assert done and avg.stats()["snapshots_applied"] >= 1
-
-
 def test_snapshots_held_when_the_worker_fails_are_given_back(monkeypatch):
     real = engine_mod.Worker._stage
 
@@ -348,3 +356,46 @@ def test_snapshots_held_when_the_worker_fails_are_given_back(monkeypatch):
     with pytest.raises(RuntimeError, match="injected staging failure"):
         avg.flush()
     avg.close()
+
+
+def test_worker_error_reaches_the_main_thread_with_its_traceback(monkeypatch):
+    def boom(*args, **kw):
+        raise RuntimeError("kernel exploded")
+
+    model, opt = make()
+    avg = oe.Averager(model, {"ema": oe.EMA(0.9)})
+    avg.attach(opt)
+    train_step(model, opt, 1)  # initialisation: a copy, no kernel
+    monkeypatch.setattr(oe.ops, "ema_update_multi_", boom)
+    train_step(model, opt, 2)
+    with pytest.raises(RuntimeError, match="kernel exploded") as info:
+        avg.flush()
+    frames = [f.name for f in traceback.extract_tb(info.value.__traceback__)]
+    assert "boom" in frames and "_apply" in frames  # the worker's frames, not only ours
+    with pytest.raises(RuntimeError, match="failed earlier"):
+        train_step(model, opt, 3)
+    avg.close()
+    avg.close()  # idempotent
+
+
+def test_error_is_reported_by_close_if_not_yet_seen(monkeypatch):
+    monkeypatch.setattr(oe.ops, "ema_update_multi_", lambda *a, **k: 1 / 0)
+    model, opt = make()
+    avg = oe.Averager(model, {"ema": oe.EMA(0.9)})
+    avg.step()
+    avg.step()
+    with pytest.raises(ZeroDivisionError):
+        avg.close()
+    avg.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        avg.step()
+
+
+def test_worker_leaves_torch_threads_of_the_training_thread_alone():
+    before = torch.get_num_threads()
+    model, opt = make()
+    with oe.Averager(model, {"ema": oe.EMA(0.9)}) as avg:
+        avg.attach(opt)
+        run_steps(model, opt, avg, 3)
+        avg.flush()
+        assert torch.get_num_threads() == before
