@@ -34,9 +34,10 @@ if os.environ.get("OFFLOAD_EMA_SKIP_CPP_BUILD") != "1":
     ext_modules.append(
         CppExtension(
             name="offload_ema._C",
-            sources=["csrc/ops.cpp", "csrc/kernels.cpp", "csrc/thread_pool.cpp"],
+            sources=["csrc/ops.cpp", "csrc/kernels.cpp", "csrc/thread_pool.cpp",
+                     "csrc/host_copy.cpp"],
             depends=["csrc/kernels.h", "csrc/kernels_isa.inc", "csrc/scalar.h", "csrc/simd.h",
-                     "csrc/thread_pool.h"],
+                     "csrc/thread_pool.h", "csrc/host_copy.h"],
             # No -ffast-math: NaN and Inf must propagate exactly as in the float64 reference.
             extra_compile_args=["-O3", "-std=c++17", "-fno-strict-aliasing"],
             extra_link_args=["-lpthread"],

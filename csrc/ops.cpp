@@ -7,14 +7,23 @@
 #include <string>
 #include <vector>
 
+#include "host_copy.h"
 #include "kernels.h"
 #include "thread_pool.h"
 
 namespace oe {
 namespace {
 
-// Below this many elements per thread, waking workers costs more than it saves.
-constexpr int64_t kGrain = int64_t{1} << 16;
+// Bytes a call moves per thread before another thread pays: waking a pool worker costs tens of
+// microseconds (a futex wake; ~35 us measured on a 2-vCPU VM), and moving 4 MiB takes ~400 us at
+// 10 GB/s on one core. Below this, extra threads made calls slower (bench/kernels.py --sweep).
+constexpr int64_t kGrainBytes = int64_t{4} << 20;
+
+int64_t grain(int64_t bytes_per_element) {
+  return std::max<int64_t>(kGrainBytes / std::max<int64_t>(bytes_per_element, 1), 4096);
+}
+
+int64_t source_bytes(DType dt) { return dt == DType::kFloat32 ? 4 : 2; }
 // Chunk boundaries on whole cache lines and whole vectors (64 floats).
 constexpr int64_t kAlign = 64;
 
@@ -62,7 +71,8 @@ void ema_update_(at::Tensor& avg, const at::Tensor& src, double weight) {
   float* a = avg.data_ptr<float>();
   const void* s = src.data_ptr();
   const float w = static_cast<float>(weight);
-  parallel_for(avg.numel(), kGrain, kAlign, [&](int64_t b, int64_t e) { kernel(a, s, b, e, w); });
+  parallel_for(avg.numel(), grain(8 + source_bytes(dt)), kAlign,
+               [&](int64_t b, int64_t e) { kernel(a, s, b, e, w); });
 }
 
 void ema_update_multi_(at::TensorList avgs, const at::Tensor& src, at::ArrayRef<double> weights) {
@@ -87,7 +97,7 @@ void ema_update_multi_(at::TensorList avgs, const at::Tensor& src, at::ArrayRef<
   auto* kernel = active_kernels().ema_multi[static_cast<int>(dt)];
   const void* s = src.data_ptr();
   const int k = static_cast<int>(ptrs.size());
-  parallel_for(src.numel(), kGrain, kAlign,
+  parallel_for(src.numel(), grain(8 * k + source_bytes(dt)), kAlign,
                [&](int64_t b, int64_t e) { kernel(ptrs.data(), ws.data(), k, s, b, e); });
 }
 
@@ -124,7 +134,8 @@ void ema_fold_(at::TensorList avgs, at::TensorList srcs, at::ArrayRef<double> we
   }
   auto* kernel = active_kernels().ema_fold[static_cast<int>(dt)];
   const int mi = static_cast<int>(m), Ki = static_cast<int>(K);
-  parallel_for(avgs[0].numel(), kGrain, kAlign, [&](int64_t b, int64_t e) {
+  parallel_for(avgs[0].numel(), grain(8 * mi + Ki * source_bytes(dt)), kAlign,
+               [&](int64_t b, int64_t e) {
     kernel(ptrs.data(), ws.data(), mi, sp.data(), Ki, b, e);
   });
 }
@@ -141,7 +152,9 @@ void mean_(at::Tensor& out, at::TensorList srcs) {
   auto* kernel = active_kernels().mean;
   float* o = out.data_ptr<float>();
   const int m = static_cast<int>(ptrs.size());
-  parallel_for(out.numel(), kGrain, kAlign,
+  int64_t bytes = 4;
+  for (DType d : dts) bytes += source_bytes(d);
+  parallel_for(out.numel(), grain(bytes), kAlign,
                [&](int64_t b, int64_t e) { kernel(o, ptrs.data(), dts.data(), m, b, e); });
 }
 
@@ -207,6 +220,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("stream_id"), py::arg("device_index"), py::arg("device_type"),
         // As torch's own bindings of _foreach_copy_: other threads (training's) run meanwhile.
         py::call_guard<py::gil_scoped_release>());
+  oe::bind_host_copy(m);
   m.def("get_num_threads", &oe::get_num_threads, "Threads a kernel call may use.");
   m.def("set_num_threads", &oe::set_num_threads, "Sets the threads a kernel call may use (>= 1).");
   m.def("isa", [] { return std::string(oe::isa_name(oe::active_isa())); },

@@ -30,6 +30,10 @@ int default_num_threads() {
 
 std::atomic<int> g_num_threads{0};
 
+// Tasks per thread of a call: small enough that a thread slowed by a shared core leaves its
+// share to the others, large enough (>= grain / 2 elements) that taking a task costs nothing.
+constexpr int64_t kTasksPerThread = 8;
+
 class Pool {
  public:
   explicit Pool(int workers) {
@@ -47,20 +51,30 @@ class Pool {
   }
   int workers() const { return static_cast<int>(threads_.size()); }
 
-  void run(int64_t tasks, const std::function<void(int64_t)>& task) {
+  // Runs task(0) .. task(tasks - 1) on the calling thread and up to `helpers` workers, which
+  // take tasks one at a time from a shared counter: a thread that runs slower (its core shared
+  // with another process's or torch's spinning OpenMP threads) takes fewer, so a call is never
+  // held to the pace of its slowest thread. Only `helpers` workers are woken.
+  void run(int64_t tasks, const std::function<void(int64_t)>& task, int helpers) {
     {
       std::lock_guard<std::mutex> lock(mu_);
       task_ = &task;
       tasks_ = tasks;
       next_.store(0, std::memory_order_relaxed);
-      busy_ = static_cast<int>(threads_.size());
+      wanted_ = helpers;
       ++generation_;
     }
-    wake_.notify_all();
+    if (helpers >= workers()) {
+      wake_.notify_all();
+    } else {
+      for (int i = 0; i < helpers; ++i) wake_.notify_one();
+    }
     drain();
-    // The task object lives on the caller's stack: no worker may touch it after we return.
+    // The task object lives on the caller's stack: no worker may join or touch it after we
+    // return. Joining ends here (wanted_ = 0); we wait for those that joined.
     std::unique_lock<std::mutex> lock(mu_);
-    done_.wait(lock, [this] { return busy_ == 0; });
+    wanted_ = 0;
+    done_.wait(lock, [this] { return active_ == 0; });
     task_ = nullptr;
   }
 
@@ -76,11 +90,14 @@ class Pool {
         wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
         if (stop_) return;
         seen = generation_;
+        if (wanted_ == 0) continue;  // woken by notify_all beyond the helpers asked for, or late
+        --wanted_;
+        ++active_;
       }
       drain();
       {
         std::lock_guard<std::mutex> lock(mu_);
-        if (--busy_ == 0) done_.notify_one();
+        if (--active_ == 0) done_.notify_one();
       }
     }
   }
@@ -91,7 +108,8 @@ class Pool {
   const std::function<void(int64_t)>* task_ = nullptr;
   int64_t tasks_ = 0;
   std::atomic<int64_t> next_{0};
-  int busy_ = 0;
+  int wanted_ = 0;  // workers still to join this call            (under mu_)
+  int active_ = 0;  // workers inside drain() for this call        (under mu_)
   uint64_t generation_ = 0;
   bool stop_ = false;
 };
@@ -143,12 +161,16 @@ void parallel_for(int64_t n, int64_t grain, int64_t align,
                   const std::function<void(int64_t, int64_t)>& fn) {
   if (n <= 0) return;
   grain = std::max<int64_t>(grain, 1);
-  const int64_t chunks = std::min<int64_t>(get_num_threads(), (n + grain - 1) / grain);
-  if (chunks <= 1) {
+  const int threads = get_num_threads();
+  // Threads used: one per `grain` elements, at most `threads`.
+  const int64_t used = std::min<int64_t>(threads, (n + grain - 1) / grain);
+  if (used <= 1) {
     fn(0, n);
     return;
   }
-  int64_t step = (n + chunks - 1) / chunks;
+  // Several tasks per thread (but none below `grain` / 2 elements), taken dynamically.
+  const int64_t want = std::min<int64_t>(used * kTasksPerThread, std::max<int64_t>(used, 2 * n / grain));
+  int64_t step = (n + want - 1) / want;
   step = (step + align - 1) / align * align;
   const int64_t tasks = (n + step - 1) / step;
   const std::function<void(int64_t)> task = [&](int64_t t) {
@@ -156,7 +178,7 @@ void parallel_for(int64_t n, int64_t grain, int64_t align,
     fn(begin, std::min(n, begin + step));
   };
   std::lock_guard<std::mutex> lock(g_run_mu);
-  pool_locked(get_num_threads())->run(tasks, task);
+  pool_locked(threads)->run(tasks, task, static_cast<int>(std::min<int64_t>(used, tasks)) - 1);
 }
 
 }  // namespace oe

@@ -13,9 +13,10 @@ namespace oe {
 int get_num_threads();
 void set_num_threads(int n);
 
-// Runs fn(begin, end) over [0, n) split into at most get_num_threads() chunks of at least
-// `grain` elements whose boundaries are multiples of `align`. Returns when every chunk is done.
-// Calls from several threads at once are serialised. fn must not throw.
+// Runs fn(begin, end) over [0, n) on at most get_num_threads() threads, one per `grain`
+// elements (the calling thread first, then pool workers), in ranges whose boundaries are
+// multiples of `align`, several per thread, taken dynamically. Returns when every range is
+// done. Calls from several threads at once are serialised. fn must not throw.
 void parallel_for(int64_t n, int64_t grain, int64_t align,
                   const std::function<void(int64_t, int64_t)>& fn);
 

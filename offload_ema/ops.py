@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import threading
 import warnings
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -158,6 +158,16 @@ def mean_(out: torch.Tensor, srcs: Sequence[torch.Tensor]) -> None:
         cpp.mean_(out, srcs)
     else:
         _torch_mean(out, srcs)
+
+
+def host_copy_plan(dsts: List[torch.Tensor], srcs: List[torch.Tensor]):
+    """A native copy of ``srcs[i]`` into ``dsts[i]`` (CPU, contiguous, same dtype and size),
+    planned once: ``plan.run()`` copies all of them in one call, split across the library's
+    threads by bytes, and returns -1, or the index of a source whose memory was reallocated
+    since (nothing copied then). None with the pure-torch fallback (use ``torch._foreach_copy_``)."""
+    if _C is None or not hasattr(_C, "HostCopy"):
+        return None
+    return _C.HostCopy(dsts, srcs)
 
 
 _fallback_threads: Optional[int] = None

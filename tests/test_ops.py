@@ -267,9 +267,11 @@ def test_kernel_releases_the_gil(cpp_backend):
     assert during > 1000, f"other thread ticked {during} times in {elapsed:.3f}s of kernel time"
 
 
+# One thread's worth (the kernels split by ~4 MiB moved per thread); fewer threads than the pool
+# holds (only those woken); every thread, in several dynamically taken ranges with a ragged end.
+@pytest.mark.parametrize("n", [5 * 65536 + 77, 2 ** 20 + 77, 7 * 2 ** 19 + 77])
 @pytest.mark.parametrize("threads", [1, 2, 3, 7])
-def test_results_do_not_depend_on_thread_count(cpp_backend, threads):
-    n = 5 * 65536 + 77
+def test_results_do_not_depend_on_thread_count(cpp_backend, threads, n):
     src = sample(n, torch.bfloat16, seed=1)
     ref = sample(n, torch.float32)
     ops.set_num_threads(1)
@@ -651,3 +653,73 @@ BAD_FOLD = [
 def test_fold_rejects_bad_input_and_writes_nothing(backend, message, exc, make):
     avgs, srcs, ws = make()
     _rejected_unwritten(avgs, exc, message, lambda: ops.ema_fold_multi_(avgs, srcs, ws))
+
+
+# ---- host_copy_plan: the CPU-only staging copy ------------------------------------------------
+
+needs_cpp = pytest.mark.skipif(ops.backend() != "cpp", reason="the C++ extension is not built")
+
+
+def _copy_case(sizes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.uint8]
+    srcs = [torch.randn(n, generator=g, dtype=torch.float64).to(dtypes[i % len(dtypes)])
+            for i, n in enumerate(sizes)]
+    dsts = [torch.full_like(s, 7) for s in srcs]
+    return dsts, srcs
+
+
+@needs_cpp
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_host_copy_plan_copies_every_byte_whatever_the_split(threads):
+    """Thousands of small tensors, empty ones and a few large ones whose bytes straddle the
+    per-thread ranges (split by bytes, not by tensor): each destination equals its source."""
+    g = torch.Generator().manual_seed(1)
+    sizes = [int(x) for x in torch.randint(0, 300, (5000,), generator=g)] + [0, 1, 300_001, 0,
+                                                                               700_003, 5]
+    dsts, srcs = _copy_case(sizes)
+    old = ops.get_num_threads()
+    ops.set_num_threads(threads)
+    try:
+        plan = ops.host_copy_plan(dsts, srcs)
+        assert len(plan) == len(srcs)
+        assert plan.nbytes == sum(s.nbytes for s in srcs)
+        assert plan.run() == -1
+    finally:
+        ops.set_num_threads(old)
+    for i, (d, s) in enumerate(zip(dsts, srcs)):
+        assert torch.equal(d, s), f"dsts[{i}] differs"
+    for s in srcs:  # a second run reads the sources as they are now
+        s.add_(1) if s.dtype != torch.uint8 else s.sub_(1)
+    assert plan.run() == -1
+    assert all(torch.equal(d, s) for d, s in zip(dsts, srcs))
+
+
+@needs_cpp
+@pytest.mark.parametrize("how", ["freed", "reallocated"])
+def test_host_copy_plan_refuses_a_source_whose_memory_moved_and_copies_nothing(how):
+    dsts, srcs = _copy_case([100, 200, 300])
+    plan = ops.host_copy_plan(dsts, srcs)
+    storage = srcs[1].untyped_storage()
+    nbytes = storage.nbytes()
+    # Grown: torch allocates the new memory before freeing the old, so the address changes.
+    storage.resize_(0 if how == "freed" else 2 * nbytes)
+    assert plan.run() == 1
+    assert all(bool((d == 7).all()) for d in dsts), "a copy ran although a source moved"
+
+
+@needs_cpp
+@pytest.mark.parametrize("make, exc, message", [
+    (lambda: ([torch.empty(3)], [torch.empty(3), torch.empty(3)]), ValueError,
+     "dsts and srcs must have the same length, got 1 and 2"),
+    (lambda: ([torch.empty(3)], [torch.empty(3, dtype=torch.bfloat16)]), TypeError,
+     r"dsts\[0\] must have the dtype of srcs\[0\]"),
+    (lambda: ([torch.empty(3)], [torch.empty(4)]), ValueError,
+     r"dsts\[0\] must have the element count of srcs\[0\] \(4\), got 3"),
+    (lambda: ([torch.empty(4)], [torch.empty(4, 2)[:, 0]]), ValueError,
+     r"dsts\[0\] and srcs\[0\] must be contiguous"),
+])
+def test_host_copy_plan_rejects_bad_input(make, exc, message):
+    dsts, srcs = make()
+    with pytest.raises(exc, match=message):
+        ops.host_copy_plan(dsts, srcs)

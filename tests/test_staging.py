@@ -8,7 +8,8 @@ from torch import nn
 import offload_ema as oe
 from offload_ema.layout import Layout
 from offload_ema.testing import lazy_device
-from helpers import RefEMA, RefLAWA, assert_matches, make, run_steps, slab, slab_reference, snapshot
+from helpers import (RefEMA, RefLAWA, assert_matches, make, run_steps, slab, slab_reference, snapshot,
+                     train_step)
 
 
 @pytest.mark.parametrize("inplace_min", ["default", "all", "none"])
@@ -113,6 +114,7 @@ def test_thousands_of_small_tensors():
     ref = RefEMA(0.7)
     with oe.Averager(model, {"ema": oe.EMA(0.7)}) as avg:
         avg.attach(opt)
+        plan = avg._engine.staging.plans[(0, 0)]
         for s in range(5):
             model(torch.ones(2)).backward()
             opt.step()
@@ -122,3 +124,33 @@ def test_thousands_of_small_tensors():
         assert avg.stats()["chunks_per_snapshot"] == 1
     assert len(got) == 3000
     assert_matches(got, ref.avg, rtol=1e-6, atol=1e-7)
+    if oe.ops.backend() == "cpp":  # every copy in the one native call, none per tensor
+        assert len(plan.native) == 3000 and plan.dsts == [] and plan.srcs == []
+
+
+needs_cpp = pytest.mark.skipif(oe.ops.backend() != "cpp", reason="the C++ extension is not built")
+
+
+@needs_cpp
+def test_a_storage_reallocated_in_place_is_followed_and_a_freed_one_is_named():
+    """The native host copy holds the sources' addresses, planned once. A storage grown in place
+    (same storage, new memory; the parameter and its average follow it, as torch's copies do) is
+    planned again; a storage freed in place is an error that names the parameter, never a read
+    of freed memory."""
+    model, opt = make()
+    ref = RefEMA(0.8)
+    avg = oe.Averager(model, {"ema": oe.EMA(0.8)})  # manual steps: no copy races the resize
+    for s in range(1, 7):
+        train_step(model, opt, s)
+        if s == 3:
+            storage = model.fc1.bias.untyped_storage()
+            storage.resize_(2 * storage.nbytes())  # (the values are kept)
+        avg.step()
+        ref.update(snapshot(model))
+    assert_matches(avg.averaged_state_dict("ema"), ref.avg)
+    train_step(model, opt, 7)
+    model.fc2.bias.untyped_storage().resize_(0)
+    with pytest.raises(RuntimeError, match="parameter 'fc2.bias' no longer has the memory"):
+        avg.step()
+        avg.flush()
+    avg.close()

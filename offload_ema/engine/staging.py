@@ -126,6 +126,7 @@ class CopyPlan:
 
     def __init__(self):
         self.dsts: List[torch.Tensor] = []
+        self.entries: List[object] = []  # the entry dsts[i] is a part of
         self.srcs: List[Optional[torch.Tensor]] = []
         self.dynamic: List[Tuple[int, object]] = []
         # Per dtype: torch's multi-tensor copy takes its fast path (one kernel) only when every
@@ -138,6 +139,12 @@ class CopyPlan:
         self.inplace: List[Tuple[int, int, int, object]] = []
         self.inplace_bytes = 0
         self.pack_bytes = 0
+        # Host: the static copies of dsts / srcs in one native call (ops.host_copy_plan), with
+        # its lists, to plan it again if a storage is reallocated in place.
+        self.native = None
+        self.native_dsts: List[torch.Tensor] = []
+        self.native_srcs: List[torch.Tensor] = []
+        self.native_entries: List[object] = []
 
 
 def live(part) -> torch.Tensor:
@@ -202,6 +209,9 @@ class Staging:
         self._inplace = not dev.asynchronous and sizing.fold == 1
         self.plans = {(s, c): self._build_plan(self.buffers[s], self.chunks[c])
                       for s in range(n_buffers) for c in range(len(self.chunks))}
+        if not self.asynchronous:  # (on a copy engine the copies are issued, not run, here)
+            for plan in self.plans.values():
+                self._plan_native(plan)
         pack_bytes = max([p.pack_bytes for p in self.plans.values()] + [0])
         # The device-side pack buffer: one for every chunk and snapshot, since its writes (the
         # pack kernel) and reads (the DMA) all run on the side stream, in order.
@@ -299,6 +309,7 @@ class Staging:
     def _plan_direct(self, plan: CopyPlan, part, flat: torch.Tensor) -> None:
         dst = flat[part.dst:part.dst + part.end - part.start]
         plan.dsts.append(dst.view(part.entry.shape) if part.whole else dst)
+        plan.entries.append(part.entry)
         src = part.entry.source  # the bound storage: in-place updates show through
         if src is not None and part.whole:
             plan.srcs.append(src)
@@ -334,6 +345,39 @@ class Staging:
                           for dt, views in plan.pack_dsts.items()}
         plan.run_srcs = [view(*r) for r in plan.run_srcs]
 
+    def _plan_native(self, plan: CopyPlan) -> None:
+        """Host: moves the plan's static copies (a source bound once, contiguous, no conversion)
+        into one native multi-tensor copy. ``torch._foreach_copy_`` on CPU costs about a
+        microsecond per tensor: 9 ms a snapshot for 10,000 small parameters."""
+        keep = [i for i, (d, s) in enumerate(zip(plan.dsts, plan.srcs))
+                if s is None or s.dtype != d.dtype or not (s.is_contiguous() and d.is_contiguous())]
+        if len(keep) == len(plan.dsts):
+            return
+        moved = sorted(set(range(len(plan.dsts))) - set(keep))
+        plan.native_dsts = [plan.dsts[i] for i in moved]
+        plan.native_srcs = [plan.srcs[i] for i in moved]
+        plan.native_entries = [plan.entries[i] for i in moved]
+        plan.native = self._host_copy(plan)
+        if plan.native is None:  # the pure-torch fallback: every copy stays in the foreach call
+            plan.native_dsts, plan.native_srcs, plan.native_entries = [], [], []
+            return
+        new_index = {old: new for new, old in enumerate(keep)}
+        plan.dynamic = [(new_index[i], part) for i, part in plan.dynamic]
+        plan.dsts = [plan.dsts[i] for i in keep]
+        plan.srcs = [plan.srcs[i] for i in keep]
+        plan.entries = [plan.entries[i] for i in keep]
+
+    def _host_copy(self, plan: CopyPlan):
+        try:
+            return ops.host_copy_plan(plan.native_dsts, plan.native_srcs)
+        except ValueError as exc:  # a source's storage freed or shrunk in place: name it
+            bad = next(e for s, e in zip(plan.native_srcs, plan.native_entries)
+                       if s.numel() and s.untyped_storage().nbytes() <
+                       (s.storage_offset() + s.numel()) * s.element_size())
+            raise RuntimeError(f"parameter {bad.name!r} no longer has the memory it had when "
+                               "the Averager was built (its storage was freed or shrunk in "
+                               "place): it cannot be copied into staging") from exc
+
     def copy(self, plan: CopyPlan, stream=None, job=None) -> None:
         """Issues the plan's copies into staging on ``stream`` (deferred when the device is
         asynchronous; then ``job`` keeps the sources alive until the copy is done). Changes no
@@ -356,6 +400,15 @@ class Staging:
                     # The very tensor the deferred copy reads: a storage swapped meanwhile
                     # must not be freed while the copy reads it.
                     job.sources.append(t)
+        if plan.native is not None and plan.native.run() >= 0:  # (host only: runs now)
+            # A storage reallocated in place (same storage, new memory; the foreach copies
+            # follow it too): planned again, here on the worker, the host plans' only user.
+            plan.native = self._host_copy(plan)
+            moved = plan.native.run()
+            if moved >= 0:  # reallocated again meanwhile: by another thread, during a step
+                raise RuntimeError(
+                    f"parameter {plan.native_entries[moved].name!r} was reallocated while its "
+                    "snapshot was being copied: call avg.fence() before changing parameters")
         try:
             for dt, dsts in plan.pack_dsts.items():  # device to device: one kernel per dtype
                 self._ops.copy(stream, dsts, plan.pack_srcs[dt])
