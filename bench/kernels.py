@@ -166,8 +166,11 @@ def build_yardstick():
     out = os.path.join(tempfile.gettempdir(), f"offload_ema_yardstick_{key}")
     if not os.path.exists(out):
         tmp = f"{out}.tmp-{os.getpid()}"
-        r = subprocess.run([cc, "-O3", "-fopenmp", "-march=native", "-o", tmp, source],
-                           capture_output=True, text=True)
+        try:
+            r = subprocess.run([cc, "-O3", "-fopenmp", "-march=native", "-o", tmp, source],
+                               capture_output=True, text=True)
+        except OSError as exc:
+            return None, f"{cc} could not be run: {exc}"
         if r.returncode != 0:
             return None, f"{cc} could not build bench/yardstick.c: {r.stderr.strip()[-300:]}"
         os.replace(tmp, out)  # never a half-written binary under the final name
@@ -351,7 +354,7 @@ def main(argv=None):
         p.error("--threads must be >= 1")
 
     print(f"offload_ema kernels: backend={ops.backend()} isa={ops.isa()} torch={torch.__version__} "
-          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} "
           f"cpu={platform.processor() or platform.machine()} cpus={os.cpu_count()} "
           f"numel={args.numel:,} repeats={args.repeats} rounds={args.rounds}")
     if args.sweep:

@@ -620,6 +620,29 @@ def test_fold_equals_the_same_updates_one_by_one(backend, n, dtype, K):
     torch.testing.assert_close(avgs[0].double(), ref, rtol=1e-5 * K, atol=1e-5 * K)
 
 
+@pytest.mark.parametrize("m", [2, 4, 5, 9])
+@pytest.mark.parametrize("K", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_any_number_of_accumulators_equals_the_updates_one_by_one(backend, m, K, dtype):
+    """Up to four accumulators are updated together per vector, more in groups of four over
+    blocks of the sources: every count, across block boundaries and with a ragged tail, gives
+    the bits of one update per accumulator and snapshot (K = 1: ema_update_multi_)."""
+    n = 3 * 32768 + 37
+    srcs = [sample(n, dtype, seed=60 + k) for k in range(K)]
+    weights = [[min(1.0, 0.07 * (j + 1) + 0.01 * k) for k in range(K)] for j in range(m)]
+    avgs = [sample(n, torch.float32, seed=80 + j) for j in range(m)]
+    singles = [a.clone() for a in avgs]
+    if K == 1:
+        ops.ema_update_multi_(avgs, srcs[0], [row[0] for row in weights])
+    else:
+        ops.ema_fold_multi_(avgs, srcs, weights)
+    for a, row in zip(singles, weights):
+        for src, w in zip(srcs, row):
+            ops.ema_update_(a, src, w)
+    for j, (got, want) in enumerate(zip(avgs, singles)):
+        assert torch.equal(got, want), f"accumulator {j} of {m} differs (K={K})"
+
+
 def test_fold_propagates_nan_like_single_updates(backend):
     srcs = [torch.tensor([1.0, float("nan"), 3.0, float("inf")]) for _ in range(3)]
     a = torch.zeros(4)
