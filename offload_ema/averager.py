@@ -353,8 +353,22 @@ class Averager:
 
     def state_dict(self) -> dict:
         """Everything needed to resume exactly (step counter, schedules, EMA accumulators, LAWA
-        ring and its order); tensors are copies. On the training thread: the state now (flushes
-        first). From another thread: the state as of the last applied snapshot."""
+        rings in order), each tensor under its global name: ``"<average>/<parameter>"`` (a LAWA
+        slot: ``"<average>/slot<k>/<parameter>"``), whole, or a DTensor of this rank's shard
+        under FSDP2, plus the metadata as one uint8 tensor (``"offload_ema"``); tensors are
+        copies. So the Averager is a ``torch.distributed.checkpoint`` Stateful: ``dcp.save({...,
+        "averager": avg})`` writes each rank's share, and ``dcp.load`` into an Averager built
+        for the same model and averages fills it at any world size or parallelism (one process,
+        DDP, FSDP2). ``torch.save`` of it works too (plain tensors but for FSDP2's DTensors).
+        On the training thread: the state now (flushes first). From another thread: the state
+        as of the last applied snapshot."""
+        self._strategy.check_global_state()
+        return resume.to_global(self._rank_state_dict(), self._schedule.specs, self._layout,
+                                self._strategy)
+
+    def _rank_state_dict(self) -> dict:
+        """This rank's state as flat buffers (resume format 1): what the integrations save per
+        rank and load at the same world size."""
         on_training_thread = threading.get_ident() == self._training_thread
         if on_training_thread:
             self.flush()
@@ -363,9 +377,14 @@ class Averager:
                              live=on_training_thread)
 
     def load_state_dict(self, state: dict) -> None:
-        """Restores :meth:`state_dict` output into an Averager built for the same model and
-        averages (the same rank, sharded). Raises ValueError naming what does not match."""
+        """Restores a :meth:`state_dict` (saved at any world size and parallelism, filled by
+        ``dcp.load`` or loaded whole) or a rank's state of :meth:`_rank_state_dict` (the same
+        rank) into an Averager built for the same model and averages. Raises ValueError naming
+        what does not match; nothing changes then."""
         self.flush()
+        if resume.is_global(state):
+            state = resume.from_global(state, self._schedule.specs, self._layout,
+                                       self._strategy)
         resume.restore(state, self._schedule, self._engine, self._layout, self._strategy)
 
     def __repr__(self) -> str:

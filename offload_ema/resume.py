@@ -197,3 +197,147 @@ def seeded(state: dict, layout, name: str, values, applied: int, step: int) -> d
     state["step"] = step
     state["counts"] = dict(state["counts"], snapshots_taken=applied)
     return state
+
+
+# ---- the global state: state_dict() for torch.distributed.checkpoint -------------------------
+#
+# ``Averager.state_dict()`` names every tensor by its global identity, so that DCP saves each
+# rank's share (no gather) and loads it resharded at another world size or parallelism:
+#   "offload_ema"                      uint8 tensor: JSON (format, step, counts, each average's
+#                                      config and counters), zero-padded to META_BYTES
+#   "<average>/<entry>"                an EMA's accumulator of that tensor (float32)
+#   "<average>/slot<k>/<entry>"        a LAWA ring's k-th oldest slot (the tensor's staging
+#                                      dtype), k < window; slots not yet filled are zeros
+# An entry is the whole tensor (one process; DDP: on its owner rank only), or a DTensor of this
+# rank's shard (FSDP2, on the Averager's CPU mesh, with the parameter's placements). Nothing is a
+# pickled object: DCP loads non-tensor values with a pickle load.
+
+GLOBAL = 2
+META_KEY = "offload_ema"
+META_BYTES = 1 << 16
+
+
+def _meta_tensor(meta: dict):
+    import json
+
+    import torch
+
+    raw = json.dumps(meta, sort_keys=True).encode()
+    if len(raw) > META_BYTES:
+        raise ValueError(f"the Averager's state metadata takes {len(raw)} bytes, more than "
+                         f"{META_BYTES}")
+    out = torch.zeros(META_BYTES, dtype=torch.uint8)
+    out[:len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    return out
+
+
+def _read_meta(t) -> dict:
+    import json
+
+    import torch
+
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or tuple(t.shape) != (
+            META_BYTES,):
+        raise ValueError(f"state's {META_KEY!r} must be a uint8 tensor of {META_BYTES} bytes")
+    raw = bytes(t.numpy().tobytes()).rstrip(b"\0")
+    try:
+        meta = json.loads(raw.decode())
+    except (UnicodeDecodeError, ValueError):
+        raise ValueError(f"state's {META_KEY!r} is not the Averager's metadata (damaged?)"
+                         ) from None
+    if not isinstance(meta, dict) or meta.get("format") != GLOBAL:
+        raise ValueError(f"state's {META_KEY!r} is not an offload_ema Averager state "
+                         f"(format {GLOBAL})")
+    return meta
+
+
+def is_global(state) -> bool:
+    return isinstance(state, dict) and META_KEY in state
+
+
+def to_global(rank_state: dict, specs, layout, strategy) -> dict:
+    """This rank's state (:func:`export`, copies) under global names (see above)."""
+    import torch
+
+    from offload_ema.averages import Decaying
+
+    meta = {"format": GLOBAL, "version": __version__, "step": rank_state["step"],
+            "counts": rank_state["counts"], "averages": {}}
+    out = {}
+
+    def put(key, e, flat):
+        t = flat[e.offset:e.offset + e.numel].view(e.shape)
+        out[key] = strategy.global_tensor(e, t)
+
+    for name, d in rank_state["averages"].items():
+        m = {k: d[k] for k in ("config", "scheduled", "pending", "applied", "last_step",
+                               "periods") if k in d}
+        if isinstance(specs[name], Decaying):
+            for e in layout.entries:
+                put(f"{name}/{e.name}", e, d["acc"][e.group])
+        else:
+            order = d["order"]
+            m["filled"] = len(order)
+            for k in range(specs[name].window):
+                group_tensors = (d["slots"][order[k]] if k < len(order) else
+                                 [torch.zeros(g.numel, dtype=g.dtype) for g in layout.groups])
+                for e in layout.entries:
+                    put(f"{name}/slot{k}/{e.name}", e, group_tensors[e.group])
+        meta["averages"][name] = m
+    out[META_KEY] = _meta_tensor(meta)
+    return out
+
+
+def from_global(state: dict, specs, layout, strategy) -> dict:
+    """A :func:`to_global` state (filled by DCP at any world size, or loaded whole) as this
+    rank's state for :func:`restore`: every tensor this rank averages must be in it."""
+    import torch
+
+    from offload_ema.averages import Decaying
+
+    meta = _read_meta(state[META_KEY])
+    averages = meta.get("averages")
+    if not isinstance(averages, dict) or set(averages) != set(specs):
+        held = sorted(map(str, averages)) if isinstance(averages, dict) else averages
+        raise ValueError(f"state holds averages {held}, this Averager has {sorted(specs)}")
+
+    def flat(key_of, dtype_of):
+        out = [torch.zeros(g.numel, dtype=dtype_of(g)) for g in layout.groups]
+        for e in layout.entries:
+            key = key_of(e)
+            if key not in state:
+                raise ValueError(f"state has no {key!r}: it was saved for a different model "
+                                 "(or without this rank's tensors)")
+            t = state[key]
+            t = t.to_local() if hasattr(t, "to_local") else t
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(e.shape):
+                got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"state's {key!r} must have this rank's shape "
+                                 f"{list(e.shape)}, got {got}")
+            out[e.group][e.offset:e.offset + e.numel].copy_(t.reshape(-1))
+        return out
+
+    rank_averages = {}
+    for name, m in averages.items():
+        if not isinstance(m, dict):
+            raise ValueError(f"state's averages[{name!r}] must be a dict")
+        d = {k: m.get(k) for k in ("config", "scheduled", "pending", "applied", "last_step")}
+        if "periods" in m:
+            d["periods"] = m["periods"]
+        spec = specs[name]
+        if isinstance(spec, Decaying):
+            d["acc"] = flat(lambda e: f"{name}/{e.name}", lambda g: torch.float32)
+        else:
+            filled = m.get("filled")
+            if isinstance(filled, bool) or not isinstance(filled, int) or \
+                    not 0 <= filled <= spec.window:
+                raise ValueError(f"state's averages[{name!r}]['filled'] must be an int in "
+                                 f"[0, {spec.window}], got {filled!r}")
+            d["order"] = list(range(filled))
+            d["slots"] = {k: flat(lambda e, k=k: f"{name}/slot{k}/{e.name}", lambda g: g.dtype)
+                          for k in range(filled)}
+            d["next_pos"] = filled % spec.window
+        rank_averages[name] = d
+    return {"format": FORMAT, "version": meta.get("version"), "step": meta.get("step"),
+            "layout": layout.signature(), "averages": rank_averages,
+            "counts": meta.get("counts"), "rank": strategy.rank, "world": strategy.world}

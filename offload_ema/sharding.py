@@ -120,6 +120,13 @@ class Local:
     def after_restore(self, model: nn.Module) -> None:
         pass
 
+    def check_global_state(self) -> None:
+        """Raises if this strategy's averages have no global state_dict() (ZeRO-3)."""
+
+    def global_tensor(self, entry, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (this rank's average of ``entry``) as state_dict() names it: whole here."""
+        return t
+
     def writes_entry(self, entry) -> bool:
         """Whether this rank's snapshot file holds the entry's average."""
         return True
@@ -230,6 +237,15 @@ class FSDP2Shards(OwnerSharded):
         return _weight_map(layout, lambda e: files if is_sharded(e.tensor) else files[0],
                            files[0])
 
+    def global_tensor(self, entry, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (this rank's part of ``entry``'s average) for state_dict(): a DTensor on the
+        Averager's CPU mesh with the parameter's placements (DCP reshards it), or as it is for
+        a tensor FSDP2 replicates."""
+        if not is_dtensor(entry.tensor):
+            return t
+        return DTensor.from_local(t, self.dcp_mesh, entry.tensor.placements, run_check=False,
+                                  shape=entry.tensor.shape, stride=entry.tensor.stride())
+
     def as_dtensors(self, layout, tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """This rank's file tensors for torch.distributed.checkpoint: split tensors as DTensors
         on the writer's CPU mesh; whole ones (rank 0's) as plain tensors."""
@@ -270,6 +286,13 @@ class ZeroShards(FSDP2Shards):
 
     def close(self):
         pass
+
+    def check_global_state(self) -> None:
+        raise ValueError(
+            "state_dict() names tensors globally for torch.distributed.checkpoint; ZeRO-3 "
+            "partitions are not mapped to global tensors yet. Resume ZeRO-3 averages at the same "
+            "world size through the DeepSpeed integration (its per-rank state), or save "
+            "snapshots (avg.save) and consolidate them")
 
     def before_swap(self, model):
         self._release(model)  # a gathered copy would hide the partitions written next

@@ -18,8 +18,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-def launch(scenario, tmp_path, world=2, timeout=120, worker="dist_worker.py"):
-    init = tmp_path / "pg_init"
+def launch(scenario, tmp_path, world=2, timeout=120, worker="dist_worker.py", init=None):
+    init = init or tmp_path / "pg_init"  # (a rendezvous file serves one launch)
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1", OFFLOAD_EMA_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     procs = [subprocess.Popen([sys.executable, os.path.join(HERE, worker), scenario,

@@ -573,7 +573,7 @@ class EMAModel:
         avg = self._averager
         applied = max(0, self.optimization_step - self.update_after_step)
         names = [f"params.{i}" for i in range(len(values))]
-        state = resume.seeded(avg.state_dict(), avg._layout, _NAME, dict(zip(names, values)),
+        state = resume.seeded(avg._rank_state_dict(), avg._layout, _NAME, dict(zip(names, values)),
                               applied, self.optimization_step)
         if not applied:
             state["averages"][_NAME]["last_step"] = 0  # no snapshot applied yet

@@ -144,7 +144,7 @@ class AveragerCallback(pl.Callback):
         every rank in ``trainer.save_checkpoint``); global rank 0's holds every rank's state."""
         if self.averager is None:
             return {}
-        state = self.averager.state_dict()
+        state = self.averager._rank_state_dict()
         if not is_sharded(self.averager):
             return {"averager": state}
         # Gathered rather than written as per-rank files beside the checkpoint: the callback is

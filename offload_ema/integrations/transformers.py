@@ -245,10 +245,10 @@ class AveragerCallback(transformers.TrainerCallback):
                 return
             if is_sharded(self.averager):  # each rank holds a disjoint share: a file per rank
                 rank, size = world()
-                _save_atomic(self.averager.state_dict(),
+                _save_atomic(self.averager._rank_state_dict(),
                              os.path.join(folder, rank_state_file(rank, size)))
             elif args.should_save:  # replicated or one process: one file, beside the Trainer's
-                _save_atomic(self.averager.state_dict(), os.path.join(folder, STATE_FILE))
+                _save_atomic(self.averager._rank_state_dict(), os.path.join(folder, STATE_FILE))
 
         # Its all-gather doubles as the closing barrier: the checkpoint is whole (every rank's file
         # in place) before any rank goes on, e.g. to rank 0 deleting checkpoints beyond

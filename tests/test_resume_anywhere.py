@@ -1,0 +1,36 @@
+"""Resume at any world size and parallelism: an Averager saved with torch.distributed.checkpoint
+(gloo, 1 to 4 processes on the CPU) loads into a fresh one elsewhere, holds the saved averages
+exactly and goes on as one uninterrupted run (a float64 reference)."""
+from test_distributed import launch
+
+
+def _ok(results, what):
+    for r, (code, out, err) in enumerate(results):
+        assert code == 0, f"{what}: rank {r} failed:\n{err[-4000:]}"
+        assert out.strip().endswith(f"OK {r}"), (what, out)
+
+
+def _run(what, tmp_path, world):
+    # Each launch its own rendezvous file (they are not reusable).
+    init = tmp_path / f"pg_{what.replace(':', '_')}_{world}"
+    _ok(launch(what, tmp_path, world=world, worker="resume_worker.py", timeout=180, init=init),
+        what)
+
+
+def test_ddp_at_two_loads_at_one_three_and_four_and_under_fsdp2(tmp_path):
+    _run("save:ddp", tmp_path, 2)
+    for world in (1, 3, 4):
+        _run("load:ddp:ddp-2", tmp_path, world)
+    _run("load:fsdp2:ddp-2", tmp_path, 2)
+
+
+def test_fsdp2_at_two_loads_under_ddp_at_two_and_fsdp2_at_four(tmp_path):
+    _run("save:fsdp2", tmp_path, 2)
+    _run("load:ddp:fsdp2-2", tmp_path, 2)
+    _run("load:fsdp2:fsdp2-2", tmp_path, 4)
+    _run("load:local:fsdp2-2", tmp_path, 1)
+
+
+def test_a_checkpoint_of_another_model_or_averages_or_without_the_entry_is_refused(tmp_path):
+    _run("save:ddp", tmp_path, 2)
+    _run("bad:ddp:ddp-2", tmp_path, 2)
