@@ -360,9 +360,12 @@ class Averager:
         "averager": avg})`` writes each rank's share, and ``dcp.load`` into an Averager built
         for the same model and averages fills it at any world size or parallelism (one process,
         DDP, FSDP2). ``torch.save`` of it works too (plain tensors but for FSDP2's DTensors).
+        ZeRO-3 partitions are not mapped to global tensors yet: there it is this rank's state
+        under a key naming the rank and the world size, resumed at the same world size.
         On the training thread: the state now (flushes first). From another thread: the state
         as of the last applied snapshot."""
-        self._strategy.check_global_state()
+        if not self._strategy.global_state:  # ZeRO-3: this rank's, at the same world size
+            return resume.rank_keyed(self._rank_state_dict(), self._strategy)
         return resume.to_global(self._rank_state_dict(), self._schedule.specs, self._layout,
                                 self._strategy)
 
@@ -385,6 +388,8 @@ class Averager:
         if resume.is_global(state):
             state = resume.from_global(state, self._schedule.specs, self._layout,
                                        self._strategy)
+        elif resume.is_rank_keyed(state):
+            state = resume.rank_unkeyed(state, self._strategy)
         resume.restore(state, self._schedule, self._engine, self._layout, self._strategy)
 
     def __repr__(self) -> str:

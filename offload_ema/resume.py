@@ -37,6 +37,8 @@ def load_file(path) -> dict:
     file that is not such a state (a pickle asking for anything else, a damaged or truncated
     file)."""
     state = load_plain(path, "an offload_ema Averager state file")
+    if is_global(state) or is_rank_keyed(state):  # state_dict()'s (checked when loaded)
+        return state
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{os.fspath(path)}: not an offload_ema Averager state_dict "
                          f"(format {FORMAT})")
@@ -231,7 +233,7 @@ def _meta_tensor(meta: dict):
     return out
 
 
-def _read_meta(t) -> dict:
+def read_meta(t) -> dict:
     import json
 
     import torch
@@ -253,6 +255,29 @@ def _read_meta(t) -> dict:
 
 def is_global(state) -> bool:
     return isinstance(state, dict) and META_KEY in state
+
+
+_RANK_KEY = META_KEY + "/rank{}-of-{}"
+
+
+def rank_keyed(rank_state: dict, strategy) -> dict:
+    """A rank's state under a key of its own (DCP saves every rank's; no two ranks' collide)."""
+    return {_RANK_KEY.format(strategy.rank, strategy.world): rank_state}
+
+
+def is_rank_keyed(state) -> bool:
+    return isinstance(state, dict) and any(
+        isinstance(k, str) and k.startswith(META_KEY + "/rank") for k in state)
+
+
+def rank_unkeyed(state: dict, strategy) -> dict:
+    mine = _RANK_KEY.format(strategy.rank, strategy.world)
+    if mine not in state:
+        held = sorted(k for k in state if isinstance(k, str) and k.startswith(META_KEY))
+        raise ValueError(f"state holds {held}, this Averager is rank {strategy.rank} of "
+                         f"{strategy.world}: ZeRO-3 averages resume at the same world size "
+                         "(their partitions are not mapped to global tensors yet)")
+    return state[mine]
 
 
 def to_global(rank_state: dict, specs, layout, strategy) -> dict:
@@ -295,7 +320,7 @@ def from_global(state: dict, specs, layout, strategy) -> dict:
 
     from offload_ema.averages import Decaying
 
-    meta = _read_meta(state[META_KEY])
+    meta = read_meta(state[META_KEY])
     averages = meta.get("averages")
     if not isinstance(averages, dict) or set(averages) != set(specs):
         held = sorted(map(str, averages)) if isinstance(averages, dict) else averages
@@ -312,8 +337,8 @@ def from_global(state: dict, specs, layout, strategy) -> dict:
             t = t.to_local() if hasattr(t, "to_local") else t
             if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(e.shape):
                 got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"state's {key!r} must have this rank's shape "
-                                 f"{list(e.shape)}, got {got}")
+                raise ValueError(f"state's {key!r} is {got}, this rank's part of it is "
+                                 f"{list(e.shape)}: saved for a different model")
             out[e.group][e.offset:e.offset + e.numel].copy_(t.reshape(-1))
         return out
 

@@ -120,8 +120,9 @@ class Local:
     def after_restore(self, model: nn.Module) -> None:
         pass
 
-    def check_global_state(self) -> None:
-        """Raises if this strategy's averages have no global state_dict() (ZeRO-3)."""
+    # state_dict() names tensors globally (resume.to_global); False: a rank's flat buffers
+    # under a key naming the rank and world (ZeRO-3: resumed at the same world size only).
+    global_state = True
 
     def global_tensor(self, entry, t: torch.Tensor) -> torch.Tensor:
         """``t`` (this rank's average of ``entry``) as state_dict() names it: whole here."""
@@ -287,12 +288,8 @@ class ZeroShards(FSDP2Shards):
     def close(self):
         pass
 
-    def check_global_state(self) -> None:
-        raise ValueError(
-            "state_dict() names tensors globally for torch.distributed.checkpoint; ZeRO-3 "
-            "partitions are not mapped to global tensors yet. Resume ZeRO-3 averages at the same "
-            "world size through the DeepSpeed integration (its per-rank state), or save "
-            "snapshots (avg.save) and consolidate them")
+    # Partitions are not mapped to global tensors yet: a rank's state, under its rank's key.
+    global_state = False
 
     def before_swap(self, model):
         self._release(model)  # a gathered copy would hide the partitions written next

@@ -352,7 +352,7 @@ def main():
     path = os.path.join(out, "ema.safetensors")
     avg.save(path, "ema").result(timeout=60)
     avg.flush()
-    state = avg.state_dict()
+    state = avg._rank_state_dict()  # (this rank's flat buffers: same rank and world only)
     state["world"] = world + 1
     try:
         avg.load_state_dict(state)

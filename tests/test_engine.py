@@ -130,7 +130,7 @@ def _run(at, config, built):
     avg.flush()
     result["avgs"] = {n: avg.averaged_state_dict(n) for n in SPECS()}
     result["stats"] = avg.stats()
-    result["state"] = avg.state_dict()
+    result["state"] = avg._rank_state_dict()
     avg.close()
     return result, with_refs, without_refs, tracer.count, interrupted
 

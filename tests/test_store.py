@@ -31,10 +31,21 @@ def _straight(steps):
     return out
 
 
+def _state(avg, kind):
+    """kind "global": state_dict() (names, ring in order); "rank": this rank's flat buffers."""
+    return avg.state_dict() if kind == "global" else avg._rank_state_dict()
+
+
+def _meta(state):
+    return oe.resume.read_meta(state[oe.resume.META_KEY])
+
+
+@pytest.mark.parametrize("kind", ["global", "rank"])
 @pytest.mark.parametrize("stop", range(1, 9))
-def test_resume_at_every_ring_position_is_bit_exact(stop):
+def test_resume_at_every_ring_position_is_bit_exact(stop, kind):
     """Compared after every step once resumed: the ring's order matters until the window has
-    been refilled, so resuming at the wrong ring position shows there."""
+    been refilled, so resuming at the wrong ring position shows there. The global state holds
+    the ring oldest first; the rank's state its positions."""
     steps = 13
     straight = _straight(steps)
     model, opt = make()
@@ -42,10 +53,13 @@ def test_resume_at_every_ring_position_is_bit_exact(stop):
         avg.attach(opt)
         for s in range(1, stop + 1):
             train_step(model, opt, s)
-        state = avg.state_dict()
+        state = _state(avg, kind)
         saved = {k: v.clone() for k, v in model.state_dict().items()}
         opt_state = opt.state_dict()
-    assert state["averages"]["lawa"]["next_pos"] == stop % 4
+    if kind == "rank":
+        assert state["averages"]["lawa"]["next_pos"] == stop % 4
+    else:
+        assert _meta(state)["averages"]["lawa"]["filled"] == min(stop, 4)
     model, opt = make(seed=99)
     model.load_state_dict(saved)
     opt.load_state_dict(opt_state)
@@ -60,7 +74,8 @@ def test_resume_at_every_ring_position_is_bit_exact(stop):
                     assert torch.equal(got[k], expected[k]), (stop, s, n, k)
 
 
-def test_resume_with_coalesced_periods_pending_is_bit_exact(monkeypatch):
+@pytest.mark.parametrize("kind", ["global", "rank"])
+def test_resume_with_coalesced_periods_pending_is_bit_exact(monkeypatch, kind):
     """Saved while EMA periods are coalesced (pending) and resumed: the next snapshot carries
     them, exactly as in the run that was not interrupted."""
     gate = threading.Event()
@@ -84,8 +99,9 @@ def test_resume_with_coalesced_periods_pending_is_bit_exact(monkeypatch):
         gate.set()
         avg.flush()  # both runs go on from an idle worker: the same steps are taken after
         if split:
-            state = avg.state_dict()
-            assert state["averages"]["ema"]["pending"] == pending == 2
+            state = _state(avg, kind)
+            held = state if kind == "rank" else _meta(state)
+            assert held["averages"]["ema"]["pending"] == pending == 2
             saved = {k: v.clone() for k, v in model.state_dict().items()}
             opt_state = opt.state_dict()
             avg.close()
@@ -242,12 +258,13 @@ def test_resume_is_bit_exact():
             assert torch.equal(straight[n][k], resumed[n][k]), (n, k)
 
 
-def test_load_state_dict_rejects_a_different_model_or_averages():
+@pytest.mark.parametrize("kind", ["global", "rank"])
+def test_load_state_dict_rejects_a_different_model_or_averages(kind):
     model, opt = make()
     with oe.Averager(model, {"ema": oe.EMA(0.9)}) as avg:
         avg.attach(opt)
         run_steps(model, opt, avg, 2)
-        state = avg.state_dict()
+        state = _state(avg, kind)
     other, _ = make(width=32)
     with oe.Averager(other, {"ema": oe.EMA(0.9)}) as avg2:
         with pytest.raises(ValueError, match="different model"):

@@ -34,8 +34,9 @@ def trained(tmp_path_factory):
     for s in range(1, 6):
         train_step(model, opt, s)
     avg.save(tmp / "ema.safetensors", "ema").result(timeout=60)
-    state = avg.state_dict()
+    state = avg._rank_state_dict()  # the per-rank format (the integrations' files)
     torch.save(state, tmp / "state.pt")
+    torch.save(avg.state_dict(), tmp / "global.pt")
     avg.close()
     return tmp, state
 
@@ -218,7 +219,7 @@ def test_damaged_and_crafted_states_are_refused_naming_the_file(trained, tmp_pat
         avg.attach(opt)
         for s in range(1, 4):
             train_step(model, opt, s + 10)  # its own averages: they must survive every refusal
-        before = avg.state_dict()
+        before = avg._rank_state_dict()
         mutations = _state_mutations(state, raw, random.Random(1), marker)
         assert len(mutations) >= N_STATE
         refused = 0
@@ -231,17 +232,79 @@ def test_damaged_and_crafted_states_are_refused_naming_the_file(trained, tmp_pat
                 assert str(path) in str(exc), (label, str(exc))
                 refused += 1
                 assert not marker.exists(), f"{label}: code in the file ran"
-                assert _same_state(avg.state_dict(), before), f"{label}: the Averager changed"
+                assert _same_state(avg._rank_state_dict(), before), f"{label}: the Averager changed"
                 continue
             # Accepted: only a change that leaves the same state (a flip the zip reader does
             # not see, in bytes nothing reads).
-            assert _same_state(avg.state_dict(), state), f"{label}: loaded a different state"
+            assert _same_state(avg._rank_state_dict(), state), f"{label}: loaded a different state"
             avg.load_state_dict(before)
         assert not marker.exists()
         # (The rest: flips in zip fields or strings that nothing reads.)
         assert refused >= 0.8 * len(mutations), (refused, len(mutations))
         print(f"{refused} of {len(mutations)} damaged or crafted states refused, the others "
               "held the saved state")
+
+
+def _global_mutations(state):
+    """Crafted global states (state_dict(): tensors under global names, metadata as JSON in a
+    uint8 tensor), each as (label, state)."""
+    import json
+
+    meta = resume.read_meta(state[resume.META_KEY])
+
+    def with_meta(edit):
+        m = json.loads(json.dumps(meta))
+        edit(m)
+        return {**state, resume.META_KEY: resume._meta_tensor(m)}
+
+    some_key = next(k for k in state if k.startswith("ema/"))
+    slot_key = next(k for k in state if k.startswith("lawa/slot0/"))
+    raw = state[resume.META_KEY].clone()
+    raw[:8] = torch.tensor(list(b"garbage!"), dtype=torch.uint8)
+    return [
+        ("metadata not json", {**state, resume.META_KEY: raw}),
+        ("metadata a float tensor", {**state, resume.META_KEY: torch.zeros(4)}),
+        ("metadata cut short", {**state, resume.META_KEY: state[resume.META_KEY][:100]}),
+        ("format 3", with_meta(lambda m: m.__setitem__("format", 3))),
+        ("step -1", with_meta(lambda m: m.__setitem__("step", -1))),
+        ("step a string", with_meta(lambda m: m.__setitem__("step", "5"))),
+        ("counts negative", with_meta(lambda m: m["counts"].__setitem__("snapshots_taken", -1))),
+        ("no averages", with_meta(lambda m: m.pop("averages"))),
+        ("another average", with_meta(lambda m: m["averages"].__setitem__("x", {}))),
+        ("config changed", with_meta(lambda m: m["averages"]["ema"]["config"].__setitem__(
+            "beta", 0.5))),
+        ("filled 9", with_meta(lambda m: m["averages"]["lawa"].__setitem__("filled", 9))),
+        ("filled a string", with_meta(lambda m: m["averages"]["lawa"].__setitem__("filled",
+                                                                                   "2"))),
+        ("applied negative", with_meta(lambda m: m["averages"]["ema"].__setitem__("applied",
+                                                                                   -2))),
+        ("a tensor missing", {k: v for k, v in state.items() if k != some_key}),
+        ("a slot missing", {k: v for k, v in state.items() if k != slot_key}),
+        ("a tensor reshaped", {**state, some_key: state[some_key].reshape(-1)}),
+        ("a tensor a number", {**state, some_key: 3}),
+    ]
+
+
+def test_crafted_global_states_are_refused_and_change_nothing(trained, tmp_path):
+    """The global state (state_dict(), what DCP saves): every crafted field refused naming the
+    file, the Averager unchanged; the untouched state loads."""
+    src, _ = trained
+    state = resume.load_file(src / "global.pt")
+    model, opt = make()
+    with oe.Averager(model, {"ema": oe.EMA(0.8), "lawa": oe.LAWA(3, every=1)}) as avg:
+        avg.attach(opt)
+        for s in range(1, 4):
+            train_step(model, opt, s + 10)
+        before = avg._rank_state_dict()
+        for i, (label, crafted) in enumerate(_global_mutations(state)):
+            path = tmp_path / f"g{i}.pt"
+            torch.save(crafted, path)
+            with pytest.raises(ValueError) as info:
+                resume.load_into(avg, path)
+            assert str(path) in str(info.value), (label, str(info.value))
+            assert _same_state(avg._rank_state_dict(), before), f"{label}: the Averager changed"
+        resume.load_into(avg, src / "global.pt")
+        assert avg.stats()["step"] == resume.read_meta(state[resume.META_KEY])["step"]
 
 
 def test_a_planted_pickle_in_a_dcp_checkpoints_metadata_is_refused(trained, tmp_path):

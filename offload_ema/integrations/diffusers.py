@@ -423,7 +423,7 @@ class EMAModel:
                "use_ema_warmup": self.use_ema_warmup, "inv_gamma": self.inv_gamma,
                "power": self.power, "shadow_params": self._values()}
         if self._averager is not None:
-            out["offload_ema"] = self._averager.state_dict()
+            out["offload_ema"] = self._averager._rank_state_dict()
         elif self._exact is not None:  # loaded, not yet stepped: handed on as it came
             out["offload_ema"] = self._exact
         return out
@@ -602,9 +602,11 @@ class EMAModel:
     def _matches(self, exact) -> bool:
         """Whether an Averager state is at this EMA's step, with its settings."""
         try:
+            if resume.is_global(exact):  # (an Averager's state_dict(), saved by hand)
+                exact = resume.read_meta(exact[resume.META_KEY])
             return exact["step"] == self.optimization_step and \
                 exact["averages"][_NAME]["config"] == self._spec().config()
-        except (TypeError, KeyError):
+        except (TypeError, KeyError, ValueError):
             return False
 
     def _values(self, check: bool = True) -> List[torch.Tensor]:
