@@ -11,7 +11,7 @@ def main(argv=None) -> int:
     if args.command == "posthoc":
         return posthoc(args.snapshots, args.sigma_rel, args.step, args.out, args.verbose)
     if args.command == "consolidate":
-        return consolidate(args.src, args.out)
+        return consolidate(args.src, args.out, args.key)
     if args.command == "bench":
         from offload_ema import benchmark
         return benchmark.main(args)
@@ -44,8 +44,13 @@ def parser() -> argparse.ArgumentParser:
                     "crafted one is refused and runs nothing; safetensors files and indexes run "
                     "no code either way.")
     c.add_argument("src", help="the index (NAME.safetensors.index.json), the name saved under, "
-                               "or a DCP checkpoint directory")
-    c.add_argument("out", help="the single safetensors file to write")
+                               "a DCP snapshot directory, or a DCP training checkpoint holding an "
+                               "Averager (dcp.save({..., 'averager': avg}))")
+    c.add_argument("out", help="the single safetensors file to write; for a training checkpoint "
+                               "a directory, where each average goes to AVERAGE.safetensors")
+    c.add_argument("--key", default=None,
+                   help="a training checkpoint's entry holding the Averager (default: the only "
+                        "one)")
     h = sub.add_parser("posthoc", help="synthesise a power EMA of another length from stored "
                                        "power-EMA snapshots (EDM2's post-hoc EMA)")
     h.add_argument("--sigma-rel", type=float, required=True, help="the target's relative width")
@@ -116,9 +121,12 @@ def inspect(path: str, verbose: bool = False) -> int:
 
 
 
-def consolidate(src: str, out: str) -> int:
-    from offload_ema.snapshots import load_snapshot, write_atomic
+def consolidate(src: str, out: str, key=None) -> int:
+    from offload_ema.snapshots import DCP_META, load_snapshot, write_atomic
 
+    if os.path.isdir(src) and not os.path.exists(os.path.join(src, DCP_META)) and \
+            os.path.exists(os.path.join(src, ".metadata")):
+        return _consolidate_averager(src, out, key)
     try:
         tensors, meta = load_snapshot(src)
     except (OSError, ValueError) as exc:
@@ -130,6 +138,31 @@ def consolidate(src: str, out: str) -> int:
     flat["consolidated_from_world"] = str(meta.get("world", 1))
     write_atomic(out, tensors, flat)
     print(f"wrote {out}: {len(tensors)} tensors from {src}")
+    return 0
+
+
+def _consolidate_averager(src: str, out: str, key) -> int:
+    """A training checkpoint (torch.distributed.checkpoint) holding an Averager's state: each
+    average to ``out/AVERAGE.safetensors``, whole, in this process."""
+    import torch
+
+    from offload_ema import resume
+    from offload_ema.snapshots import metadata, read_dcp_tensors, write_atomic
+
+    try:
+        averages = resume.averages_from_checkpoint(read_dcp_tensors(src), key)
+    except (OSError, ValueError) as exc:
+        print(f"offload-ema consolidate: {src}: {exc}", file=sys.stderr)
+        return 1
+    os.makedirs(out, exist_ok=True)
+    for name, (m, tensors) in averages.items():
+        path = os.path.join(out, f"{name}.safetensors")
+        meta = metadata(name, m.get("config", {}), m["step"], m.get("applied", 0),
+                        torch.float32)
+        meta["consolidated_from"] = "torch.distributed.checkpoint"
+        write_atomic(path, tensors, meta)
+        print(f"wrote {path}: {len(tensors)} tensors, average {name!r} at step {m['step']} "
+              f"({m.get('applied', 0)} snapshots applied)")
     return 0
 
 

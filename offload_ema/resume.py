@@ -4,6 +4,7 @@ other averages or another rank."""
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 from offload_ema._version import __version__
 
@@ -366,3 +367,40 @@ def from_global(state: dict, specs, layout, strategy) -> dict:
     return {"format": FORMAT, "version": meta.get("version"), "step": meta.get("step"),
             "layout": layout.signature(), "averages": rank_averages,
             "counts": meta.get("counts"), "rank": strategy.rank, "world": strategy.world}
+
+
+def averages_from_checkpoint(tensors: dict, key: Optional[str] = None):
+    """The averages of an Averager saved in a torch.distributed.checkpoint (``tensors``: the
+    checkpoint's tensors, whole, as :func:`offload_ema.snapshots.read_dcp_tensors` gives them),
+    as ``{average: (metadata, {parameter: float32 tensor})}``: an EMA's accumulators, a LAWA's
+    mean of its filled slots (as ``averaged_state_dict`` computes it). ``key``: the entry the
+    Averager was saved under (``"averager"``); needed only where the checkpoint holds several."""
+    import torch
+
+    from offload_ema import ops
+
+    found = sorted(k[:-len(META_KEY)].rstrip(".") for k in tensors
+                   if k == META_KEY or k.endswith("." + META_KEY))
+    if key is None and len(found) == 1:
+        key = found[0]
+    if key is None or key not in found:
+        raise ValueError(f"the checkpoint holds Averager states under {found or 'no key'}"
+                         + (f", not {key!r}" if key is not None else ": give one with --key"))
+    prefix = f"{key}." if key else ""
+    meta = read_meta(tensors[prefix + META_KEY])
+    out = {}
+    for name, m in meta["averages"].items():
+        if "filled" not in m:  # an EMA: its accumulators
+            head = f"{prefix}{name}/"
+            values = {k[len(head):]: t.float() for k, t in tensors.items()
+                      if k.startswith(head) and "/" not in k[len(head):]}
+        else:
+            slots = [f"{prefix}{name}/slot{k}/" for k in range(m["filled"])]
+            values = {}
+            for k in (k for k in tensors if slots and k.startswith(slots[0])):
+                entry = k[len(slots[0]):]
+                t = torch.empty(tensors[k].shape, dtype=torch.float32)
+                ops.mean_(t.view(-1), [tensors[s + entry].reshape(-1) for s in slots])
+                values[entry] = t
+        out[name] = (dict(m, step=meta["step"]), values)
+    return out

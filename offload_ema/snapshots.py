@@ -273,10 +273,6 @@ def _load_dcp(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, object]]:
     together in this process. DCP's ``.metadata`` is a pickle by design: it is read with an
     unpickler that builds only DCP's metadata classes, sizes, dtypes and paths (anything else
     is refused, so no code in it runs); the tensor files are read as tensors only."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
     try:
         with open(os.path.join(path, DCP_META)) as f:
             meta = json.load(f)
@@ -284,7 +280,26 @@ def _load_dcp(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, object]]:
         raise ValueError(f"{path} is not an offload_ema checkpoint directory (no readable "
                          f"{DCP_META}): {exc}") from exc
 
+    return read_dcp_tensors(path), _parse_meta(meta, path)
+
+
+def read_dcp_tensors(path: str) -> Dict[str, torch.Tensor]:
+    """Every tensor of a torch.distributed.checkpoint directory, whole, in this process (no
+    process group): the ``.metadata`` read with an allow list (:func:`read_dcp_metadata`),
+    the data files as tensors only. Keys as DCP flattened them (``"averager.ema/fc.weight"``).
+    A checkpoint holding non-tensor values is refused (DCP would unpickle them)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
     metadata = read_dcp_metadata(path)  # before DCP's loader (which wraps errors of its own)
+    objects = sorted(k for k, v in metadata.state_dict_metadata.items()
+                     if isinstance(v, BytesStorageMetadata))
+    if objects:
+        raise ValueError(f"{path}: holds pickled objects ({', '.join(objects[:5])}"
+                         f"{' ...' if len(objects) > 5 else ''}), which would run code when read: "
+                         "only tensors are read here")
 
     class Reader(FileSystemReader):
         def read_metadata(self, *args, **kwargs):
@@ -302,7 +317,19 @@ def _load_dcp(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, object]]:
     except Exception as exc:  # a damaged checkpoint: reported naming it
         raise ValueError(f"{path}: the checkpoint's data cannot be read ({type(exc).__name__}: "
                          f"{exc})") from None
-    return dict(tensors), _parse_meta(meta, path)
+    return _flatten(tensors)
+
+
+def _flatten(tree, prefix: str = "") -> Dict[str, torch.Tensor]:
+    """DCP's empty-state-dict planner rebuilds nested dicts from dotted keys: flattened back."""
+    out: Dict[str, torch.Tensor] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
 
 
 def read_dcp_metadata(path: str):

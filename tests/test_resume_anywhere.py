@@ -1,6 +1,10 @@
 """Resume at any world size and parallelism: an Averager saved with torch.distributed.checkpoint
 (gloo, 1 to 4 processes on the CPU) loads into a fresh one elsewhere, holds the saved averages
 exactly and goes on as one uninterrupted run (a float64 reference)."""
+import safetensors.torch
+import torch
+
+from offload_ema import cli
 from test_distributed import launch
 
 
@@ -17,8 +21,23 @@ def _run(what, tmp_path, world):
         what)
 
 
+def _consolidated_equal_saved(tmp_path, source):
+    """`offload-ema consolidate` of the training checkpoint, in this one process: each average
+    as one file, equal to the averages the saving run read."""
+    out = tmp_path / f"{source}-out"
+    assert cli.main(["consolidate", str(tmp_path / source), str(out)]) == 0
+    saved = torch.load(tmp_path / f"{source}.pt")["averages"]
+    assert sorted(p.name for p in out.iterdir()) == [f"{n}.safetensors" for n in sorted(saved)]
+    for name, values in saved.items():
+        got = safetensors.torch.load_file(out / f"{name}.safetensors")
+        assert sorted(got) == sorted(values)
+        for k, v in values.items():
+            assert torch.equal(got[k], v), (source, name, k)
+
+
 def test_ddp_at_two_loads_at_one_three_and_four_and_under_fsdp2(tmp_path):
     _run("save:ddp", tmp_path, 2)
+    _consolidated_equal_saved(tmp_path, "ddp-2")
     for world in (1, 3, 4):
         _run("load:ddp:ddp-2", tmp_path, world)
     _run("load:fsdp2:ddp-2", tmp_path, 2)
@@ -26,6 +45,7 @@ def test_ddp_at_two_loads_at_one_three_and_four_and_under_fsdp2(tmp_path):
 
 def test_fsdp2_at_two_loads_under_ddp_at_two_and_fsdp2_at_four(tmp_path):
     _run("save:fsdp2", tmp_path, 2)
+    _consolidated_equal_saved(tmp_path, "fsdp2-2")
     _run("load:ddp:fsdp2-2", tmp_path, 2)
     _run("load:fsdp2:fsdp2-2", tmp_path, 4)
     _run("load:local:fsdp2-2", tmp_path, 1)
