@@ -239,12 +239,21 @@ class FSDP2Shards(OwnerSharded):
                            files[0])
 
     def global_tensor(self, entry, t: torch.Tensor) -> torch.Tensor:
-        """``t`` (this rank's part of ``entry``'s average) for state_dict(): a DTensor on the
-        Averager's CPU mesh with the parameter's placements (DCP reshards it), or as it is for
-        a tensor FSDP2 replicates."""
+        """``t`` (this rank's part of ``entry``'s average) for state_dict(): a DTensor with the
+        parameter's placements (DCP reshards it) on a CPU mesh of the parameter's mesh's shape
+        (DTensor.from_local would move a CPU tensor to a CUDA mesh's device), or as it is for a
+        tensor FSDP2 replicates. DCP reads only the layout (offsets, sizes) from the mesh."""
         if not is_dtensor(entry.tensor):
             return t
-        return DTensor.from_local(t, self.dcp_mesh, entry.tensor.placements, run_check=False,
+        mesh = entry.tensor.device_mesh
+        if mesh.device_type != "cpu":
+            if mesh.ndim != 1 or mesh.size() != self.dcp_mesh.size():
+                raise NotImplementedError(
+                    f"state_dict() of {entry.name!r}: its device mesh ({mesh.device_type}, shape "
+                    f"{tuple(mesh.mesh.shape)}) is not the 1-D mesh over the Averager's ranks; "
+                    "only that one (or a CPU mesh of any shape) is mapped to DCP here yet")
+            mesh = self.dcp_mesh
+        return DTensor.from_local(t, mesh, entry.tensor.placements, run_check=False,
                                   shape=entry.tensor.shape, stride=entry.tensor.stride())
 
     def as_dtensors(self, layout, tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -530,7 +539,7 @@ def _full_tensor(local_avg: torch.Tensor, like, dst: Optional[int] = None
 def _mesh_device(mesh) -> torch.device:
     """Where a mesh's collectives move tensors: its CUDA device under NCCL, the host with gloo
     (which moves CPU tensors)."""
-    backend = str(dist.get_backend(mesh.get_group())).lower()
+    backend = str(dist.get_backend(mesh.get_group(0))).lower()  # (any dim: one backend)
     if "nccl" in backend and mesh.device_type == "cuda":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")

@@ -27,14 +27,27 @@ def specs(beta=0.8):
     return {"ema": oe.EMA(beta), "lawa": oe.LAWA(3, every=1), "slow": oe.EMA(0.9, every=2)}
 
 
-def build(parallelism):
-    """The same model and weights whatever the parallelism (and the training module)."""
+def build(parallelism, weights=None):
+    """The same model and weights whatever the parallelism (and the training module); with
+    ``weights`` (full tensors), those, set before the model is wrapped or sharded."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 13), nn.ReLU(), nn.Linear(13, 5), nn.ReLU(),
-                          nn.Linear(5, 3))
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 6), nn.ReLU(),
+                          nn.Linear(6, 3))  # (uneven FSDP2 shards at 4 ranks: 6 and 3 rows)
+    if weights is not None:
+        model.load_state_dict(weights)
     if parallelism == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
         return model, DDP(model)
+    if parallelism == "fsdp2tp":  # 2-D: FSDP2 over "dp", tensor parallel over "tp"
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
+                                                       parallelize_module)
+        mesh = init_device_mesh("cpu", (dist.get_world_size() // 2, 2),
+                                mesh_dim_names=("dp", "tp"))
+        parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+        fully_shard(model, mesh=mesh["dp"])
+        return model, model
     if parallelism == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -95,16 +108,7 @@ def save(parallelism, rank, world, out):
 
 def load(parallelism, source, rank, world, out):
     saved = torch.load(os.path.join(out, source + ".pt"))
-    model, module = build(parallelism)
-    with torch.no_grad():  # the weights of the saved step (FSDP2: this rank's shards of them)
-        for n, p in model.named_parameters():
-            w = saved["weights"][n]
-            if hasattr(p, "to_local"):
-                from torch.distributed.tensor import distribute_tensor
-                w = distribute_tensor(w, p.device_mesh, p.placements).to_local()
-                p.to_local().copy_(w)
-            else:
-                p.copy_(w)
+    model, module = build(parallelism, saved["weights"])  # the weights of the saved step
     opt = torch.optim.SGD(module.parameters(), lr=0.05)
     avg = oe.Averager(module, specs()).attach(opt)
     dcp.load({"averager": avg}, checkpoint_id=os.path.join(out, source))
@@ -127,10 +131,10 @@ def bad(parallelism, source, rank, world, out):
     """Refusals: another model, other averages, no averager entry; the Averager unchanged."""
     path = os.path.join(out, source)
 
-    def fresh(width=13, beta=0.8):
+    def fresh(width=16, beta=0.8):
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Linear(width, 5), nn.ReLU(),
-                              nn.Linear(5, 3))
+        model = nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Linear(width, 6), nn.ReLU(),
+                              nn.Linear(6, 3))
         from torch.nn.parallel import DistributedDataParallel as DDP
         module = DDP(model)
         opt = torch.optim.SGD(module.parameters(), lr=0.05)
@@ -145,8 +149,8 @@ def bad(parallelism, source, rank, world, out):
             assert all(torch.equal(after[k], v) for k, v in before[n].items()), n
         assert avg.stats()["step"] == 2
 
-    for what, width, beta, match in (("another model", 14, 0.8, "size|shape|different model"),
-                                     ("other averages", 13, 0.7, "was saved as")):
+    for what, width, beta, match in (("another model", 18, 0.8, "size|shape|different model"),
+                                     ("other averages", 16, 0.7, "was saved as")):
         avg, before = fresh(width, beta)
         try:
             dcp.load({"averager": avg}, checkpoint_id=path)
