@@ -147,10 +147,13 @@ def _consolidate_averager(src: str, out: str, key) -> int:
     import torch
 
     from offload_ema import resume
-    from offload_ema.snapshots import metadata, read_dcp_tensors, write_atomic
+    from offload_ema.snapshots import metadata, read_dcp_metadata, read_dcp_tensors, write_atomic
 
-    try:
-        averages = resume.averages_from_checkpoint(read_dcp_tensors(src), key)
+    try:  # only the Averager's tensors are read (not the model's, nor the optimizer's)
+        key = resume.averager_key(read_dcp_metadata(src).state_dict_metadata, key)
+        prefix = f"{key}." if key else ""
+        averages = resume.averages_from_checkpoint(
+            read_dcp_tensors(src, lambda k: k.startswith(prefix)), key)
     except (OSError, ValueError) as exc:
         print(f"offload-ema consolidate: {src}: {exc}", file=sys.stderr)
         return 1

@@ -369,6 +369,19 @@ def from_global(state: dict, specs, layout, strategy) -> dict:
             "counts": meta.get("counts"), "rank": strategy.rank, "world": strategy.world}
 
 
+def averager_key(keys, key: Optional[str] = None) -> str:
+    """The entry of a checkpoint (DCP's flattened ``keys``) that holds an Averager's state:
+    ``key``, or the only one."""
+    found = sorted(k[:-len(META_KEY)].rstrip(".") for k in keys
+                   if k == META_KEY or k.endswith("." + META_KEY))
+    if key is None and len(found) == 1:
+        key = found[0]
+    if key is None or key not in found:
+        raise ValueError(f"the checkpoint holds Averager states under {found or 'no key'}"
+                         + (f", not {key!r}" if key is not None else ": give one with --key"))
+    return key
+
+
 def averages_from_checkpoint(tensors: dict, key: Optional[str] = None):
     """The averages of an Averager saved in a torch.distributed.checkpoint (``tensors``: the
     checkpoint's tensors, whole, as :func:`offload_ema.snapshots.read_dcp_tensors` gives them),
@@ -379,13 +392,7 @@ def averages_from_checkpoint(tensors: dict, key: Optional[str] = None):
 
     from offload_ema import ops
 
-    found = sorted(k[:-len(META_KEY)].rstrip(".") for k in tensors
-                   if k == META_KEY or k.endswith("." + META_KEY))
-    if key is None and len(found) == 1:
-        key = found[0]
-    if key is None or key not in found:
-        raise ValueError(f"the checkpoint holds Averager states under {found or 'no key'}"
-                         + (f", not {key!r}" if key is not None else ": give one with --key"))
+    key = averager_key(tensors, key)
     prefix = f"{key}." if key else ""
     meta = read_meta(tensors[prefix + META_KEY])
     out = {}

@@ -283,23 +283,18 @@ def _load_dcp(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, object]]:
     return read_dcp_tensors(path), _parse_meta(meta, path)
 
 
-def read_dcp_tensors(path: str) -> Dict[str, torch.Tensor]:
-    """Every tensor of a torch.distributed.checkpoint directory, whole, in this process (no
-    process group): the ``.metadata`` read with an allow list (:func:`read_dcp_metadata`),
-    the data files as tensors only. Keys as DCP flattened them (``"averager.ema/fc.weight"``).
-    A checkpoint holding non-tensor values is refused (DCP would unpickle them)."""
+def read_dcp_tensors(path: str, select=None) -> Dict[str, torch.Tensor]:
+    """The tensors of a torch.distributed.checkpoint directory (those whose key ``select``
+    accepts; all by default), whole, in this process (no process group): the ``.metadata``
+    read with an allow list (:func:`read_dcp_metadata`), the data files as tensors only. Keys
+    as DCP flattened them (``"averager.ema/fc.weight"``). Non-tensor values (an optimizer's
+    settings) are never read: DCP would unpickle them."""
     from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     metadata = read_dcp_metadata(path)  # before DCP's loader (which wraps errors of its own)
-    objects = sorted(k for k, v in metadata.state_dict_metadata.items()
-                     if isinstance(v, BytesStorageMetadata))
-    if objects:
-        raise ValueError(f"{path}: holds pickled objects ({', '.join(objects[:5])}"
-                         f"{' ...' if len(objects) > 5 else ''}), which would run code when read: "
-                         "only tensors are read here")
 
     class Reader(FileSystemReader):
         def read_metadata(self, *args, **kwargs):
@@ -311,9 +306,12 @@ def read_dcp_tensors(path: str) -> Dict[str, torch.Tensor]:
             return metadata
 
     tensors: Dict[str, torch.Tensor] = {}
+    for key, item in metadata.state_dict_metadata.items():
+        if isinstance(item, TensorStorageMetadata) and (select is None or select(key)):
+            tensors[key] = torch.empty(tuple(item.size), dtype=item.properties.dtype)
     try:
-        _load_state_dict(tensors, storage_reader=Reader(path),
-                         planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+        _load_state_dict(tensors, storage_reader=Reader(path), planner=DefaultLoadPlanner(),
+                         no_dist=True)
     except Exception as exc:  # a damaged checkpoint: reported naming it
         raise ValueError(f"{path}: the checkpoint's data cannot be read ({type(exc).__name__}: "
                          f"{exc})") from None

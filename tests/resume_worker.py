@@ -98,7 +98,10 @@ def save(parallelism, rank, world, out):
     for s in range(1, SAVE_AT + 1):
         step(module, opt, s)
     path = os.path.join(out, f"{parallelism}-{world}")
-    dcp.save({"averager": avg}, checkpoint_id=path)
+    # A training checkpoint as a trainer writes it: the model, the optimizer (its settings are
+    # non-tensor values, which DCP pickles) and the Averager.
+    dcp.save({"model": module.state_dict(), "optim": opt.state_dict(), "averager": avg},
+             checkpoint_id=path)
     averages = {n: avg.averaged_state_dict(n) for n in specs()}
     weights = full_weights(model)
     if rank == 0:

@@ -35,9 +35,13 @@ def _consolidated_equal_saved(tmp_path, source):
             assert torch.equal(got[k], v), (source, name, k)
 
 
-def test_ddp_at_two_loads_at_one_three_and_four_and_under_fsdp2(tmp_path):
+def test_ddp_at_two_loads_at_one_three_and_four_and_under_fsdp2(tmp_path, capsys):
     _run("save:ddp", tmp_path, 2)
     _consolidated_equal_saved(tmp_path, "ddp-2")
+    assert cli.main(["consolidate", str(tmp_path / "ddp-2"), str(tmp_path / "x"),
+                     "--key", "model"]) == 1
+    assert "holds Averager states under ['averager'], not 'model'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
     for world in (1, 3, 4):
         _run("load:ddp:ddp-2", tmp_path, world)
     _run("load:fsdp2:ddp-2", tmp_path, 2)
