@@ -307,9 +307,10 @@ class Layout:
         self.check_shapes()
         for module, kind, attr, t, name in self._homes:
             now = getattr(module, kind).get(attr)
-            if now is not t and is_dtensor(t) and now is not None and not is_dtensor(now) and \
-                    now.shape == t.shape:
-                continue  # FSDP2 registers the gathered parameter between a forward and reshard
+            if now is not t and is_dtensor(t) and now is not None and now.shape == t.shape:
+                # FSDP2 registers the gathered parameter between a forward and reshard: a plain
+                # tensor, or under FSDP2 x tensor parallel a DTensor of the TP mesh alone.
+                continue
             if now is not t:
                 raise RuntimeError(
                     f"parameter {name!r} was replaced by another tensor after the Averager was "

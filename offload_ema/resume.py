@@ -369,6 +369,31 @@ def from_global(state: dict, specs, layout, strategy) -> dict:
             "counts": meta.get("counts"), "rank": strategy.rank, "world": strategy.world}
 
 
+def merge_global(states: list) -> dict:
+    """Several ranks' :func:`to_global` states of one save (DDP: each holds the tensors its
+    rank averaged) as one, which loads at any world size."""
+    import torch
+
+    if not states or not all(is_global(s) for s in states):
+        raise ValueError("only states of Averager.state_dict() (global names) can be merged")
+    first = states[0][META_KEY]
+    if any(not torch.equal(s[META_KEY], first) for s in states[1:]):
+        raise ValueError("the ranks' states differ in step, counters or averages: not one save")
+    merged: dict = {}
+    for s in states:
+        merged.update(s)
+    return merged
+
+
+def portable_state(averager) -> dict:
+    """What an integration saves per rank: the global state where it holds plain tensors (one
+    process, DDP: it merges and loads at any world size), else the rank's own state (FSDP2's
+    DTensors and ZeRO-3 partitions: resumed at the same world size)."""
+    if averager._layout.sharded_tensors:
+        return averager._rank_state_dict()
+    return averager.state_dict()
+
+
 def averager_key(keys, key: Optional[str] = None) -> str:
     """The entry of a checkpoint (DCP's flattened ``keys``) that holds an Averager's state:
     ``key``, or the only one."""

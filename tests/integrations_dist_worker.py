@@ -73,12 +73,17 @@ def lightning(phase, rank, out):
     # ModelCheckpoint, not a hand-made save: its saves must reach the gather on every rank too.
     mc = pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, filename="{step}", every_n_train_steps=HALF,
                                       save_top_k=-1)
-    trainer = pl.Trainer(max_steps=STEPS, accelerator="cpu", devices=2, strategy="ddp",
+    other = phase == "other_world"  # resumed with another number of processes, no more steps
+    trainer = pl.Trainer(max_steps=HALF if other else STEPS, accelerator="cpu",
+                         devices=dist.get_world_size(), strategy="ddp",
                          logger=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, callbacks=[cb, mc])
     module = Tiny()
-    ckpt = os.path.join(ckpt_dir, f"step={HALF}.ckpt") if phase == "resume" else None
+    ckpt = os.path.join(ckpt_dir, f"step={HALF}.ckpt") if phase != "straight" else None
     trainer.fit(module, data, val, ckpt_path=ckpt)
+    if other:
+        dump(cb, module, out, "lightning", phase, rank)
+        return
     dump(cb, module, out, "lightning", phase, rank,
          {"val_loss_ema": float(trainer.callback_metrics["val_loss/ema"]),
           "val_loss": float(trainer.callback_metrics["val_loss"]), "val_x": vx})
@@ -91,9 +96,9 @@ def transformers_(phase, rank, out):
 
     from helpers import Reg, RegData as Data
 
-    def make(output_dir, cb):
+    def make(output_dir, cb, max_steps=STEPS):
         args = transformers.TrainingArguments(
-            output_dir=output_dir, max_steps=STEPS, per_device_train_batch_size=2,
+            output_dir=output_dir, max_steps=max_steps, per_device_train_batch_size=2,
             learning_rate=0.05, lr_scheduler_type="constant", report_to=[], use_cpu=True,
             logging_strategy="no", save_strategy="steps", save_steps=HALF,
             dataloader_num_workers=0, seed=0, data_seed=0, disable_tqdm=True)
@@ -108,6 +113,17 @@ def transformers_(phase, rank, out):
         cb = AveragerCallback(specs())
         trainer, model = make(os.path.join(out, "hf"), cb)
         trainer.train()
+    elif phase == "other_world":  # another number of processes: the state as loaded
+        class Loaded(transformers.TrainerCallback):  # runs after ours loaded the state
+            def on_train_begin(self, args, state, control, **kwargs):
+                avg = cb.averager
+                extra.update(loaded={n: avg.averaged_state_dict(n) for n in specs()},
+                             loaded_step=avg.step_count)
+
+        cb = AveragerCallback(specs())
+        trainer, model = make(os.path.join(out, "hf_other"), cb, max_steps=HALF + 1)
+        trainer.add_callback(Loaded())
+        trainer.train(resume_from_checkpoint=os.path.join(out, "hf_other", f"checkpoint-{HALF}"))
     else:
         # The test left a copy of checkpoint-4 without rank 1's file in hf_missing: resuming
         # from it must fail on both ranks, with the reason, rather than leave rank 0 waiting.

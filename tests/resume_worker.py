@@ -97,6 +97,11 @@ def save(parallelism, rank, world, out):
     avg = oe.Averager(module, specs()).attach(opt)
     for s in range(1, SAVE_AT + 1):
         step(module, opt, s)
+    # After a forward FSDP2 keeps the root's gathered parameters registered (under tensor
+    # parallel, DTensors of the TP mesh): the worker's model check, which runs at any time,
+    # must not take them for replaced parameters.
+    module(torch.randn(2, 8))
+    avg._layout.check_model()
     path = os.path.join(out, f"{parallelism}-{world}")
     # A training checkpoint as a trainer writes it: the model, the optimizer (its settings are
     # non-tensor values, which DCP pickles) and the Averager.

@@ -73,15 +73,42 @@ def assert_same(straight, resumed):
             assert torch.equal(straight[0][name][k], straight[1][name][k])
 
 
+def _assert_ddp_shares(states):
+    """DDP ranks' saved states (global names): each rank's own tensors, disjoint, together
+    every parameter, one metadata at the saved step."""
+    from offload_ema import resume
+    metas = [resume.read_meta(s[resume.META_KEY]) for s in states]
+    assert all(m == metas[0] for m in metas) and metas[0]["step"] == HALF
+    shares = [{k for k in s if k.startswith("ema/")} for s in states]
+    assert all(shares) and not set.intersection(*shares), shares
+
+
+def _assert_saved_averages(result, states):
+    """A run resumed at another world size (no further step) holds exactly the averages of the
+    saved ranks' states, merged."""
+    from offload_ema import resume
+    saved = resume.averages_from_checkpoint(resume.merge_global(states), "")
+    assert result["step"] == HALF
+    for name in ("ema", "lawa"):
+        _, values = saved[name]
+        got = {k.removeprefix("module."): v for k, v in result[name].items()}
+        assert sorted(got) == sorted(values), (name, sorted(got), sorted(values))
+        for k, v in values.items():
+            assert torch.equal(got[k], v), (name, k)
+
+
 def test_lightning_ddp_checkpoint_holds_every_rank_and_resume_matches(tmp_path):
     pytest.importorskip("lightning.pytorch")
     straight = launch("lightning", "straight", tmp_path)
     ckpt = torch.load(tmp_path / "lightning_ckpts" / f"step={HALF}.ckpt", weights_only=False)
     (state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("offload_ema.")]
-    assert state["world"] == 2 and [s["rank"] for s in state["averager_ranks"]] == [0, 1]
-    assert all(s["world"] == 2 and s["step"] == HALF for s in state["averager_ranks"])
+    assert state["world"] == 2 and len(state["averager_ranks"]) == 2
+    _assert_ddp_shares(state["averager_ranks"])
     resumed = launch("lightning", "resume", tmp_path)
     assert_same(straight, resumed)
+    # One process resumes the two ranks' checkpoint: their shares merged, the saved averages.
+    other = launch("lightning", "other_world", tmp_path, world=1)
+    _assert_saved_averages(other[0], state["averager_ranks"])
     # keep_raw: the last validation (at the end, step 8) on the EMA, over both ranks' shares.
     from torch import nn
     net = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 1)).double()
@@ -104,13 +131,13 @@ def test_transformers_ddp_each_rank_saves_and_resumes_its_own_file(tmp_path):
     names = sorted(p.name for p in folder.iterdir() if p.name.startswith("offload_ema"))
     assert names == [rank_state_file(0, 2), rank_state_file(1, 2)]
     assert STATE_FILE not in names
-    for r in range(2):
-        s = torch.load(folder / rank_state_file(r, 2), weights_only=False)
-        assert (s["rank"], s["world"], s["step"]) == (r, 2, HALF)
+    _assert_ddp_shares([torch.load(folder / rank_state_file(r, 2), weights_only=True)
+                        for r in range(2)])
     # The resume reads copies: one whole, one without rank 1's file.
     shutil.copytree(folder, tmp_path / "hf_resume" / folder.name)
     shutil.copytree(folder, tmp_path / "hf_missing" / folder.name)
     os.remove(tmp_path / "hf_missing" / folder.name / rank_state_file(1, 2))
+    shutil.copytree(folder, tmp_path / "hf_other" / folder.name)
     resumed = launch("transformers", "resume", tmp_path)
     assert resumed[1]["missing_error"].startswith("FileNotFoundError")
     assert rank_state_file(1, 2) in resumed[1]["missing_error"]
@@ -118,6 +145,11 @@ def test_transformers_ddp_each_rank_saves_and_resumes_its_own_file(tmp_path):
     assert resumed[0]["missing_error"].startswith("RuntimeError")
     assert "failed on rank 1" in resumed[0]["missing_error"]
     assert_same(straight, resumed)
+    # One process resumes the two ranks' checkpoint: both files merged, the saved averages.
+    other = launch("transformers", "other_world", tmp_path, world=1)[0]
+    _assert_saved_averages({"step": other["loaded_step"], **other["loaded"]},
+                           [torch.load(folder / rank_state_file(r, 2), weights_only=True)
+                            for r in range(2)])
 
 
 def test_transformers_ddp_best_model_at_end_is_the_best_checkpoints_average(tmp_path):

@@ -89,14 +89,16 @@ def test_checkpoint_resume_continues_exactly(tmp_path):
 
 
 def test_resume_at_another_number_of_processes_says_so(tmp_path):
-    # A sharded 2-process run leaves one file per rank (the 2-process round trip is
-    # tests/test_integrations_distributed.py); one process cannot take them over.
+    # FSDP2 / ZeRO-3 runs leave one file per rank of the rank's own flat state (the 2-process
+    # round trips are tests/test_integrations_distributed.py); one process cannot take them over.
+    # (DDP's files hold global names: they merge at any world size, ibid.)
     first = AveragerCallback(specs())
     make_trainer(tmp_path, [first], 6, save_strategy="steps", save_steps=3).train()
+    rank_state = first.averager._rank_state_dict()
     first.averager.close()
     ckpt = tmp_path / "checkpoint-3"
     for r in range(2):
-        (ckpt / rank_state_file(r, 2)).write_bytes((ckpt / STATE_FILE).read_bytes())
+        torch.save(rank_state, ckpt / rank_state_file(r, 2))
     os.remove(ckpt / STATE_FILE)
     resumed = AveragerCallback(specs())
     t = make_trainer(tmp_path, [resumed], 6, save_strategy="steps", save_steps=3)
@@ -432,7 +434,8 @@ def test_the_saved_averager_state_loads_without_running_code(tmp_path):
     make_trainer(tmp_path, [cb], 4, save_strategy="steps", save_steps=4).train()
     cb.averager.close()
     state = torch.load(tmp_path / "checkpoint-4" / STATE_FILE, weights_only=True)
-    assert state["step"] == 4 and set(state["averages"]) == set(specs())
+    meta = oe.resume.read_meta(state[oe.resume.META_KEY])  # (global names: any world size)
+    assert meta["step"] == 4 and set(meta["averages"]) == set(specs())
 
 
 def test_resuming_from_a_planted_averager_state_refuses_it_without_running_it(tmp_path):

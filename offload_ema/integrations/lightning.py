@@ -23,6 +23,7 @@ except ImportError:  # the older package name
         raise ImportError("offload_ema.integrations.lightning needs PyTorch Lightning: "
                           "pip install lightning") from exc
 
+from offload_ema import resume
 from offload_ema.averager import Averager
 from offload_ema.integrations import check_callback_args, is_sharded, on_every_rank, world
 
@@ -144,7 +145,7 @@ class AveragerCallback(pl.Callback):
         every rank in ``trainer.save_checkpoint``); global rank 0's holds every rank's state."""
         if self.averager is None:
             return {}
-        state = self.averager._rank_state_dict()
+        state = resume.portable_state(self.averager)  # global names where it can (DDP)
         if not is_sharded(self.averager):
             return {"averager": state}
         # Gathered rather than written as per-rank files beside the checkpoint: the callback is
@@ -177,6 +178,10 @@ class AveragerCallback(pl.Callback):
             raise ValueError("this checkpoint was written by a rank other than global rank 0; "
                              "rank 0's checkpoint holds every rank's averager state")
         saved = len(state["averager_ranks"])
+        if saved != size and all(resume.is_global(s) for s in state["averager_ranks"]):
+            # Every rank's share, under global names (DDP): merged, it loads at any world size.
+            self.averager.load_state_dict(resume.merge_global(state["averager_ranks"]))
+            return
         if saved != size:
             raise ValueError(
                 f"the checkpoint holds the averager states of {saved} processes, this run has "

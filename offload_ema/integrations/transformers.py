@@ -42,6 +42,16 @@ def rank_state_file(rank: int, world_size: int) -> str:
     return f"offload_ema_averager-rank{rank:05d}-of-{world_size:05d}.pt"
 
 
+def _written_by(name: str) -> int:
+    """The number of processes that wrote an averager state file of a checkpoint folder."""
+    if name == STATE_FILE:
+        return 1
+    try:
+        return int(name.rsplit("-of-", 1)[1].split(".", 1)[0])
+    except (IndexError, ValueError):
+        return -1
+
+
 def _state_files(folder: str) -> list:
     try:
         return sorted(f for f in os.listdir(folder)
@@ -220,12 +230,20 @@ class AveragerCallback(transformers.TrainerCallback):
         _, size = world()
         if not os.path.isfile(path):
             found = _state_files(folder)
+            if found and all(_written_by(f) != size for f in found):
+                # Written by another number of processes: every file is read and merged, if
+                # they hold global states (one process, DDP), which load at any world size.
+                states = [resume.load_file(os.path.join(folder, f)) for f in found]
+                if all(resume.is_global(st) for st in states):
+                    self.averager.load_state_dict(resume.merge_global(states))
+                    return
             raise FileNotFoundError(
                 f"resuming at step {state.global_step} but {path} is missing: the averages "
                 "cannot continue exactly " + (
                     f"(the checkpoint holds {', '.join(found)}, written by a different number of "
                     f"processes than this run's {size}). Resume with as many processes as wrote "
-                    "it: with sharded averages each rank holds, and reads back, its own share"
+                    "it: with FSDP2 or ZeRO-3 averages each rank holds, and reads back, its own "
+                    "share"
                     if found else "(was the checkpoint written with this callback?)"))
         # weights_only (resume.load_file): a checkpoint may come from elsewhere, and loading it
         # must never run code from it; a file that asks to is refused, naming it.
@@ -243,12 +261,14 @@ class AveragerCallback(transformers.TrainerCallback):
             # run directory); nothing to write beside. Resuming from there reports the missing file.
             if self.averager is None or not os.path.isdir(folder):
                 return
+            # Global names where the averages are plain tensors (one process, DDP): a resume
+            # with another number of processes merges the files.
+            state = resume.portable_state(self.averager)
             if is_sharded(self.averager):  # each rank holds a disjoint share: a file per rank
                 rank, size = world()
-                _save_atomic(self.averager._rank_state_dict(),
-                             os.path.join(folder, rank_state_file(rank, size)))
+                _save_atomic(state, os.path.join(folder, rank_state_file(rank, size)))
             elif args.should_save:  # replicated or one process: one file, beside the Trainer's
-                _save_atomic(self.averager._rank_state_dict(), os.path.join(folder, STATE_FILE))
+                _save_atomic(state, os.path.join(folder, STATE_FILE))
 
         # Its all-gather doubles as the closing barrier: the checkpoint is whole (every rank's file
         # in place) before any rank goes on, e.g. to rank 0 deleting checkpoints beyond
