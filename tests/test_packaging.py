@@ -33,7 +33,8 @@ def test_the_sdist_holds_the_tests_helpers_and_the_kernels_sources(sdist):
     tests = {n for n in os.listdir(os.path.join(ROOT, "tests")) if n.endswith(".py")}
     assert {f"tests/{n}" for n in tests} <= names, sorted({f"tests/{n}" for n in tests} - names)
     for n in ("tests/helpers.py", "tests/conftest.py", "csrc/kernels.h", "csrc/simd.h",
-              "csrc/kernels_isa.inc", "csrc/host_copy.cpp", "bench/yardstick.c", "setup.py", "pyproject.toml", "README.md", "Makefile"):
+              "csrc/kernels_isa.inc", "csrc/host_copy.cpp", "bench/yardstick.c", "setup.py",
+              "pyproject.toml", "README.md", "Makefile"):
         assert n in names, n
 
 
