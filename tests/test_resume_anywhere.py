@@ -56,6 +56,12 @@ def test_fsdp2_at_two_loads_under_ddp_at_two_and_fsdp2_at_four(tmp_path):
     _run("load:fsdp2tp:fsdp2-2", tmp_path, 4)  # 2-D: FSDP2 x tensor parallel (gloo, CPU)
 
 
+def test_one_process_loads_under_ddp_and_fsdp2_at_two(tmp_path):
+    _run("save:local", tmp_path, 1)
+    _run("load:ddp:local-1", tmp_path, 2)
+    _run("load:fsdp2:local-1", tmp_path, 2)
+
+
 def test_fsdp2_with_tensor_parallel_at_four_loads_under_ddp_at_two(tmp_path):
     _run("save:fsdp2tp", tmp_path, 4)
     _consolidated_equal_saved(tmp_path, "fsdp2tp-4")
