@@ -190,6 +190,29 @@ class AveragerCallback(pl.Callback):
         self.averager.load_state_dict(state["averager_ranks"][rank])
 
 
+class _Logged:
+    """What a module logs during the extra validation pass, collected instead of logged: plain
+    values as batch-size weighted sums, torchmetrics objects by name (computed at the end)."""
+
+    def __init__(self):
+        self.sums: dict = {}
+        self.metrics: dict = {}  # name -> torchmetrics object
+        self.batch_size = 1
+
+    def log(self, name, value, *args, **kwargs):
+        if hasattr(value, "compute") and hasattr(value, "reset") and not torch.is_tensor(value):
+            self.metrics[name] = value  # updated by the step; computed once at the end
+            return
+        n = kwargs.get("batch_size") or self.batch_size
+        v = float(value.detach().float().mean()) if torch.is_tensor(value) else float(value)
+        total, count = self.sums.get(name, (0.0, 0))
+        self.sums[name] = (total + v * n, count + n)
+
+    def log_dict(self, values, *args, **kwargs):
+        for k, v in values.items():
+            self.log(k, v, *args, **kwargs)
+
+
 def _validate(trainer, pl_module, suffix: str) -> dict:
     """One more pass of validation over the trainer's validation data (this rank's share), the
     way Lightning runs it (the strategy's batch transfer with the module's transfer hooks, its
@@ -199,33 +222,15 @@ def _validate(trainer, pl_module, suffix: str) -> dict:
     batch-size weighted means, summed over the ranks; torchmetrics objects: ``compute()`` (which
     syncs the ranks itself), then ``reset()``. The model is in eval mode without gradients here
     (Lightning's own loop called us)."""
-    from lightning.pytorch.utilities.data import extract_batch_size
-
     loaders = trainer.val_dataloaders
     if loaders is None:
         return {}
     if not isinstance(loaders, (list, tuple)):
         loaders = [loaders]
-    sums: dict = {}
-    metrics: dict = {}  # name -> torchmetrics object
-    batch_size = [1]
-
-    def collect(name, value, *args, **kwargs):
-        if hasattr(value, "compute") and hasattr(value, "reset") and not torch.is_tensor(value):
-            metrics[name] = value  # updated by the step; computed once at the end
-            return
-        n = kwargs.get("batch_size") or batch_size[0]
-        v = float(value.detach().float().mean()) if torch.is_tensor(value) else float(value)
-        total, count = sums.get(name, (0.0, 0))
-        sums[name] = (total + v * n, count + n)
-
-    def collect_dict(values, *args, **kwargs):
-        for k, v in values.items():
-            collect(k, v, *args, **kwargs)
-
+    logged = _Logged()
     own = [a for a in ("log", "log_dict") if a in vars(pl_module)]  # set on the instance?
     saved = {a: vars(pl_module)[a] for a in own}
-    pl_module.log, pl_module.log_dict = collect, collect_dict
+    pl_module.log, pl_module.log_dict = logged.log, logged.log_dict
     try:
         # The module's torchmetrics objects still hold the raw pass's state (Lightning resets
         # them after this hook): emptied first, so the average's values are its own.
@@ -237,45 +242,59 @@ def _validate(trainer, pl_module, suffix: str) -> dict:
             if isinstance(m, Metric):
                 m.reset()
         with torch.no_grad():
-            pl_module.on_validation_epoch_start()
-            counts = list(trainer.num_val_batches)  # what Lightning's own pass ran
-            for idx, loader in enumerate(loaders):
-                limit = counts[idx] if idx < len(counts) else float("inf")
-                for i, batch in enumerate(loader):
-                    if i >= limit:
-                        break
-                    batch = trainer.strategy.batch_to_device(batch, dataloader_idx=idx)
-                    try:
-                        batch_size[0] = extract_batch_size(batch)
-                    except Exception:  # noqa: BLE001 -- no tensor to tell: weight 1
-                        batch_size[0] = 1
-                    args = (batch, i) if len(loaders) == 1 else (batch, i, idx)
-                    # The module's own batch hooks, as Lightning calls them (what they log is
-                    # the average's too); other callbacks' (progress bars, ...) are not run.
-                    pl_module.on_validation_batch_start(*args)
-                    output = trainer.strategy.validation_step(*args)
-                    pl_module.on_validation_batch_end(output, *args)
-            pl_module.on_validation_epoch_end()  # e.g. logs an epoch metric, clears outputs
-        out = {f"{n}{suffix}": float(m.compute()) for n, m in metrics.items()}
+            _validation_pass(trainer, pl_module, loaders, logged)
+        out = {f"{n}{suffix}": float(m.compute()) for n, m in logged.metrics.items()}
     finally:
         del pl_module.log, pl_module.log_dict  # the class's methods again
         for a, v in saved.items():
             setattr(pl_module, a, v)
-        for m in metrics.values():
+        for m in logged.metrics.values():
             m.reset()
+    out.update({f"{n}{suffix}": v for n, v in _means_over_ranks(logged.sums,
+                                                                pl_module.device).items()})
+    return out
+
+
+def _validation_pass(trainer, pl_module, loaders, logged: _Logged) -> None:
+    """The module's epoch and batch hooks and validation steps over this rank's batches, as many
+    per loader as Lightning's own pass ran."""
+    from lightning.pytorch.utilities.data import extract_batch_size
+
+    pl_module.on_validation_epoch_start()
+    counts = list(trainer.num_val_batches)  # what Lightning's own pass ran
+    for idx, loader in enumerate(loaders):
+        limit = counts[idx] if idx < len(counts) else float("inf")
+        for i, batch in enumerate(loader):
+            if i >= limit:
+                break
+            batch = trainer.strategy.batch_to_device(batch, dataloader_idx=idx)
+            try:
+                logged.batch_size = extract_batch_size(batch)
+            except Exception:  # noqa: BLE001 -- no tensor to tell: weight 1
+                logged.batch_size = 1
+            args = (batch, i) if len(loaders) == 1 else (batch, i, idx)
+            # The module's own batch hooks, as Lightning calls them (what they log is the
+            # average's too); other callbacks' (progress bars, ...) are not run.
+            pl_module.on_validation_batch_start(*args)
+            output = trainer.strategy.validation_step(*args)
+            pl_module.on_validation_batch_end(output, *args)
+    pl_module.on_validation_epoch_end()  # e.g. logs an epoch metric, clears outputs
+
+
+def _means_over_ranks(sums: dict, device) -> dict:
+    """``{name: weighted mean}`` of every rank's ``(total, count)`` sums (a name one rank did
+    not log counts zero there)."""
     names = sorted(sums)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        # Every rank validated its share; a name one rank did not log counts zero there.
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, names)
         names = sorted(set().union(*everyone))
         totals = torch.tensor([list(sums.get(n, (0.0, 0))) for n in names], dtype=torch.float64)
         if "nccl" in str(dist.get_backend()).lower():  # NCCL reduces CUDA tensors only
-            totals = totals.to(pl_module.device)
+            totals = totals.to(device)
         if names:
             dist.all_reduce(totals)
         totals = totals.cpu()
     else:
         totals = torch.tensor([list(sums[n]) for n in names], dtype=torch.float64)
-    out.update({f"{n}{suffix}": float(t / c) for n, (t, c) in zip(names, totals.tolist()) if c})
-    return out
+    return {n: float(t / c) for n, (t, c) in zip(names, totals.tolist()) if c}
