@@ -340,6 +340,8 @@ def from_global(state: dict, specs, layout, strategy) -> dict:
                 got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise ValueError(f"state's {key!r} is {got}, this rank's part of it is "
                                  f"{list(e.shape)}: saved for a different model")
+            if t.dtype != out[e.group].dtype:
+                raise ValueError(f"state's {key!r} must be {out[e.group].dtype}, got {t.dtype}")
             out[e.group][e.offset:e.offset + e.numel].copy_(t.reshape(-1))
         return out
 

@@ -282,6 +282,7 @@ def _global_mutations(state):
         ("a slot missing", {k: v for k, v in state.items() if k != slot_key}),
         ("a tensor reshaped", {**state, some_key: state[some_key].reshape(-1)}),
         ("a tensor a number", {**state, some_key: 3}),
+        ("a tensor float64", {**state, some_key: state[some_key].double()}),
     ]
 
 
