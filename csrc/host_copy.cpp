@@ -35,8 +35,9 @@ class HostCopy {
                         " must be CPU tensors");
       TORCH_CHECK_VALUE(d.is_contiguous() && s.is_contiguous(), "dsts", at, " and srcs", at,
                         " must be contiguous");
-      TORCH_CHECK_TYPE(d.scalar_type() == s.scalar_type(), "dsts", at, " must have the dtype of srcs",
-                       at, " (", s.scalar_type(), "), got ", d.scalar_type());
+      TORCH_CHECK_TYPE(d.scalar_type() == s.scalar_type(), "dsts", at,
+                       " must have the dtype of srcs", at, " (", s.scalar_type(), "), got ",
+                       d.scalar_type());
       TORCH_CHECK_VALUE(d.numel() == s.numel(), "dsts", at, " must have the element count of srcs",
                         at, " (", s.numel(), "), got ", d.numel());
       TORCH_CHECK_VALUE(fits(s) && fits(d), "dsts", at, " and srcs", at, " must lie inside their "
@@ -64,8 +65,8 @@ class HostCopy {
       size_t i = std::upper_bound(offsets_.begin(), offsets_.end(), begin) - offsets_.begin() - 1;
       for (; i + 1 < offsets_.size() && offsets_[i] < end; ++i) {
         const int64_t lo = std::max(begin, offsets_[i]), hi = std::min(end, offsets_[i + 1]);
-        if (hi > lo) std::memcpy(dst_ptrs_[i] + (lo - offsets_[i]), src_ptrs_[i] + (lo - offsets_[i]),
-                                 static_cast<size_t>(hi - lo));
+        const int64_t at = lo - offsets_[i];
+        if (hi > lo) std::memcpy(dst_ptrs_[i] + at, src_ptrs_[i] + at, size_t(hi - lo));
       }
     });
     return -1;
@@ -93,8 +94,8 @@ class HostCopy {
 void bind_host_copy(pybind11::module_& m) {
   pybind11::class_<HostCopy>(m, "HostCopy",
                              "Host copies dsts[i] <- srcs[i], planned once, run in one call.")
-      .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>>(), pybind11::arg("dsts"),
-           pybind11::arg("srcs"))
+      .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>>(),
+           pybind11::arg("dsts"), pybind11::arg("srcs"))
       // The training thread runs meanwhile (the worker calls this).
       .def("run", &HostCopy::run, pybind11::call_guard<pybind11::gil_scoped_release>(),
            "Copies all; returns -1, or the index of a source whose memory moved (nothing copied).")

@@ -169,7 +169,8 @@ void parallel_for(int64_t n, int64_t grain, int64_t align,
     return;
   }
   // Several tasks per thread (but none below `grain` / 2 elements), taken dynamically.
-  const int64_t want = std::min<int64_t>(used * kTasksPerThread, std::max<int64_t>(used, 2 * n / grain));
+  const int64_t want =
+      std::min<int64_t>(used * kTasksPerThread, std::max<int64_t>(used, 2 * n / grain));
   int64_t step = (n + want - 1) / want;
   step = (step + align - 1) / align * align;
   const int64_t tasks = (n + step - 1) / step;
