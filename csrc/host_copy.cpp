@@ -30,17 +30,17 @@ class HostCopy {
     offsets_.push_back(0);
     for (size_t i = 0; i < srcs_.size(); ++i) {
       const at::Tensor &d = dsts_[i], &s = srcs_[i];
-      const std::string at = "[" + std::to_string(i) + "]";
-      TORCH_CHECK_VALUE(d.device().is_cpu() && s.device().is_cpu(), "dsts", at, " and srcs", at,
+      const std::string idx = "[" + std::to_string(i) + "]";
+      TORCH_CHECK_VALUE(d.device().is_cpu() && s.device().is_cpu(), "dsts", idx, " and srcs", idx,
                         " must be CPU tensors");
-      TORCH_CHECK_VALUE(d.is_contiguous() && s.is_contiguous(), "dsts", at, " and srcs", at,
+      TORCH_CHECK_VALUE(d.is_contiguous() && s.is_contiguous(), "dsts", idx, " and srcs", idx,
                         " must be contiguous");
-      TORCH_CHECK_TYPE(d.scalar_type() == s.scalar_type(), "dsts", at,
-                       " must have the dtype of srcs", at, " (", s.scalar_type(), "), got ",
+      TORCH_CHECK_TYPE(d.scalar_type() == s.scalar_type(), "dsts", idx,
+                       " must have the dtype of srcs", idx, " (", s.scalar_type(), "), got ",
                        d.scalar_type());
-      TORCH_CHECK_VALUE(d.numel() == s.numel(), "dsts", at, " must have the element count of srcs",
-                        at, " (", s.numel(), "), got ", d.numel());
-      TORCH_CHECK_VALUE(fits(s) && fits(d), "dsts", at, " and srcs", at, " must lie inside their "
+      TORCH_CHECK_VALUE(d.numel() == s.numel(), "dsts", idx, " must have the element count of srcs",
+                        idx, " (", s.numel(), "), got ", d.numel());
+      TORCH_CHECK_VALUE(fits(s) && fits(d), "dsts", idx, " and srcs", idx, " must lie inside their "
                         "storage (was one freed or shrunk with untyped_storage().resize_()?)");
       dst_ptrs_.push_back(static_cast<char*>(d.data_ptr()));
       src_ptrs_.push_back(static_cast<const char*>(s.data_ptr()));
@@ -65,8 +65,8 @@ class HostCopy {
       size_t i = std::upper_bound(offsets_.begin(), offsets_.end(), begin) - offsets_.begin() - 1;
       for (; i + 1 < offsets_.size() && offsets_[i] < end; ++i) {
         const int64_t lo = std::max(begin, offsets_[i]), hi = std::min(end, offsets_[i + 1]);
-        const int64_t at = lo - offsets_[i];
-        if (hi > lo) std::memcpy(dst_ptrs_[i] + at, src_ptrs_[i] + at, size_t(hi - lo));
+        const int64_t off = lo - offsets_[i];
+        if (hi > lo) std::memcpy(dst_ptrs_[i] + off, src_ptrs_[i] + off, size_t(hi - lo));
       }
     });
     return -1;
