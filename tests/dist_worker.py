@@ -114,7 +114,7 @@ def fsdp2_root(rank, world, out):
         seen.append(group)
         return real(path, state, meta, group, *a, **k)
     writer_mod.write_dcp = recording
-    avg.save(os.path.join(out, f"root.dcp"), "ema", format="dcp").result(timeout=60)
+    avg.save(os.path.join(out, "root.dcp"), "ema", format="dcp").result(timeout=60)
     assert seen and seen[0] is not None
     assert seen[0] != dist.distributed_c10d._get_default_group()
     assert dist.get_backend(seen[0]) == "gloo"
