@@ -364,10 +364,8 @@ class Averager:
         under a key naming the rank and the world size, resumed at the same world size.
         On the training thread: the state now (flushes first). From another thread: the state
         as of the last applied snapshot."""
-        if not self._strategy.global_state:  # ZeRO-3: this rank's, at the same world size
-            return resume.rank_keyed(self._rank_state_dict(), self._strategy)
-        return resume.to_global(self._rank_state_dict(), self._schedule.specs, self._layout,
-                                self._strategy)
+        return resume.named(self._rank_state_dict(), self._schedule.specs, self._layout,
+                            self._strategy)
 
     def _rank_state_dict(self) -> dict:
         """This rank's state as flat buffers (resume format 1): what the integrations save per
@@ -385,11 +383,7 @@ class Averager:
         rank) into an Averager built for the same model and averages. Raises ValueError naming
         what does not match; nothing changes then."""
         self.flush()
-        if resume.is_global(state):
-            state = resume.from_global(state, self._schedule.specs, self._layout,
-                                       self._strategy)
-        elif resume.is_rank_keyed(state):
-            state = resume.rank_unkeyed(state, self._strategy)
+        state = resume.unnamed(state, self._schedule.specs, self._layout, self._strategy)
         resume.restore(state, self._schedule, self._engine, self._layout, self._strategy)
 
     def __repr__(self) -> str:

@@ -281,6 +281,24 @@ def rank_unkeyed(state: dict, strategy) -> dict:
     return state[mine]
 
 
+def named(rank_state: dict, specs, layout, strategy) -> dict:
+    """``state_dict()``: this rank's state under global names (:func:`to_global`), or where the
+    strategy has none (ZeRO-3) under a key naming its rank and world (:func:`rank_keyed`)."""
+    if not strategy.global_state:
+        return rank_keyed(rank_state, strategy)
+    return to_global(rank_state, specs, layout, strategy)
+
+
+def unnamed(state, specs, layout, strategy):
+    """``load_state_dict()``'s input as this rank's state for :func:`restore`: a global state
+    (:func:`from_global`), a rank-keyed one (:func:`rank_unkeyed`), or a rank's own as is."""
+    if is_global(state):
+        return from_global(state, specs, layout, strategy)
+    if is_rank_keyed(state):
+        return rank_unkeyed(state, strategy)
+    return state
+
+
 def to_global(rank_state: dict, specs, layout, strategy) -> dict:
     """This rank's state (:func:`export`, copies) under global names (see above)."""
     import torch
@@ -385,15 +403,6 @@ def merge_global(states: list) -> dict:
     for s in states:
         merged.update(s)
     return merged
-
-
-def portable_state(averager) -> dict:
-    """What an integration saves per rank: the global state where it holds plain tensors (one
-    process, DDP: it merges and loads at any world size), else the rank's own state (FSDP2's
-    DTensors and ZeRO-3 partitions: resumed at the same world size)."""
-    if averager._layout.sharded_tensors:
-        return averager._rank_state_dict()
-    return averager.state_dict()
 
 
 def averager_key(keys, key: Optional[str] = None) -> str:

@@ -258,18 +258,10 @@ class FSDP2Shards(OwnerSharded):
 
     def as_dtensors(self, layout, tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """This rank's file tensors for torch.distributed.checkpoint: split tensors as DTensors
-        on the writer's CPU mesh; whole ones (rank 0's) as plain tensors."""
+        (:meth:`global_tensor`); whole ones (rank 0's) as plain tensors."""
         by_name = {n: e for e in layout.all_entries for n in [e.name, *e.aliases]}
-        out = {}
-        for n, t in tensors.items():
-            e = by_name.get(n)
-            if e is not None and is_dtensor(e.tensor):
-                out[n] = DTensor.from_local(t, self.dcp_mesh, e.tensor.placements,
-                                            run_check=False, shape=e.tensor.shape,
-                                            stride=e.tensor.stride())
-            else:
-                out[n] = t
-        return out
+        return {n: (self.global_tensor(by_name[n], t) if n in by_name else t)
+                for n, t in tensors.items()}
 
 
 class ZeroShards(FSDP2Shards):

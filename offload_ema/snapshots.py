@@ -315,19 +315,7 @@ def read_dcp_tensors(path: str, select=None) -> Dict[str, torch.Tensor]:
     except Exception as exc:  # a damaged checkpoint: reported naming it
         raise ValueError(f"{path}: the checkpoint's data cannot be read ({type(exc).__name__}: "
                          f"{exc})") from None
-    return _flatten(tensors)
-
-
-def _flatten(tree, prefix: str = "") -> Dict[str, torch.Tensor]:
-    """DCP's empty-state-dict planner rebuilds nested dicts from dotted keys: flattened back."""
-    out: Dict[str, torch.Tensor] = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
+    return tensors  # (loaded in place, under the keys asked for)
 
 
 def read_dcp_metadata(path: str):

@@ -371,12 +371,12 @@ class Staging:
         try:
             return ops.host_copy_plan(plan.native_dsts, plan.native_srcs)
         except ValueError as exc:  # a source's storage freed or shrunk in place: name it
-            bad = next(e for s, e in zip(plan.native_srcs, plan.native_entries)
-                       if s.numel() and s.untyped_storage().nbytes() <
-                       (s.storage_offset() + s.numel()) * s.element_size())
-            raise RuntimeError(f"parameter {bad.name!r} no longer has the memory it had when "
-                               "the Averager was built (its storage was freed or shrunk in "
-                               "place): it cannot be copied into staging") from exc
+            bad = next((e.name for s, e in zip(plan.native_srcs, plan.native_entries)
+                        if s.numel() and s.untyped_storage().nbytes() <
+                        (s.storage_offset() + s.numel()) * s.element_size()), "?")
+            raise RuntimeError(f"parameter {bad!r} no longer has the memory it had when the "
+                               "Averager was built (its storage was freed or shrunk in place): "
+                               f"it cannot be copied into staging ({exc})") from exc
 
     def copy(self, plan: CopyPlan, stream=None, job=None) -> None:
         """Issues the plan's copies into staging on ``stream`` (deferred when the device is

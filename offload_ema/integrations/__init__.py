@@ -29,6 +29,15 @@ def is_sharded(averager) -> bool:
     return averager.stats()["world"] > 1
 
 
+def portable_state(averager) -> dict:
+    """What an integration saves per rank: the global state where it holds plain tensors (one
+    process, DDP: it merges and loads at any world size), else the rank's own state (FSDP2's
+    DTensors and ZeRO-3 partitions: resumed at the same world size)."""
+    if averager._layout.sharded_tensors:
+        return averager._rank_state_dict()
+    return averager.state_dict()
+
+
 def on_every_rank(fn: Callable[[], None], what: str) -> None:
     """Runs ``fn`` here and, under torch.distributed, makes every rank raise if it raised on any.
 

@@ -25,7 +25,8 @@ except ImportError:  # the older package name
 
 from offload_ema import resume
 from offload_ema.averager import Averager
-from offload_ema.integrations import check_callback_args, is_sharded, on_every_rank, world
+from offload_ema.integrations import (check_callback_args, is_sharded, on_every_rank,
+                                      portable_state, world)
 
 __all__ = ["AveragerCallback"]
 
@@ -145,7 +146,7 @@ class AveragerCallback(pl.Callback):
         every rank in ``trainer.save_checkpoint``); global rank 0's holds every rank's state."""
         if self.averager is None:
             return {}
-        state = resume.portable_state(self.averager)  # global names where it can (DDP)
+        state = portable_state(self.averager)  # global names where it can (DDP)
         if not is_sharded(self.averager):
             return {"averager": state}
         # Gathered rather than written as per-rank files beside the checkpoint: the callback is

@@ -26,7 +26,8 @@ import torch.distributed as dist
 from offload_ema import layout, resume
 from offload_ema.averager import Averager
 from offload_ema.hooks import is_deepspeed_optimizer
-from offload_ema.integrations import check_callback_args, is_sharded, on_every_rank, world
+from offload_ema.integrations import (check_callback_args, is_sharded, on_every_rank,
+                                      portable_state, world)
 
 __all__ = ["AveragerCallback", "AverageEvaluationMixin", "AveragerTrainer", "STATE_FILE",
            "rank_state_file"]
@@ -263,7 +264,7 @@ class AveragerCallback(transformers.TrainerCallback):
                 return
             # Global names where the averages are plain tensors (one process, DDP): a resume
             # with another number of processes merges the files.
-            state = resume.portable_state(self.averager)
+            state = portable_state(self.averager)
             if is_sharded(self.averager):  # each rank holds a disjoint share: a file per rank
                 rank, size = world()
                 _save_atomic(state, os.path.join(folder, rank_state_file(rank, size)))
