@@ -264,12 +264,12 @@ class AveragerCallback(transformers.TrainerCallback):
                 return
             # Global names where the averages are plain tensors (one process, DDP): a resume
             # with another number of processes merges the files.
-            state = portable_state(self.averager)
             if is_sharded(self.averager):  # each rank holds a disjoint share: a file per rank
                 rank, size = world()
-                _save_atomic(state, os.path.join(folder, rank_state_file(rank, size)))
+                _save_atomic(portable_state(self.averager),
+                             os.path.join(folder, rank_state_file(rank, size)))
             elif args.should_save:  # replicated or one process: one file, beside the Trainer's
-                _save_atomic(state, os.path.join(folder, STATE_FILE))
+                _save_atomic(portable_state(self.averager), os.path.join(folder, STATE_FILE))
 
         # Its all-gather doubles as the closing barrier: the checkpoint is whole (every rank's file
         # in place) before any rank goes on, e.g. to rank 0 deleting checkpoints beyond
